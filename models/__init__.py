@@ -1,0 +1,5 @@
+"""What a model is: configs, one file per architecture, the registry and the catalog of named models."""
+from .llama import Llama
+
+# runtime architectures, keyed on general.architecture
+ARCHITECTURES = {cls.arch: cls for cls in (Llama,)}

@@ -1,0 +1,106 @@
+"""Llama (Llama-2/3.x, SmolLM2, ...): tensor names and the decoder block, composed from kernels.
+
+Weights are looked up by their GGUF names. The runtime hands the model a `WeightSource`
+(see `runtime/weights.py`) that returns quantized matrices (`.matmul(X)`, `.embed(ids)`) and
+float32 vectors, already checked against the shapes named here.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import MODEL_TENSOR as T, TENSOR_NAMES
+
+from ..kernels import ops
+from .config import ModelConfig
+
+
+def tname(t: T, bid: int | None = None) -> str:
+    """GGUF name of a weight: tname(T.ATTN_Q, 3) -> 'blk.3.attn_q.weight'."""
+    return TENSOR_NAMES[t].format(bid=bid) + ".weight"
+
+
+class Llama:
+    arch = "llama"
+
+    def __init__(self, cfg: ModelConfig, w):
+        self.cfg = cfg
+        d, dkv, hd = cfg.n_embd, cfg.n_embd_kv, cfg.head_dim
+        self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
+        self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
+        # tied embeddings: no output.weight, the token embedding is the output head
+        self.output = w.matrix(tname(T.OUTPUT), (cfg.n_vocab, d)) if w.has(tname(T.OUTPUT)) else self.tok_embd
+        freq_factors = None
+        if w.has(TENSOR_NAMES[T.ROPE_FREQS] + ".weight"):  # llama3 rope scaling, as a per-dimension divisor
+            freq_factors = w.vector(TENSOR_NAMES[T.ROPE_FREQS] + ".weight", cfg.rope_dim // 2)
+        self.freq_factors = freq_factors
+        self.layers = []
+        for i in range(cfg.n_layer):
+            self.layers.append(dict(
+                attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
+                # q, k, v share their input: one fused matrix when their types agree
+                qkv=w.fused([(tname(T.ATTN_Q, i), (cfg.n_head * hd, d)),
+                             (tname(T.ATTN_K, i), (dkv, d)),
+                             (tname(T.ATTN_V, i), (dkv, d))]),
+                wo=w.matrix(tname(T.ATTN_OUT, i), (d, cfg.n_head * hd)),
+                ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
+                gate_up=w.fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d)), (tname(T.FFN_UP, i), (cfg.n_ff, d))]),
+                down=w.matrix(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
+            ))
+        self.rope_cos, self.rope_sin = None, None
+
+    # ------------------------------------------------------------------ rotary tables
+    def ensure_rope(self, n_ctx: int) -> None:
+        if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
+            c = self.cfg
+            self.rope_cos, self.rope_sin = ops.rope_tables(n_ctx, c.rope_dim, c.rope_theta, self.freq_factors,
+                                                           1.0 / c.rope_scale)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:
+        """Run `tokens` (N,) through the model and append their keys/values to the caches.
+
+        `seqs` is a list of (cache, n_new): the rows of `tokens` are the new tokens of each sequence in
+        turn (a prefill is one sequence with n_new = N; a batched decode step is B sequences with 1 each),
+        placed at positions cache.n, cache.n + 1, ... Returns logits (N, n_vocab) for logits="all",
+        else one row per sequence (its last token), and advances each cache.n.
+        """
+        c = self.cfg
+        N = tokens.shape[0]
+        H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
+        pos = np.concatenate([np.arange(cache.n, cache.n + n, dtype=np.int64) for cache, n in seqs])
+        self.ensure_rope(int(pos.max()) + 1)
+        x = self.tok_embd.embed(tokens)  # (N, d)
+        h = np.empty_like(x)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        for li, L in enumerate(self.layers):
+            ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
+            qkv = L["qkv"].matmul(h)  # (N, (H + 2 Hkv) hd)
+            q = np.ascontiguousarray(qkv[:, :H * hd]).reshape(N, H, hd)
+            k = np.ascontiguousarray(qkv[:, H * hd:(H + Hkv) * hd]).reshape(N, Hkv, hd)
+            v = qkv[:, (H + Hkv) * hd:].reshape(N, Hkv, hd)
+            ops.rope_inplace(q, pos, self.rope_cos, self.rope_sin, c.rope_dim)
+            ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
+            att = np.empty((N, H, hd), dtype=np.float32)
+            r = 0
+            for cache, n in seqs:
+                p0 = cache.n
+                kc, vc = cache.k[li], cache.v[li]  # (Hkv, n_ctx, hd)
+                kc[:, p0:p0 + n, :] = k[r:r + n].transpose(1, 0, 2)
+                vc[:, p0:p0 + n, :] = v[r:r + n].transpose(1, 0, 2)
+                if n == 1:
+                    ops.attention_decode(q[r], kc, vc, p0 + 1, scale, att[r])
+                else:
+                    att[r:r + n] = ops.attention_prefill(q[r:r + n], kc[:, :p0 + n], vc[:, :p0 + n], p0, scale)
+                r += n
+            x += L["wo"].matmul(att.reshape(N, H * hd))
+            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
+            gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)
+            act = ops.swiglu(np.ascontiguousarray(gu[:, :c.n_ff]), np.ascontiguousarray(gu[:, c.n_ff:]),
+                             np.empty((N, c.n_ff), dtype=np.float32))
+            x += L["down"].matmul(act)
+        for cache, n in seqs:
+            cache.n += n
+        if logits == "last":
+            last = np.cumsum([n for _, n in seqs]) - 1
+            x = np.ascontiguousarray(x[last])
+        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
+        return self.output.matmul(x)

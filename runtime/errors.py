@@ -1,0 +1,17 @@
+"""The errors edgellm reports to users as one clear line (the CLI prints them without a traceback)."""
+
+
+class EdgeLLMError(Exception):
+    """Base class: anything the user can fix (bad file, bad option, unsupported model)."""
+
+
+class GGUFError(EdgeLLMError):
+    """A missing, truncated, corrupted or inconsistent GGUF file."""
+
+
+class UnsupportedError(EdgeLLMError):
+    """A valid file or option that edgellm does not implement (architecture, quant type, feature)."""
+
+
+class ContextOverflowError(EdgeLLMError):
+    """A prompt (or prompt + generation) longer than the context window."""

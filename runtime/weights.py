@@ -1,0 +1,94 @@
+"""Weight tensors in their quantized form, looked up by GGUF name and checked before use."""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from ..kernels import matvec as mv
+from .errors import GGUFError, UnsupportedError
+from .gguf_file import GGUFFile
+
+MATRIX_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
+VECTOR_TYPES = (QT.F32, QT.F16)
+
+
+class QMatrix:
+    """A (rows, cols) weight matrix, repacked once at load for the fused kernels: y = W @ x."""
+
+    def __init__(self, qtype: QT, raw: np.ndarray, rows: int, cols: int, name: str = ""):
+        self.qtype, self.rows, self.cols, self.name = int(qtype), rows, cols, name
+        self.packed = mv.pack(self.qtype, raw)
+        self.nbytes = int(raw.nbytes)  # bytes of the file's encoding: what one mat-vec reads
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        # X (N, cols) -> (N, rows): fused mat-vec for a few rows (decode), dequantized tiles + BLAS for many (prefill)
+        out = np.empty((X.shape[0], self.rows), dtype=np.float32)
+        mv.matmul(self.qtype, self.packed, np.ascontiguousarray(X, dtype=np.float32), out)
+        return out
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup)
+        out = np.empty((len(ids), self.cols), dtype=np.float32)
+        for j, i in enumerate(ids):
+            i = int(i)
+            if not 0 <= i < self.rows:
+                raise ValueError(f"token id {i} is out of range [0, {self.rows})")
+            mv.dequantize_rows(self.qtype, self.packed, i, i + 1, out[j:j + 1])
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        out = np.empty((self.rows, self.cols), dtype=np.float32)
+        mv.dequantize_rows(self.qtype, self.packed, 0, self.rows, out)
+        return out
+
+
+class ConcatMatrix:
+    """Matrices sharing an input whose types differ, so that they cannot be fused: outputs concatenated."""
+
+    def __init__(self, parts: list[QMatrix]):
+        self.parts = parts
+        self.rows, self.cols = sum(p.rows for p in parts), parts[0].cols
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        return np.concatenate([p.matmul(X) for p in self.parts], axis=1)
+
+
+class WeightSource:
+    """Hands a model its weights by GGUF name, checking shape and type; records which tensors were used."""
+
+    def __init__(self, f: GGUFFile):
+        self.f = f
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.f.tensors
+
+    def _info(self, name: str, shape: tuple[int, ...], types) -> "object":
+        t = self.f.tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{self.f.path}: missing tensor {name!r}")
+        if t.shape != tuple(shape):
+            raise GGUFError(f"{self.f.path}: tensor {name!r} has shape {t.shape}, expected {tuple(shape)}")
+        if t.qtype not in types:
+            raise UnsupportedError(f"tensor {name!r} has type {t.qtype.name}, which edgellm does not support "
+                                   f"(supported: {', '.join(q.name for q in types)})")
+        self.used.add(name)
+        return t
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        t = self._info(name, (n,), VECTOR_TYPES)
+        return np.ascontiguousarray(t.data, dtype=np.float32)
+
+    def matrix(self, name: str, shape: tuple[int, int]) -> QMatrix:
+        t = self._info(name, shape, MATRIX_TYPES)
+        return QMatrix(t.qtype, t.data, shape[0], shape[1], name)
+
+    def fused(self, specs: list[tuple[str, tuple[int, int]]]):
+        """Matrices that share one input, stacked by rows into one matrix when their types agree."""
+        infos = [self._info(name, shape, MATRIX_TYPES) for name, shape in specs]
+        if len({t.qtype for t in infos}) == 1:
+            raw = np.concatenate([t.data for t in infos], axis=0)
+            return QMatrix(infos[0].qtype, raw, sum(s[0] for _, s in specs), specs[0][1][1],
+                           "+".join(n for n, _ in specs))
+        return ConcatMatrix([QMatrix(t.qtype, t.data, s[0], s[1], n) for t, (n, s) in zip(infos, specs)])
