@@ -9,7 +9,7 @@ import numpy as np
 
 from ..models import ARCHITECTURES
 from ..models.config import ConfigError, ModelConfig
-from .errors import ContextOverflowError, GGUFError, UnsupportedError
+from .errors import ContextOverflowError, EdgeLLMError, GGUFError, UnsupportedError
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
@@ -29,7 +29,7 @@ def set_threads(n: int | None) -> int:
     import numba
     n = physical_cores() if n is None else n
     if n < 1:
-        raise ValueError(f"--threads must be >= 1 (got {n})")
+        raise EdgeLLMError(f"--threads must be >= 1 (got {n})")
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     return n
@@ -57,7 +57,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if self.n_ctx < 8:
-            raise ValueError(f"context size {self.n_ctx} is too small")
+            raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
         self.cache = self.new_cache()
         self.load_seconds = time.perf_counter() - t0
 
