@@ -170,9 +170,11 @@ def bench(model: Optional[str] = ModelArg,
           reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions (after one discarded warm-up)."),
           threads: Optional[int] = ThreadsOpt,
           backends: str = typer.Option("edgellm,llama.cpp", "--backends", help="Comma-separated: edgellm, llama.cpp."),
+          startup: bool = typer.Option(True, "--startup/--no-startup",
+                                       help="Also time a fresh process to its first token, warm and cold JIT cache."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON rows (llama-bench's field names).")):
     """Prompt processing (pp) and generation (tg) speed, edgellm beside llama.cpp in the same run."""
-    from .bench.llama_bench import run_bench
+    from .bench.llama_bench import measure_startup, run_bench
     from .runtime.engine import physical_cores
     from .runtime.fetch import resolve_model
     from .runtime.progress import status
@@ -180,10 +182,17 @@ def bench(model: Optional[str] = ModelArg,
         _err("--repetitions must be >= 1")
     path = resolve_model(model)
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    threads = threads or physical_cores()
     with status() as say:
-        rows = run_bench(str(path), names, n_prompt, n_gen, reps, threads or physical_cores(), progress=say)
+        rows = run_bench(str(path), names, n_prompt, n_gen, reps, threads, progress=say)
+        if startup and "edgellm" in names:
+            say("edgellm: time to first token of a fresh process (warm and cold JIT cache)")
+            start = measure_startup(str(path), threads)
     if as_json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        out = [r.as_dict() for r in rows]
+        if startup and "edgellm" in names:
+            out.append({"backend": "edgellm", "test": "startup", "n_threads": threads, **start})
+        print(json.dumps(out, indent=2))
         return
     print(f"| backend | test | threads | t/s | vs llama.cpp |")
     print(f"|---|---|---|---|---|")
@@ -191,6 +200,9 @@ def bench(model: Optional[str] = ModelArg,
     for r in rows:
         ratio = f"{r.avg_ts / ref[r.test]:.2f}x" if r.test in ref else "-"
         print(f"| {r.backend} | {r.test} | {r.n_threads} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {ratio} |")
+    if startup and "edgellm" in names:
+        print(f"\nedgellm fresh process to first token: {start['warm_s']:.2f} s warm (JIT cache hit), "
+              f"{start['cold_s']:.1f} s cold (empty JIT cache)")
 
 
 def main():

@@ -117,3 +117,30 @@ def run_bench(path: str, backends: list[str], n_prompt: int = 512, n_gen: int = 
                                  str(path).rsplit("/", 1)[-1]))
         del b
     return rows
+
+
+def measure_startup(path: str, threads: int, cold: bool = True) -> dict:
+    """Wall time of a fresh `edgellm run -n 1` process (Python start, imports, load, JIT, first token):
+    `warm_s` with the Numba cache as it is (a cache hit after the first run), `cold_s` with an empty
+    Numba cache (every kernel compiled)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    def once(env) -> float:
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(path), "-p", "Hello", "-n", "1",
+                            "--temp", "0", "--quiet", "--threads", str(threads)], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"edgellm run failed: {r.stderr.strip()[-300:]}")
+        return time.perf_counter() - t
+
+    out = {}
+    env = dict(os.environ)
+    once(env)  # make sure the cache is populated
+    out["warm_s"] = min(once(env) for _ in range(2))
+    if cold:
+        with tempfile.TemporaryDirectory() as d:
+            out["cold_s"] = once(dict(env, NUMBA_CACHE_DIR=d))
+    return out
