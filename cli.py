@@ -205,6 +205,22 @@ def bench(model: Optional[str] = ModelArg,
               f"{start['cold_s']:.1f} s cold (empty JIT cache)")
 
 
+@app.command()
+def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint folder (config.json, tokenizer.json, "
+                                                "model.safetensors or sharded safetensors with an index)."),
+            out: str = typer.Option(..., "--out", "-o", help="Output .gguf file."),
+            outtype: str = typer.Option("f16", "--outtype", help="f32, f16, q8_0, q4_0, q4_1, q4_k, tq1_0, tq2_0."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")):
+    """Convert a Hugging Face checkpoint (LlamaForCausalLM, ...) to GGUF. The output is written to a
+    temporary name and renamed at the end: a failed conversion leaves nothing behind."""
+    from .converters import convert_to_gguf
+    from .runtime.progress import progress_bar
+    with progress_bar("convert", "tensors") as update:
+        path = convert_to_gguf(src, out, outtype=outtype, force=force,
+                               progress=lambda i, n, name: update(i, n))
+    print(path)
+
+
 def main():
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     from .runtime.errors import EdgeLLMError

@@ -1,0 +1,179 @@
+"""HF checkpoint -> GGUF: a registry of converters keyed on the HF class name (after llama.cpp's
+convert_hf_to_gguf.py), each with hooks `set_gguf_parameters` and `modify_tensors`; tensors are
+renamed with gguf-py's name map, quantized with gguf-py, written with `GGUFWriter` to a temporary
+file and renamed into place at the end. Every source tensor is consumed or explicitly dropped."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+from .checkpoint import ConversionError, HFCheckpoint
+from .tokenizer import add_tokenizer
+
+OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K,
+            "tq1_0": QT.TQ1_0, "tq2_0": QT.TQ2_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+              "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+              "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0}
+
+CONVERTERS: dict[str, type["Converter"]] = {}
+
+
+def register(*hf_classes: str):
+    def deco(cls):
+        for n in hf_classes:
+            CONVERTERS[n] = cls
+        return cls
+    return deco
+
+
+class Converter:
+    """Base: a decoder-only model whose tensors gguf-py's name map knows."""
+    arch: gguf.MODEL_ARCH
+
+    def __init__(self, ckpt: HFCheckpoint):
+        self.ckpt, self.hp = ckpt, ckpt.config
+        self.n_layer = int(self._hp("num_hidden_layers"))
+        self.name_map = gguf.get_tensor_name_map(self.arch, self.n_layer)
+
+    def _hp(self, key: str, default=None):
+        v = self.hp.get(key, default)
+        if v is None:
+            raise ConversionError(f"config.json has no {key!r}")
+        return v
+
+    # -- hooks ----------------------------------------------------------------------
+    def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
+        raise NotImplementedError
+
+    def modify_tensors(self, name: str, data: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """Source tensor (HF name) -> zero or more (GGUF name, float32 array)."""
+        mapped = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise ConversionError(f"cannot map tensor {name!r} to a GGUF name")
+        yield mapped, data
+
+    def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(())
+
+    def vocab_size(self) -> int:
+        return int(self._hp("vocab_size"))
+
+    def quant_type(self, name: str, data: np.ndarray, outtype: QT) -> QT:
+        """Norms, biases and 1-D tensors stay F32; matrices take the requested type when their rows fit
+        its block size (F16 otherwise)."""
+        if data.ndim < 2 or outtype == QT.F32:
+            return QT.F32
+        block = gguf.GGML_QUANT_SIZES[outtype][0]
+        if data.shape[-1] % block:
+            return QT.F16
+        return outtype
+
+
+def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype == QT.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == QT.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def check_output(out: Path, src: Path, force: bool) -> None:
+    """Never overwrite the input; never overwrite anything else without --force."""
+    out, src = out.resolve(), src.resolve()
+    if out == src or (out.exists() and src in out.parents):
+        raise ConversionError(f"refusing to write {out}: it is part of the input checkpoint")
+    if out.exists() and not force:
+        raise ConversionError(f"{out} exists (use --force to overwrite it)")
+    if not out.parent.exists():
+        raise ConversionError(f"output folder {out.parent} does not exist")
+
+
+def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", force: bool = False,
+                    transform: Callable | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Convert the HF checkpoint folder `src` to the GGUF file `out`. Returns the output path."""
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    src, out = Path(src), Path(out)
+    ckpt = HFCheckpoint(src)
+    check_output(out, src, force)
+    cls = CONVERTERS.get(ckpt.architecture)
+    if cls is None:
+        raise ConversionError(f"model class {ckpt.architecture!r} is not supported "
+                              f"(supported: {', '.join(sorted(CONVERTERS))})")
+    conv = cls(ckpt)
+    if outtype == "q4_k":  # gguf-py cannot quantize K-quants: write F16, then llama.cpp's own quantizer
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            f16 = Path(tmp) / "model-f16.gguf"
+            _write(conv, f16, "f16", transform, progress)
+            _llama_quantize(f16, out, FILE_TYPES["q4_k"])
+        return out
+    tmp_out = out.with_name(f".{out.name}.part-{os.getpid()}")
+    try:
+        _write(conv, tmp_out, outtype, transform, progress)
+        os.replace(tmp_out, out)
+    finally:
+        if tmp_out.exists():
+            tmp_out.unlink()
+    return out
+
+
+def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> None:
+    qt = OUTTYPES[outtype]
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[conv.arch])
+    conv.set_gguf_parameters(w)
+    w.add_file_type(FILE_TYPES[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(w, conv.ckpt, conv.vocab_size())
+    names = conv.ckpt.tensor_names()
+    written: set[str] = set()
+
+    def emit(gname: str, data: np.ndarray):
+        if gname in written:
+            raise ConversionError(f"two source tensors map to {gname!r}")
+        written.add(gname)
+        q = conv.quant_type(gname, data, qt)
+        arr = _quantize(data, q)
+        if q in (QT.F32, QT.F16):
+            w.add_tensor(gname, arr)
+        else:
+            w.add_tensor(gname, arr, raw_shape=arr.shape, raw_dtype=q)
+
+    for i, name in enumerate(names):
+        data = conv.ckpt.get(name)
+        for gname, d in conv.modify_tensors(name, data):
+            emit(gname, d)
+        if progress:
+            progress(i + 1, len(names), name)
+    for gname, d in conv.extra_tensors():
+        emit(gname, d)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConversionError("--outtype q4_k needs llama.cpp's quantizer: pip install 'edgellm[llama]'") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = os.cpu_count() or 1
+    tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise ConversionError(f"llama.cpp's quantizer failed (code {rc})")
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
