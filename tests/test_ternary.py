@@ -28,7 +28,7 @@ def test_dequantize_equals_gguf(qtype, nbytes, ref):
     # random bytes too (any code pattern), with sane scales
     rng = np.random.default_rng(1)
     rb = rng.integers(0, 256, (5, 3 * nbytes), dtype=np.uint8)
-    rb.reshape(5, 3, nbytes)[..., -2:] = np.float16(0.5).view(np.uint8).reshape(1, 1, 2)
+    rb.reshape(5, 3, nbytes)[..., -2:] = np.array([0.5], np.float16).view(np.uint8).reshape(1, 1, 2)
     if qtype == QT.TQ1_0:  # valid base-3 bytes only: ceil(v * 256 / 243) for v < 243
         v = rng.integers(0, 243, rb[:, :].shape)
         enc = ((v * 256 + 242) // 243).astype(np.uint8)
