@@ -205,7 +205,8 @@ def matmul(qtype: int, p: Packed, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         raise ValueError(f"matmul shapes: X {X.shape}, out {out.shape}, W ({p.rows}, {p.cols})")
     if p.kind == "f":
         np.matmul(X, p.codes.T, out=out)
-    elif N <= BATCH_MAX:
+        return out
+    if N <= BATCH_MAX:
         G = p.codes.shape[0]
         o = out if G * R == p.rows else np.empty((N, G * R), dtype=np.float32)
         if p.kind == "q4":
