@@ -60,6 +60,9 @@ def dequantize_tq1_0_ref(raw: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- repacking at load
+R = 64  # rows interleaved, as in kernels/matvec.py: the vector lanes run along rows
+
+
 def _block_codes(qtype_bytes: int, raw: np.ndarray):
     rows = raw.shape[0]
     b = raw.reshape(rows, -1, qtype_bytes)
@@ -72,21 +75,30 @@ def _block_codes(qtype_bytes: int, raw: np.ndarray):
     return codes, d
 
 
+def _interleave(a: np.ndarray) -> np.ndarray:
+    # (rows, ...) -> (G, ..., R), rows padded with zeros to a multiple of R
+    rows = a.shape[0]
+    G = -(-rows // R)
+    if G * R != rows:
+        a = np.concatenate([a, np.zeros((G * R - rows,) + a.shape[1:], dtype=a.dtype)])
+    return np.ascontiguousarray(np.moveaxis(a.reshape((G, R) + a.shape[1:]), 1, -1))
+
+
 def pack_ternary(raw: np.ndarray, bytes_per_block: int) -> tuple[np.ndarray, np.ndarray]:
-    # raw (rows, nb * bytes) -> planes (rows, nb * 64) uint8, d (rows, nb) f32
+    # raw (rows, nb * bytes) -> planes (G, nb, 64, R) uint8, d (G, nb, R) f32
     if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % bytes_per_block:
         raise ValueError(f"ternary weights need (rows, n * {bytes_per_block}) uint8 blocks, got {raw.shape} {raw.dtype}")
     codes, d = _block_codes(bytes_per_block, raw)
-    planes = (codes[..., 0:64] | (codes[..., 64:128] << 2) | (codes[..., 128:192] << 4) | (codes[..., 192:256] << 6))
     if not np.isfinite(d).all():
         raise ValueError("ternary block scale is not finite")
-    return np.ascontiguousarray(planes.reshape(raw.shape[0], -1)), np.ascontiguousarray(d)
+    planes = (codes[..., 0:64] | (codes[..., 64:128] << 2) | (codes[..., 128:192] << 4) | (codes[..., 192:256] << 6))
+    return _interleave(planes), _interleave(d)
 
 
 # ---------------------------------------------------------------- activations
 @njit(cache=True, fastmath=False, nogil=True)
 def quantize_act_absmax(x, xq):
-    # x (B, n) f32 -> xq (B, n) int8, returns scale (B,): BitNet b1.58 per-token absmax, round half away from 0
+    # x (B, n) f32 -> xq (B, n) f32 holding int8 values, returns scale (B,): BitNet b1.58 per-token absmax
     B, n = x.shape
     scales = np.empty(B, dtype=np.float32)
     for b in range(B):
@@ -97,80 +109,111 @@ def quantize_act_absmax(x, xq):
         scales[b] = s
         for i in range(n):
             v = np.round(x[b, i] * s)  # numpy rounds half to even, as torch.round does
-            xq[b, i] = np.int8(min(max(v, -128.0), 127.0))
+            xq[b, i] = min(max(v, -128.0), 127.0)
     return scales
 
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _block_sums(xq, nb):
-    # xq (B, nb*256) int8 -> (B, nb) int32 sums per block (for the -1 offset of the codes)
+    # xq (B, nb*256) -> (B, nb) sums per block (for the -1 offset of the codes); exact: integers < 2^24
     B = xq.shape[0]
-    s = np.zeros((B, nb), dtype=np.int32)
+    s = np.zeros((B, nb), dtype=np.float32)
     for b in range(B):
         for k in range(nb):
-            acc = np.int32(0)
+            acc = np.float32(0.0)
             for i in range(QK):
-                acc += np.int32(xq[b, k * QK + i])
+                acc += xq[b, k * QK + i]
             s[b, k] = acc
     return s
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def matvec_ternary_q(planes, d, xq, xsum, out):
-    # planes (rows, nb*64) u8, d (rows, nb) f32, xq (B, nb*256) i8, xsum (B, nb) i32 -> out (B, rows) f32
-    # out[b, r] = sum_k d[r, k] * (sum_i code_i * xq_i - xsum[b, k])   (the per-token scale is applied by the caller)
-    rows = planes.shape[0]
-    nb = d.shape[1]
+def matvec_ternary_q(P, D, xq, xsum, out):
+    # P (G, nb, 64, R) u8 codes, D (G, nb, R) f32, xq (B, nb*256) f32 integer-valued, xsum (B, nb) -> out (B, G*R)
+    # out[b, r] = sum_k D[r, k] * (sum_i code_i * xq_i - xsum[b, k]); the integer sums are exact in f32 (< 2^24).
+    # The 2-bit fields are split with float arithmetic (floor of q/4, ...): it vectorizes along the R rows.
+    G, nb, _, RR = P.shape
     B = xq.shape[0]
-    for r in prange(rows):
-        for b in range(B):
-            acc = np.float32(0.0)
-            for k in range(nb):
-                isum = np.int32(0)
+    for g in prange(G):
+        acc = np.zeros((B, RR), dtype=np.float32)
+        tmp = np.empty(RR, dtype=np.float32)
+        for k in range(nb):
+            d = D[g, k]
+            for b in range(B):
+                for l in range(RR):
+                    tmp[l] = 0.0
                 base = k * QK
                 for i in range(64):
-                    p = np.int32(planes[r, k * 64 + i])
-                    isum += (p & 3) * np.int32(xq[b, base + i]) + ((p >> 2) & 3) * np.int32(xq[b, base + 64 + i]) \
-                        + ((p >> 4) & 3) * np.int32(xq[b, base + 128 + i]) + (p >> 6) * np.int32(xq[b, base + 192 + i])
-                acc += d[r, k] * np.float32(isum - xsum[b, k])
-            out[b, r] = acc
+                    x0 = xq[b, base + i]
+                    x1 = xq[b, base + 64 + i]
+                    x2 = xq[b, base + 128 + i]
+                    x3 = xq[b, base + 192 + i]
+                    w = P[g, k, i]
+                    for l in range(RR):
+                        q = np.float32(w[l])
+                        a = np.floor(q * np.float32(0.25))
+                        c = np.floor(a * np.float32(0.25))
+                        e = np.floor(c * np.float32(0.25))
+                        tmp[l] += (q - np.float32(4.0) * a) * x0 + (a - np.float32(4.0) * c) * x1 \
+                            + (c - np.float32(4.0) * e) * x2 + e * x3
+                xs = xsum[b, k]
+                ab = acc[b]
+                for l in range(RR):
+                    ab[l] += d[l] * (tmp[l] - xs)
+        for b in range(B):
+            for l in range(RR):
+                out[b, g * RR + l] = acc[b, l]
     return out
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def dequantize_ternary(planes, d, r0, r1, out):
-    # planes (rows, nb*64), d (rows, nb) -> out (r1-r0, nb*256) f32
-    nb = d.shape[1]
+def dequantize_ternary(P, D, r0, r1, out):
+    # rows r0..r1 of planes (G, nb, 64, R), d (G, nb, R) -> out (r1-r0, nb*256) f32
+    G, nb, _, RR = P.shape
     for r in prange(r0, r1):
+        g, l = r // RR, r % RR
         for k in range(nb):
             for i in range(64):
-                p = planes[r, k * 64 + i]
+                p = P[g, k, i, l]
                 for s in range(4):
-                    out[r - r0, k * QK + s * 64 + i] = (np.float32((p >> (2 * s)) & 3) - 1) * d[r, k]
+                    out[r - r0, k * QK + s * 64 + i] = (np.float32((p >> (2 * s)) & 3) - 1) * D[g, k, l]
     return out
 
 
 class TernaryMatrix:
-    """A TQ1_0 / TQ2_0 (rows, cols) matrix for BitNet: y = W @ x with x quantized per token to int8 (absmax)."""
+    """A TQ1_0 / TQ2_0 (rows, cols) matrix for BitNet: y = W @ x with x quantized per token to int8 (absmax).
 
-    def __init__(self, raw: np.ndarray, rows: int, cols: int, bytes_per_block: int, name: str = ""):
+    `scale` is the tensor's extra factor (BitNet's per-tensor weight scale, GGUF `*.scale`), applied to the output."""
+
+    def __init__(self, raw: np.ndarray, rows: int, cols: int, bytes_per_block: int, name: str = "",
+                 scale: float = 1.0):
         if cols % QK or raw.shape != (rows, cols // QK * bytes_per_block):
             raise ValueError(f"{name}: ternary tensor bytes {raw.shape} do not match shape ({rows}, {cols})")
-        self.rows, self.cols, self.name = rows, cols, name
+        self.rows, self.cols, self.name, self.scale = rows, cols, name, np.float32(scale)
         self.planes, self.d = pack_ternary(raw, bytes_per_block)
         self.nbytes = int(raw.nbytes)
 
-    def matmul(self, X: np.ndarray) -> np.ndarray:
-        # X (N, cols) f32 -> (N, rows): BitNet's activation quantization, integer dot products per block
+    @staticmethod
+    def quantize(X: np.ndarray):
+        """Per-token int8 activations (as f32 values) and their scales: share them between matrices with one input."""
         X = np.ascontiguousarray(X, dtype=np.float32)
-        xq = np.empty(X.shape, dtype=np.int8)
-        scale = quantize_act_absmax(X, xq)
+        xq = np.empty(X.shape, dtype=np.float32)
+        return xq, quantize_act_absmax(X, xq)
+
+    def matmul_q(self, xq: np.ndarray, xscale: np.ndarray) -> np.ndarray:
         xsum = _block_sums(xq, self.cols // QK)
-        out = np.empty((X.shape[0], self.rows), dtype=np.float32)
+        G = self.planes.shape[0]
+        out = np.empty((xq.shape[0], G * R), dtype=np.float32)
         matvec_ternary_q(self.planes, self.d, xq, xsum, out)
-        out /= scale[:, None]
+        out = out[:, :self.rows] if G * R != self.rows else out
+        out *= (self.scale / xscale)[:, None]
         return out
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        # X (N, cols) f32 -> (N, rows): BitNet's activation quantization, integer-valued dot products per block
+        return self.matmul_q(*self.quantize(X))
 
     def dequantize(self) -> np.ndarray:
         out = np.empty((self.rows, self.cols), dtype=np.float32)
-        return dequantize_ternary(self.planes, self.d, 0, self.rows, out)
+        dequantize_ternary(self.planes, self.d, 0, self.rows, out)
+        return out * self.scale

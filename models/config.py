@@ -7,6 +7,9 @@ from typing import Any, Mapping
 from gguf import Keys
 
 
+EXTRA_KEYS = ("hidden_act",)  # per-architecture keys kept in ModelConfig.extra (bitnet.hidden_act)
+
+
 class ConfigError(ValueError):
     """Metadata missing, of the wrong type or out of range (the runtime reports it as a GGUF error)."""
 
@@ -90,4 +93,6 @@ class ModelConfig:
             rope_theta=_float(meta, k(Keys.Rope.FREQ_BASE), 10000.0, 1.0, 1e12),
             rope_scale=rope_scale,
             norm_eps=_float(meta, k(Keys.Attention.LAYERNORM_RMS_EPS), 1e-5, 0.0, 1.0),
+            extra={key.split(".", 1)[1]: v for key, v in meta.items()
+                   if key.startswith(arch + ".") and key.split(".", 1)[1] in EXTRA_KEYS},
         )

@@ -72,7 +72,7 @@ class Engine:
         m = self.model
         total = m.output.nbytes
         for L in m.layers:
-            total += sum(L[k].nbytes for k in ("qkv", "wo", "gate_up", "down"))
+            total += sum(v.nbytes for v in L.values() if hasattr(v, "rows"))
         return total
 
     def _check(self, tokens: np.ndarray, cache: KVCache) -> None:

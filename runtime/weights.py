@@ -5,11 +5,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..kernels import matvec as mv
+from ..kernels import ternary as tern
 from .errors import GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 
 MATRIX_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
 VECTOR_TYPES = (QT.F32, QT.F16)
+TERNARY_TYPES = {QT.TQ1_0: tern.TQ1_BYTES, QT.TQ2_0: tern.TQ2_BYTES}
 
 
 class QMatrix:
@@ -92,3 +94,35 @@ class WeightSource:
             return QMatrix(infos[0].qtype, raw, sum(s[0] for _, s in specs), specs[0][1][1],
                            "+".join(n for n, _ in specs))
         return ConcatMatrix([QMatrix(t.qtype, t.data, s[0], s[1], n) for t, (n, s) in zip(infos, specs)])
+
+    def bitlinear(self, name: str, shape: tuple[int, int], row_perm: np.ndarray | None = None):
+        """A BitNet projection: ternary (TQ1_0 / TQ2_0) or any matrix type, times its optional `<name>.scale`."""
+        t = self._info(name, shape, tuple(TERNARY_TYPES) + MATRIX_TYPES)
+        scale = 1.0
+        sname = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else name + ".scale"
+        if self.has(sname):
+            s = self._info(sname, (1,), VECTOR_TYPES)
+            scale = float(np.asarray(s.data, dtype=np.float32).reshape(-1)[0])
+            if not np.isfinite(scale):
+                raise GGUFError(f"{self.f.path}: {sname} is not finite")
+        raw = t.data if row_perm is None else np.ascontiguousarray(t.data[row_perm])
+        if t.qtype in TERNARY_TYPES:
+            return tern.TernaryMatrix(raw, shape[0], shape[1], TERNARY_TYPES[t.qtype], name, scale)
+        return ScaledMatrix(QMatrix(t.qtype, raw, shape[0], shape[1], name), scale)
+
+
+class ScaledMatrix:
+    """A non-ternary matrix in a BitNet model: same interface as TernaryMatrix (int8 activations, scale)."""
+
+    def __init__(self, m: QMatrix, scale: float):
+        self.m, self.scale, self.rows, self.cols, self.nbytes = m, np.float32(scale), m.rows, m.cols, m.nbytes
+
+    quantize = staticmethod(tern.TernaryMatrix.quantize)
+
+    def matmul_q(self, xq: np.ndarray, xscale: np.ndarray) -> np.ndarray:
+        out = self.m.matmul(xq)
+        out *= (self.scale / xscale)[:, None]
+        return out
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        return self.matmul_q(*self.quantize(X))

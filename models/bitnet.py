@@ -1,0 +1,111 @@
+"""BitNet b1.58 (GGUF `bitnet`, as transformers' BitNetForCausalLM computes it): a Llama-shaped decoder whose
+projections are ternary with per-token int8 activations (absmax), with sub-norms before the output and down
+projections and a squared-ReLU gated feed-forward (2B4T; `bitnet.hidden_act` = silu selects SiLU).
+
+    h = x + W_o(subnorm_a(attn(norm_a(x))));  x' = h + W_down(subnorm_f(act(W_gate n) * W_up n)), n = norm_f(h)
+
+Each projection computes scale_W * (T @ q(x)) / s_x with q(x) = clamp(round(x * s_x)), s_x = 127 / max|x|.
+Rotary embeddings: the file keeps HF's half-split (NEOX) layout; Q/K rows are permuted at load into the
+interleaved pairs the rope kernel rotates (attention scores do not change under a shared permutation).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import MODEL_TENSOR as T
+
+from ..kernels import ops
+from .config import ModelConfig
+from .llama import Llama, tname
+
+
+def neox_to_pairs(n_head: int, head_dim: int) -> np.ndarray:
+    """Row order that turns per-head halves (i, i + hd/2) into adjacent pairs (2i, 2i + 1)."""
+    return np.arange(n_head * head_dim).reshape(n_head, 2, head_dim // 2).swapaxes(1, 2).reshape(-1)
+
+
+class BitNet(Llama):
+    arch = "bitnet"
+
+    def __init__(self, cfg: ModelConfig, w):
+        self.cfg = cfg
+        d, dkv, hd, H, Hkv = cfg.n_embd, cfg.n_embd_kv, cfg.head_dim, cfg.n_head, cfg.n_head_kv
+        self.act = str(cfg.extra.get("hidden_act", "relu2"))
+        if self.act not in ("relu2", "silu"):
+            raise ValueError(f"bitnet.hidden_act {self.act!r} is not supported (relu2, silu)")
+        self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
+        self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
+        self.output = self.tok_embd  # llama.cpp's bitnet graph always uses the embedding as the output head
+        self.freq_factors = None
+        self.layers = []
+        for i in range(cfg.n_layer):
+            self.layers.append(dict(
+                attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
+                wq=w.bitlinear(tname(T.ATTN_Q, i), (H * hd, d), neox_to_pairs(H, hd)),
+                wk=w.bitlinear(tname(T.ATTN_K, i), (dkv, d), neox_to_pairs(Hkv, hd)),
+                wv=w.bitlinear(tname(T.ATTN_V, i), (dkv, d)),
+                attn_sub_norm=w.vector(tname(T.ATTN_SUB_NORM, i), H * hd),
+                wo=w.bitlinear(tname(T.ATTN_OUT, i), (d, H * hd)),
+                ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
+                gate=w.bitlinear(tname(T.FFN_GATE, i), (cfg.n_ff, d)),
+                up=w.bitlinear(tname(T.FFN_UP, i), (cfg.n_ff, d)),
+                ffn_sub_norm=w.vector(tname(T.FFN_SUB_NORM, i), cfg.n_ff),
+                down=w.bitlinear(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
+            ))
+        self.rope_cos, self.rope_sin = None, None
+
+    def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:
+        """As `Llama.forward`: tokens (N,) of the sequences `seqs` = [(cache, n_new)] -> logits."""
+        c = self.cfg
+        N = tokens.shape[0]
+        H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
+        pos = np.concatenate([np.arange(cache.n, cache.n + n, dtype=np.int64) for cache, n in seqs])
+        self.ensure_rope(int(pos.max()) + 1)
+        x = self.tok_embd.embed(tokens)  # (N, d)
+        h = np.empty_like(x)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        for li, L in enumerate(self.layers):
+            ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
+            xq, xs = L["wq"].quantize(h)  # q, k, v share one quantized input
+            q = L["wq"].matmul_q(xq, xs).reshape(N, H, hd)
+            k = L["wk"].matmul_q(xq, xs).reshape(N, Hkv, hd)
+            v = L["wv"].matmul_q(xq, xs).reshape(N, Hkv, hd)
+            ops.rope_inplace(q, pos, self.rope_cos, self.rope_sin, c.rope_dim)
+            ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
+            att = self.attend(li, q, k, v, seqs, scale).reshape(N, H * hd)
+            ops.rmsnorm(att, L["attn_sub_norm"], c.norm_eps, att)
+            x += L["wo"].matmul(att)
+            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
+            xq, xs = L["gate"].quantize(h)
+            g = L["gate"].matmul_q(xq, xs)
+            u = L["up"].matmul_q(xq, xs)
+            if self.act == "relu2":
+                np.maximum(g, 0, out=g)
+                g *= g
+                g *= u
+            else:
+                g = ops.swiglu(g, u, np.empty_like(g))
+            ops.rmsnorm(g, L["ffn_sub_norm"], c.norm_eps, g)
+            x += L["down"].matmul(g)
+        for cache, n in seqs:
+            cache.n += n
+        if logits == "last":
+            last = np.cumsum([n for _, n in seqs]) - 1
+            x = np.ascontiguousarray(x[last])
+        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
+        return self.output.matmul(x)
+
+    def attend(self, li, q, k, v, seqs, scale):
+        # q (N, H, hd), k/v (N, Hkv, hd): append k/v to each sequence's cache, causal GQA attention -> (N, H, hd)
+        att = np.empty_like(q)
+        r = 0
+        for cache, n in seqs:
+            p0 = cache.n
+            kc, vc = cache.k[li], cache.v[li]
+            kc[:, p0:p0 + n, :] = k[r:r + n].transpose(1, 0, 2)
+            vc[:, p0:p0 + n, :] = v[r:r + n].transpose(1, 0, 2)
+            if n == 1:
+                ops.attention_decode(q[r], kc, vc, p0 + 1, scale, att[r])
+            else:
+                att[r:r + n] = ops.attention_prefill(q[r:r + n], kc[:, :p0 + n], vc[:, :p0 + n], p0, scale)
+            r += n
+        return att
