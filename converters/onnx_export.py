@@ -1,0 +1,239 @@
+"""HF checkpoint -> ONNX folder: one decoder graph with KV cache (prefill and decode) named as optimum
+names it, fp32 or int4 weight-only (`MatMulNBits`), with config.json, generation_config.json and the
+tokenizer files beside it, so that `optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(OUT_DIR)`
+and `edgellm run OUT_DIR` both load it.
+
+Exporters form a registry keyed on the HF class name. Classes optimum knows (Llama) go through
+optimum's own exporter; the others (BitNet) through the shared builder in `onnx_graph.py` with their
+per-architecture linear layer / block. Everything is written into a temporary folder beside the
+output and renamed into place at the end: a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import ConversionError, HFCheckpoint
+from .gguf_convert import check_output
+
+DTYPES = ("fp32", "int4")
+MODEL_FILE = "model.onnx"
+# files copied from the checkpoint when the exporter did not write them
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+INT4_BLOCK_SIZE = 32  # MatMulNBits block along K (ONNX Runtime GenAI's CPU default)
+
+Exporter = Callable[[Path, Path], None]  # (checkpoint folder, output folder) -> writes output/model.onnx
+ONNX_EXPORTERS: dict[str, Exporter] = {}
+BUILDER_EXPORTERS: dict[str, Exporter] = {}  # the shared builder's version, also for classes optimum knows
+
+
+def register_onnx(*hf_classes: str, builder: bool = False):
+    def deco(fn):
+        for n in hf_classes:
+            (BUILDER_EXPORTERS if builder else ONNX_EXPORTERS)[n] = fn
+            if builder:
+                ONNX_EXPORTERS.setdefault(n, fn)
+        return fn
+    return deco
+
+
+def _need(*mods: str) -> None:
+    import importlib
+    for m in mods:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            raise ConversionError(f"--format onnx needs {e.name or m}: pip install 'edgellm[convert,onnx]'") from None
+
+
+def _load_hf(src: Path):
+    """The checkpoint as a float32 transformers model (torch.compile'd helpers run eagerly)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ConversionError(f"transformers cannot load {src}: {str(e).strip().splitlines()[0]}") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- exporters
+@register_onnx("LlamaForCausalLM")
+def export_with_optimum(src: Path, out: Path) -> None:
+    """optimum-onnx's exporter, task text-generation-with-past (one graph for prefill and decode)."""
+    _need("optimum.exporters.onnx")
+    from optimum.exporters.onnx import main_export
+    import logging
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        try:
+            main_export(str(src), output=str(out), task="text-generation-with-past", device="cpu", dtype="fp32",
+                        do_validation=False, local_files_only=True, library_name="transformers")
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - optimum's and torch's errors, as one line
+            raise ConversionError(f"optimum's ONNX export failed: {type(e).__name__}: "
+                                  f"{(str(e).strip().splitlines() or [''])[0]}") from None
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
+
+
+@register_onnx("LlamaForCausalLM", builder=True)
+def export_llama_builder(src: Path, out: Path) -> None:
+    """The shared builder with the plain Llama block (a check of the builder; optimum is the default)."""
+    from .onnx_graph import build_decoder, export_decoder
+    export_decoder(build_decoder(_load_hf(src)), out / MODEL_FILE)
+
+
+def _unpack_ternary(packed: np.ndarray) -> np.ndarray:
+    """transformers' BitNet packing (integrations/bitnet.py pack_weights): uint8 (rows/4, cols), row
+    r + i*rows/4 of the ternary matrix in bits 2i..2i+1 of packed row r, stored as value + 1."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.concatenate([((packed >> (2 * i)) & 3).astype(np.int8) - 1 for i in range(4)], axis=0)
+
+
+def bitnet_linear(module):
+    """The linear factory for BitNet b1.58: each HF linear becomes the ternary matmul it computes.
+
+    - `BitLinear` (packed uint8 weight): y = (q(x) @ W^T) / (s(x) * weight_scale)
+    - `AutoBitLinear` offline (ternary float weight): y = (q(x)/s(x) @ W^T) * weight_scale
+    - `AutoBitLinear` online (latent weight): W = round(w / mean|w|) clipped to [-1, 1], times mean|w|
+    with q(x) = round(x * s(x)) clipped to [-128, 127], s(x) = 127 / max|x| per token; a plain
+    nn.Linear (a BitNet config without quantization_config) stays a plain matmul."""
+    import torch
+    from torch import nn
+    from .onnx_graph import Linear, TernaryLinear, norm_from
+    cls = type(module).__name__
+    pre = getattr(module, "rms_norm", None)
+    pre = norm_from(pre) if pre is not None else None
+    bias = getattr(module, "bias", None)
+    if cls == "BitLinear":
+        w = _unpack_ternary(module.weight.detach().cpu().numpy())
+        scale = 1.0 / float(module.weight_scale.detach().float().reshape(-1)[0])
+        return TernaryLinear(torch.from_numpy(w), scale, bias, pre_norm=pre)
+    if cls == "AutoBitLinear":
+        w = module.weight.detach().float()
+        if module.online_quant:
+            s = w.abs().mean().clamp(min=1e-5)
+            w, scale = (w / s).round().clamp(-1, 1), float(s)
+        else:
+            scale = float(module.weight_scale.detach().float().reshape(-1)[0])
+        if not torch.equal(w, w.round().clamp(-1, 1)):
+            raise ConversionError("a BitNet AutoBitLinear weight is not ternary")
+        return TernaryLinear(w.to(torch.int8), scale, bias, pre_norm=pre)
+    if isinstance(module, nn.Linear):
+        return Linear(module.weight, module.bias)
+    raise ConversionError(f"the ONNX builder does not know BitNet linear class {cls}")
+
+
+@register_onnx("BitNetForCausalLM", builder=True)
+def export_bitnet(src: Path, out: Path) -> None:
+    """BitNet b1.58 through the shared builder: Llama-shaped block (sub-norms and ReLU² picked up
+    from the HF layer and config) with ternary linears."""
+    from .onnx_graph import build_decoder, export_decoder
+    export_decoder(build_decoder(_load_hf(src), linear=bitnet_linear), out / MODEL_FILE)
+
+
+# ---------------------------------------------------------------------------- int4
+def quantize_int4(path: Path, block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 4) -> None:
+    """Weight-only int4 in place: every MatMul with a constant 2-D weight -> MatMulNBits (symmetric
+    blocks of `block_size` along K; accuracy_level 4 = int8 activations in the kernel)."""
+    _need("onnxruntime.quantization.matmul_nbits_quantizer")
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import logging
+    lg = logging.getLogger()
+    level = lg.level
+    lg.setLevel(logging.WARNING)  # the quantizer logs every node at INFO
+    try:
+        model = onnx.load(str(path))
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level)
+        q.process()
+    finally:
+        lg.setLevel(level)
+    model = q.model.model
+    q.model.topological_sort()
+    for f in path.parent.glob(path.name + "*data"):
+        f.unlink()  # the fp32 weights' external data (already loaded): replaced below
+    big = model.ByteSize() > (1800 << 20)  # protobuf's 2 GiB limit: weights beside the graph, as optimum does
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + "_data", size_threshold=1024)
+
+
+# ---------------------------------------------------------------------------- the command
+def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "fp32", force: bool = False,
+                    builder: bool = False, progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Convert the HF checkpoint folder `src` to the ONNX folder `out`. builder=True uses the shared
+    builder even for classes optimum exports. Returns the output folder."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown --dtype {dtype!r} for --format onnx (choose from {', '.join(DTYPES)})")
+    src, out = Path(src), Path(out)
+    ckpt = HFCheckpoint(src)  # config.json, safetensors (all shards present)
+    if not (src / "tokenizer.json").exists():
+        raise ConversionError(f"{src}: missing tokenizer.json")
+    check_output(out, src, force)
+    arch = ckpt.architecture
+    exporter = (BUILDER_EXPORTERS if builder else ONNX_EXPORTERS).get(arch)
+    if exporter is None:
+        known = sorted(BUILDER_EXPORTERS if builder else ONNX_EXPORTERS)
+        raise ConversionError(f"model class {arch!r} cannot be exported to ONNX (supported: {', '.join(known)})")
+    _need("torch", "transformers", "onnx", "onnxruntime")
+    steps = ["export", "quantize int4", "tokenizer and config"] if dtype == "int4" else ["export", "tokenizer and config"]
+    done = 0
+
+    def step(name):
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, len(steps), name)
+
+    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        exporter(src, tmp)
+        if not (tmp / MODEL_FILE).exists():
+            raise ConversionError(f"the exporter wrote no {MODEL_FILE}")
+        step("export")
+        if dtype == "int4":
+            quantize_int4(tmp / MODEL_FILE)
+            step("quantize int4")
+        for name in SIDE_FILES:
+            if (src / name).exists() and not (tmp / name).exists():
+                shutil.copyfile(src / name, tmp / name)
+        step("tokenizer and config")
+        _install(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place (an existing output, allowed by --force, is moved aside
+    first and deleted after)."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

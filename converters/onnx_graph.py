@@ -1,0 +1,296 @@
+"""One ONNX decoder graph builder for the architectures optimum's exporter does not know (BitNet now;
+the pruned / MLA / linearized variants later).
+
+A small torch module mirrors the Hugging Face forward with an explicit KV-cache interface and is traced
+with `torch.onnx.export`. The graph's inputs and outputs are named as optimum names them, so the
+runtime (and anything that speaks optimum's convention) drives every exported decoder the same way:
+
+    input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+    past_key_values.{i}.key / .value (B, n_kv, P, head_dim) float32
+      -> logits (B, T, n_vocab), present.{i}.key / .value (B, n_kv, P+T, head_dim)
+
+What differs between architectures is the *block*: `build_decoder(hf_model, linear=..., block=...)`
+takes the HF model and two factories. `linear(module)` turns each HF linear layer into the torch
+module that computes what it computes (a plain matmul, or BitNet's ternary weights with per-token
+int8 activations); `block(layer, linear, cfg)` builds one decoder layer from the HF layer. The shared
+parts — embedding, rotary tables (any HF rope type: the HF model's own `inv_freq` and
+`attention_scaling` are used), causal + padding mask, KV concatenation, GQA, final norm, LM head —
+are written once here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+# torch.finfo(float32).min, as transformers fills masked attention scores
+_MASKED = float(np.finfo(np.float32).min)
+
+
+# ---------------------------------------------------------------------------- pieces
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, as LlamaRMSNorm / BitNetRMSNorm (f32)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x):
+        v = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(v + self.eps))
+
+
+def norm_from(hf_norm: nn.Module) -> RMSNorm:
+    eps = getattr(hf_norm, "variance_epsilon", getattr(hf_norm, "eps", 1e-6))
+    return RMSNorm(hf_norm.weight, eps)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ b): a plain f32 matmul (weight-only int4 can be applied to the ONNX graph later)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class TernaryLinear(nn.Module):
+    """BitNet b1.58's linear: ternary weights W in {-1, 0, 1} (stored int8) with one per-tensor scale,
+    activations quantized per token to int8 by absmax as transformers' BitNet does:
+        s = 127 / max(|x|, 1e-5);  q = clip(round(x * s), -128, 127);  y = (q @ W^T) * scale / s
+    q @ W^T is a sum of small integers, exact in f32. `pre_norm`: the optional RMSNorm some BitNet
+    configs apply inside the linear layer (use_rms_norm)."""
+
+    def __init__(self, weight_int8: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                 pre_norm: nn.Module | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight_int8.detach().to(torch.int8).clone())
+        self.scale = float(scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.pre_norm = pre_norm
+
+    def forward(self, x):
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        q = (x * s).round().clamp(-128.0, 127.0)
+        y = torch.matmul(q, self.weight.float().t()) / s * self.scale
+        return y if self.bias is None else y + self.bias
+
+
+def plain_linear(module: nn.Module) -> nn.Module:
+    """The linear factory for dense models: an nn.Linear as a plain matmul."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"expected nn.Linear, got {type(module).__name__}")
+    return Linear(module.weight, module.bias)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def repeat_kv(x, n_rep: int):
+    """(B, n_kv, S, D) -> (B, n_kv * n_rep, S, D), each kv head repeated for its query group."""
+    if n_rep == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with rotary embeddings over an explicit cache: returns the output and the
+    new (past + current) keys and values. `sub_norm` (BitNet's attn_sub_norm) normalises the heads'
+    output before o_proj."""
+
+    def __init__(self, q, k, v, o, n_head: int, n_kv: int, head_dim: int, sub_norm: nn.Module | None = None,
+                 scaling: float | None = None):
+        super().__init__()
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.n_head, self.n_kv, self.head_dim = n_head, n_kv, head_dim
+        self.sub_norm = sub_norm
+        self.scaling = head_dim ** -0.5 if scaling is None else scaling
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, D)
+        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        k = torch.cat([past_k, k], dim=2)                                       # (B, Hkv, P+T, D)
+        v = torch.cat([past_v, v], dim=2)
+        rep = self.n_head // self.n_kv
+        att = torch.matmul(q, repeat_kv(k, rep).transpose(2, 3)) * self.scaling + mask
+        att = torch.softmax(att, dim=-1)
+        out = torch.matmul(att, repeat_kv(v, rep)).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        if self.sub_norm is not None:
+            out = self.sub_norm(out)
+        return self.o(out), k, v
+
+
+class GatedMLP(nn.Module):
+    """down(sub_norm(act(gate(x)) * up(x))); sub_norm is BitNet's ffn_sub_norm (None for Llama)."""
+
+    def __init__(self, gate, up, down, act: Callable, sub_norm: nn.Module | None = None):
+        super().__init__()
+        self.gate, self.up, self.down, self.act, self.sub_norm = gate, up, down, act, sub_norm
+
+    def forward(self, x):
+        h = self.act(self.gate(x)) * self.up(x)
+        if self.sub_norm is not None:
+            h = self.sub_norm(h)
+        return self.down(h)
+
+
+def activation(name: str) -> Callable:
+    acts = {"silu": nn.functional.silu, "relu2": lambda x: torch.relu(x).square(),
+            "gelu": nn.functional.gelu, "relu": torch.relu}
+    if name not in acts:
+        raise ValueError(f"activation {name!r} is not supported by the ONNX builder (supported: {', '.join(acts)})")
+    return acts[name]
+
+
+class PreNormBlock(nn.Module):
+    """h += attn(norm1(h)); h += mlp(norm2(h)) — the Llama-family layer shape."""
+
+    def __init__(self, attn_norm, attn, ffn_norm, mlp):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.mlp = attn_norm, attn, ffn_norm, mlp
+
+    def forward(self, h, cos, sin, mask, past_k, past_v):
+        a, k, v = self.attn(self.attn_norm(h), cos, sin, mask, past_k, past_v)
+        h = h + a
+        return h + self.mlp(self.ffn_norm(h)), k, v
+
+
+def llama_block(layer: nn.Module, linear: Callable, cfg) -> PreNormBlock:
+    """A Llama-family decoder layer (LlamaDecoderLayer, BitNetDecoderLayer: sub-norms are picked up
+    when the HF layer has them)."""
+    at, mlp = layer.self_attn, layer.mlp
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    sub_a = getattr(at, "attn_sub_norm", None)
+    sub_f = getattr(mlp, "ffn_sub_norm", None)
+    attn = Attention(linear(at.q_proj), linear(at.k_proj), linear(at.v_proj), linear(at.o_proj),
+                     cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                     sub_norm=norm_from(sub_a) if sub_a is not None else None, scaling=getattr(at, "scaling", None))
+    ffn = GatedMLP(linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj), activation(cfg.hidden_act),
+                   sub_norm=norm_from(sub_f) if sub_f is not None else None)
+    return PreNormBlock(norm_from(layer.input_layernorm), attn, norm_from(layer.post_attention_layernorm), ffn)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables (B, T, head_dim) for position ids, from the HF model's inv_freq and attention_scaling
+    (so default, linear, llama3, yarn ... rope types come out as the HF model computes them)."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
+        self.scaling = float(attention_scaling)
+
+    def forward(self, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq                 # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+class DecoderGraph(nn.Module):
+    """embedding -> blocks (each over its own past k/v) -> final norm -> LM head."""
+
+    def __init__(self, embed: torch.Tensor, blocks: list[nn.Module], norm: nn.Module, lm_head: nn.Module,
+                 rotary: Rotary, n_kv: int, head_dim: int):
+        super().__init__()
+        self.embed = nn.Parameter(embed.detach().float().clone(), requires_grad=False)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm, self.lm_head, self.rotary = norm, lm_head, rotary
+        self.n_kv, self.head_dim = n_kv, head_dim
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        h = nn.functional.embedding(input_ids, self.embed)                      # (B, T, E)
+        cos, sin = self.rotary(position_ids)
+        # causal by index (query i of T sits at P+i) and the caller's padding mask, additive
+        T = input_ids.shape[1]
+        S = attention_mask.shape[1]
+        k_pos = torch.arange(S, device=input_ids.device)
+        q_pos = torch.arange(T, device=input_ids.device) + (S - T)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        mask = torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), _MASKED))
+        presents = []
+        for i, blk in enumerate(self.blocks):
+            h, k, v = blk(h, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        return (self.lm_head(self.norm(h)), *presents)
+
+
+# ---------------------------------------------------------------------------- building
+def build_decoder(hf_model: nn.Module, linear: Callable = plain_linear,
+                  block: Callable = llama_block) -> DecoderGraph:
+    """A `DecoderGraph` computing what `hf_model` (a *ForCausalLM with .model.embed_tokens, .layers,
+    .norm, .rotary_emb and .lm_head) computes. `linear` and `block` are the per-architecture parts."""
+    cfg = hf_model.config
+    base = hf_model.model
+    blocks = [block(layer, linear, cfg) for layer in base.layers]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rot = base.rotary_emb
+    lm = hf_model.lm_head
+    # the LM head stays a plain matmul (BitNet keeps lm_head in full precision too)
+    head = Linear(lm.weight, getattr(lm, "bias", None)) if isinstance(lm, nn.Linear) else linear(lm)
+    return DecoderGraph(base.embed_tokens.weight, blocks, norm_from(base.norm), head,
+                        Rotary(rot.inv_freq, getattr(rot, "attention_scaling", 1.0)),
+                        cfg.num_key_value_heads, head_dim)
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    ins = ["input_ids", "attention_mask", "position_ids"]
+    outs = ["logits"]
+    for i in range(n_layer):
+        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs += [f"present.{i}.key", f"present.{i}.value"]
+    return ins, outs
+
+
+def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17) -> Path:
+    """Trace `graph` to `path` (ONNX, weights as external data beside it when over 1 GiB)."""
+    path = Path(path)
+    B, T, P = 2, 3, 4  # distinct sizes so that no dynamic dimension is traced as a constant
+    ids = torch.zeros((B, T), dtype=torch.int64)
+    am = torch.ones((B, P + T), dtype=torch.int64)
+    pos = torch.arange(P, P + T, dtype=torch.int64)[None].expand(B, T).contiguous()
+    past = []
+    for _ in range(graph.n_layer):
+        past += [torch.zeros((B, graph.n_kv, P, graph.head_dim)), torch.zeros((B, graph.n_kv, P, graph.head_dim))]
+    ins, outs = io_names(graph.n_layer)
+    dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+           "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
+           "position_ids": {0: "batch_size", 1: "sequence_length"},
+           "logits": {0: "batch_size", 1: "sequence_length"}}
+    for n in ins[3:]:
+        dyn[n] = {0: "batch_size", 2: "past_sequence_length"}
+    for n in outs[1:]:
+        dyn[n] = {0: "batch_size", 2: "past_sequence_length + sequence_length"}
+    n_bytes = sum(p.numel() * p.element_size() for p in graph.parameters()) + \
+        sum(b.numel() * b.element_size() for b in graph.buffers())
+    graph.eval()
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: the sizes are traced
+        torch.onnx.export(graph, (ids, am, pos, *past), str(path), input_names=ins, output_names=outs,
+                          dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
+    if n_bytes > (1 << 30):
+        import onnx
+        m = onnx.load(str(path))
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + "_data", size_threshold=1024)
+    return path
