@@ -115,5 +115,10 @@ class Engine:
 
 
 def load(model: str | os.PathLike | None = None, **kwargs) -> Engine:
-    """An `Engine` for a catalog name, a .gguf path, or (None) the default model."""
-    return Engine(resolve_model(model), **kwargs)
+    """An `Engine` for a catalog name, a .gguf path, or (None) the default model; an ONNX folder
+    (`edgellm convert --format onnx`) gives an `OnnxEngine` (onnxruntime) with the same interface."""
+    path = resolve_model(model)
+    if path.is_dir():
+        from .onnx_backend import OnnxEngine
+        return OnnxEngine(path, **kwargs)
+    return Engine(path, **kwargs)

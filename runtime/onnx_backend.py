@@ -1,0 +1,221 @@
+"""An exported ONNX folder (model.onnx with optimum's decoder-with-past interface, config.json, tokenizer
+files) run by onnxruntime behind the interface the generation loop uses: `prefill`, `decode`,
+`decode_batch`, `new_cache`, `tokenizer`, `cfg`, `n_ctx`, `threads` — the same samplers, CLI and API
+as a GGUF model.
+
+The graph's interface (what `edgellm convert --format onnx` and optimum write):
+    input_ids (B, T), attention_mask (B, P+T), position_ids (B, T),
+    past_key_values.{i}.key / .value (B, n_kv, P, head_dim) -> logits (B, T, V), present.{i}.key / .value
+Each sequence's cache holds its own present tensors; a batched step left-pads the shorter pasts and
+masks the padding, so sequences of different lengths share one run (one read of the weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ContextOverflowError, EdgeLLMError, UnsupportedError
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    """What the runtime needs to know of an ONNX decoder (read from its inputs and config.json)."""
+    arch: str
+    n_layer: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx_train: int
+
+
+class OnnxKVCache:
+    """One sequence's past keys and values as the graph returns them: 2 * n_layer arrays
+    (1, n_kv, n, head_dim), in the order of the graph's past_key_values inputs."""
+
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.n = 0
+        empty = np.zeros((1, n_head_kv, 0, head_dim), dtype=np.float32)
+        self.kv: list[np.ndarray] = [empty] * (2 * n_layer)
+
+    @property
+    def nbytes_per_token(self) -> int:
+        _, H, _, D = self.kv[0].shape
+        return len(self.kv) * H * D * 4
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n tokens."""
+        if not 0 <= n <= self.n:
+            raise ValueError(f"cannot truncate a cache of {self.n} tokens to {n}")
+        if n < self.n:
+            self.kv = [np.ascontiguousarray(a[:, :, :n]) for a in self.kv]
+        self.n = n
+
+    def fork(self) -> "OnnxKVCache":
+        c = OnnxKVCache.__new__(OnnxKVCache)
+        c.n_ctx, c.n, c.kv = self.n_ctx, self.n, [a.copy() for a in self.kv]
+        return c
+
+
+def is_onnx_folder(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir()
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+class OnnxEngine:
+    """A loaded ONNX folder: `prefill(tokens)` and `decode(token)` -> logits, over a KV cache."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None):
+        t0 = time.perf_counter()
+        from .engine import physical_cores
+        self.path = Path(path)
+        model = self.path / MODEL_FILE
+        if not model.is_file():
+            raise EdgeLLMError(f"{path} is a folder without {MODEL_FILE} (expected a GGUF file or an ONNX folder "
+                               "written by `edgellm convert --format onnx`)")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UnsupportedError("running an ONNX folder needs onnxruntime: pip install 'edgellm[onnx]'") from None
+        self.threads = physical_cores() if threads is None else threads
+        if self.threads < 1:
+            raise EdgeLLMError(f"--threads must be >= 1 (got {self.threads})")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors (corrupt file, missing data) as one line
+            raise EdgeLLMError(f"onnxruntime cannot load {model}: {_one_line(e)}") from None
+        self.cfg = self._read_config()
+        from .tokenizer import Tokenizer
+        self.tokenizer = Tokenizer.from_hf(self.path, self.cfg.n_vocab)
+        self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
+        if self.n_ctx < 8:
+            raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
+        self.cache = self.new_cache()
+        self.load_seconds = time.perf_counter() - t0
+
+    def _read_config(self) -> OnnxConfig:
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in ("input_ids", "attention_mask") if n not in ins]
+        if missing or not outs or outs[0] != "logits":
+            raise EdgeLLMError(f"{self.path / MODEL_FILE} is not a decoder with optimum's interface "
+                               f"(inputs input_ids, attention_mask, past_key_values.N.key/value -> logits)")
+        n_layer = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self._present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        if n_layer == 0 or any(n not in ins for n in self._past_names) or any(n not in outs for n in self._present_names):
+            raise EdgeLLMError(f"{self.path / MODEL_FILE} has no complete KV-cache interface "
+                               "(past_key_values.N.key/value -> present.N.key/value)")
+        self._has_pos = "position_ids" in ins
+        shape = ins[self._past_names[0]].shape  # [batch, n_kv, past, head_dim]
+        cfg_path = self.path / "config.json"
+        try:
+            hf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"{cfg_path}: invalid JSON ({e})") from None
+        n_kv, head_dim = shape[1], shape[3]
+        if not isinstance(n_kv, int):
+            n_kv = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+        if not isinstance(head_dim, int):
+            head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        v = self.session.get_outputs()[0].shape[-1]
+        n_vocab = v if isinstance(v, int) else hf.get("vocab_size")
+        if not n_vocab:
+            raise EdgeLLMError(f"{self.path}: the vocabulary size is neither in the graph nor in config.json")
+        return OnnxConfig(arch=str(hf.get("model_type", "onnx")), n_layer=n_layer, n_head_kv=int(n_kv),
+                          head_dim=int(head_dim), n_vocab=int(n_vocab),
+                          n_ctx_train=int(hf.get("max_position_embeddings") or 4096))
+
+    # ------------------------------------------------------------------ caches
+    def new_cache(self, n_ctx: int | None = None) -> OnnxKVCache:
+        c = self.cfg
+        return OnnxKVCache(c.n_layer, c.n_head_kv, c.head_dim, n_ctx or self.n_ctx)
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads: the size of the graph's files."""
+        return sum(f.stat().st_size for f in self.path.glob(MODEL_FILE + "*"))
+
+    def _check(self, tokens: np.ndarray, cache: OnnxKVCache) -> None:
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("tokens must be a non-empty 1-D sequence")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.cfg.n_vocab})")
+        if cache.n + len(tokens) > cache.n_ctx:
+            raise ContextOverflowError(f"{cache.n + len(tokens)} tokens do not fit in the context of "
+                                       f"{cache.n_ctx} tokens (use --ctx to enlarge it)")
+
+    # ------------------------------------------------------------------ running
+    def _run(self, tokens: np.ndarray, caches: list[OnnxKVCache]) -> np.ndarray:
+        """tokens (B, T) appended to each of B caches; logits (B, T, V). Shorter pasts are left-padded
+        and masked out."""
+        B, T = tokens.shape
+        ns = [c.n for c in caches]
+        P = max(ns)
+        am = np.zeros((B, P + T), dtype=np.int64)
+        pos = np.empty((B, T), dtype=np.int64)
+        for b, n in enumerate(ns):
+            am[b, P - n:] = 1
+            pos[b] = np.arange(n, n + T)
+        feed = {"input_ids": tokens.astype(np.int64, copy=False), "attention_mask": am}
+        if self._has_pos:
+            feed["position_ids"] = pos
+        for j, name in enumerate(self._past_names):
+            if B == 1:
+                feed[name] = caches[0].kv[j]
+            else:
+                _, H, _, D = caches[0].kv[j].shape
+                a = np.zeros((B, H, P, D), dtype=np.float32)
+                for b, c in enumerate(caches):
+                    if c.n:
+                        a[b, :, P - c.n:] = c.kv[j][0]
+                feed[name] = a
+        outs = self.session.run(["logits"] + self._present_names, feed)
+        presents = outs[1:]
+        for b, c in enumerate(caches):
+            c.kv = [p if B == 1 else np.ascontiguousarray(p[b:b + 1, :, P - ns[b]:]) for p in presents]
+            c.n += T
+        return outs[0]
+
+    def prefill(self, tokens, cache: OnnxKVCache | None = None, logits: str = "last", chunk: int = 512) -> np.ndarray:
+        """Append `tokens` to `cache` (default: the engine's own); logits of the last token (n_vocab,),
+        or of every token (N, n_vocab) with logits='all'. Long prompts run in chunks of `chunk` tokens."""
+        cache = self.cache if cache is None else cache
+        tokens = np.asarray(tokens, dtype=np.int64)
+        self._check(tokens, cache)
+        outs = []
+        for s in range(0, len(tokens), chunk):
+            out = self._run(tokens[None, s:s + chunk], [cache])[0]
+            if logits == "all":
+                outs.append(out)
+        return np.concatenate(outs) if logits == "all" else out[-1]
+
+    def decode(self, token: int, cache: OnnxKVCache | None = None) -> np.ndarray:
+        """Append one token; its logits (n_vocab,)."""
+        return self.prefill([token], cache)
+
+    def decode_batch(self, tokens, caches: list[OnnxKVCache]) -> np.ndarray:
+        """One decode step for B sequences in one run: logits (B, n_vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) != len(caches):
+            raise ValueError("decode_batch needs one token per cache")
+        for t, c in zip(tokens, caches):
+            self._check(np.array([t]), c)
+        return self._run(tokens[:, None], list(caches))[:, -1]
