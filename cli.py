@@ -208,16 +208,32 @@ def bench(model: Optional[str] = ModelArg,
 @app.command()
 def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint folder (config.json, tokenizer.json, "
                                                 "model.safetensors or sharded safetensors with an index)."),
-            out: str = typer.Option(..., "--out", "-o", help="Output .gguf file."),
-            outtype: str = typer.Option("f16", "--outtype", help="f32, f16, q8_0, q4_0, q4_1, q4_k, tq1_0, tq2_0."),
+            out: str = typer.Option(..., "--out", "-o", help="Output .gguf file (or folder with --format onnx)."),
+            outtype: Optional[str] = typer.Option(None, "--outtype",
+                                                  help="GGUF: f32, f16 (default), q8_0, q4_0, q4_1, q4_k, tq1_0, tq2_0."),
+            fmt: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder that onnxruntime, "
+                                                             "optimum and `edgellm run` load)."),
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or int4 (MatMulNBits)."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")):
-    """Convert a Hugging Face checkpoint (LlamaForCausalLM, ...) to GGUF. The output is written to a
-    temporary name and renamed at the end: a failed conversion leaves nothing behind."""
-    from .converters import convert_to_gguf
+    """Convert a Hugging Face checkpoint (LlamaForCausalLM, BitNetForCausalLM, ...) to GGUF or ONNX. The output
+    is written to a temporary name and renamed at the end: a failed conversion leaves nothing behind."""
     from .runtime.progress import progress_bar
-    with progress_bar("convert", "tensors") as update:
-        path = convert_to_gguf(src, out, outtype=outtype, force=force,
-                               progress=lambda i, n, name: update(i, n))
+    if fmt == "onnx":
+        if outtype is not None:
+            _err("--outtype is for --format gguf (ONNX takes --dtype fp32|int4)")
+        from .converters.onnx_export import convert_to_onnx
+        with progress_bar("convert", "steps") as update:
+            path = convert_to_onnx(src, out, dtype=dtype or "fp32", force=force,
+                                   progress=lambda i, n, name: update(i, n))
+    elif fmt == "gguf":
+        if dtype is not None:
+            _err("--dtype is for --format onnx (GGUF takes --outtype)")
+        from .converters import convert_to_gguf
+        with progress_bar("convert", "tensors") as update:
+            path = convert_to_gguf(src, out, outtype=outtype or "f16", force=force,
+                                   progress=lambda i, n, name: update(i, n))
+    else:
+        _err(f"unknown --format {fmt!r} (choose gguf or onnx)")
     print(path)
 
 
