@@ -1,122 +1,195 @@
-"""A first benchmark after llama-bench: tests pp<N> (prompt processing) and tg<N> (text generation) for
-edgellm and llama.cpp (llama-cpp-python) in the same run, same threads, warm-up discarded, random
-tokens fed without sampling. Rows carry llama-bench's JSON field names."""
+"""Speed after llama-bench's conventions, for every backend in the same run.
+
+Tests: `pp<N>` (prompt processing, N tokens in batches of n_batch), `tg<N>` (text generation, N decode
+steps), and at a context depth D `pp<N> @ d<D>` / `tg<N> @ d<D>` (the KV cache first holds D tokens,
+filled untimed). Tokens are random (no sampling). Each test runs once as a discarded warm-up (JIT
+compilation, caches) and then `reps` times; rows report mean ± std tok/s with llama-bench's JSON field
+names, plus what llama-bench lacks: time to first logits, peak RSS, KV-cache bytes, bytes read per decode
+step and the achieved bandwidth (bytes per token x tok/s) as a fraction of the machine's.
+
+Every backend gets the same threads, n_batch, warm-up, tokens and depth treatment (the cache is cut
+back to the depth before each repetition instead of refilled: the same state, far less time).
+"""
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .backends import open_backend
+
+Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
 
 
 @dataclass
 class BenchRow:
     backend: str
     test: str
+    model_filename: str
+    model_size: int
+    model_n_params: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    type_k: str
+    type_v: str
     n_prompt: int
     n_gen: int
-    n_threads: int
+    n_depth: int
+    avg_ns: int
+    stddev_ns: int
     avg_ts: float
     stddev_ts: float
+    samples_ns: list = field(default_factory=list)
     samples_ts: list = field(default_factory=list)
-    model_filename: str = ""
+    # beyond llama-bench
+    ttft_ms: float = 0.0              # until the first logits: the whole prompt (pp), the first step (tg)
+    peak_rss_bytes: int = 0           # process peak while this backend ran (includes the interpreter)
+    kv_bytes: int = 0                 # KV cache holding this test's tokens (depth + prompt or generated)
+    kv_bytes_per_token: int = 0
+    read_bytes_per_token: int | None = None   # tg: weights + the KV rows attention reads (mean context)
+    bandwidth_gbs: float | None = None        # tg: read_bytes_per_token x avg_ts
+    bandwidth_frac: float | None = None       # of the machine's measured read bandwidth
+    ratio_vs_llama_cpp: float | None = None   # avg_ts / llama.cpp's avg_ts for the same test
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class EdgeBackend:
-    name = "edgellm"
-
-    def __init__(self, path: str, threads: int, n_ctx: int):
-        from ..runtime.engine import Engine
-        self.engine = Engine(path, n_ctx=n_ctx, threads=threads)
-        self.cache = self.engine.new_cache(n_ctx)
-        self.n_vocab = self.engine.cfg.n_vocab
-
-    def reset(self):
-        self.cache.truncate(0)
-
-    def prompt(self, tokens):
-        self.engine.prefill(tokens, self.cache)
-
-    def step(self, token):
-        self.engine.decode(int(token), self.cache)
+def name_of_test(kind: str, n: int, depth: int) -> str:
+    return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
 
 
-class LlamaCppBackend:
-    name = "llama.cpp"
-
-    def __init__(self, path: str, threads: int, n_ctx: int, n_batch: int = 512):
-        try:
-            import llama_cpp
-        except ImportError:
-            from ..runtime.errors import EdgeLLMError
-            raise EdgeLLMError("the llama.cpp backend needs llama-cpp-python: pip install 'edgellm[llama]'") from None
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   n_batch=n_batch, n_ubatch=n_batch, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def reset(self):
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
-
-    def prompt(self, tokens):
-        self.llm.eval([int(t) for t in tokens])
-
-    def step(self, token):
-        self.llm.eval([int(token)])
+def _reset_peak_rss() -> None:
+    try:  # Linux >= 4.0: "5" resets VmHWM (the peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
-BACKENDS = {"edgellm": EdgeBackend, "llama.cpp": LlamaCppBackend}
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _time_pp(b, toks) -> float:
-    b.reset()
+def _time_pp(b, depth, toks) -> tuple[float, float]:
+    b.truncate(depth)
     t = time.perf_counter()
     b.prompt(toks)
-    return len(toks) / (time.perf_counter() - t)
+    dt = time.perf_counter() - t
+    return dt, dt
 
 
-def _time_tg(b, toks) -> float:
-    b.reset()
+def _time_tg(b, depth, toks) -> tuple[float, float]:
+    b.truncate(depth)
     t = time.perf_counter()
-    for tok in toks:
+    b.step(toks[0])
+    first = time.perf_counter() - t
+    for tok in toks[1:]:
         b.step(tok)
-    return len(toks) / (time.perf_counter() - t)
+    return time.perf_counter() - t, first
 
 
-def run_bench(path: str, backends: list[str], n_prompt: int = 512, n_gen: int = 128, reps: int = 3,
-              threads: int = 2, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    rows = []
-    n_ctx = max(n_prompt, n_gen) + 16
-    for name in backends:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
-    for name in backends:
-        b = BACKENDS[name](path, threads, n_ctx)
-        rng = np.random.default_rng(seed)
-        tests = []
-        if n_prompt:
-            tests.append((f"pp{n_prompt}", n_prompt, 0, _time_pp, rng.integers(0, b.n_vocab, n_prompt)))
-        if n_gen:
-            tests.append((f"tg{n_gen}", 0, n_gen, _time_tg, rng.integers(0, b.n_vocab, n_gen)))
-        for test, np_, ng, fn, toks in tests:
-            if progress:
-                progress(f"{name} {test}: warm-up")
-            fn(b, toks)  # warm-up (JIT compile, caches), discarded
-            samples = []
-            for r in range(reps):
-                if progress:
-                    progress(f"{name} {test}: run {r + 1}/{reps}")
-                samples.append(fn(b, toks))
-            rows.append(BenchRow(name, test, np_, ng, threads, statistics.mean(samples),
-                                 statistics.stdev(samples) if len(samples) > 1 else 0.0, samples,
-                                 str(path).rsplit("/", 1)[-1]))
-        del b
-    return rows
+def _row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw) -> BenchRow:
+    secs = [s for s, _ in samples]
+    ts = [n / s for s in secs]
+    row = BenchRow(
+        backend=name, test=name_of_test(kind, n, depth), model_filename=Path(str(model)).name,
+        model_size=b.model_size, model_n_params=b.model_n_params, n_batch=n_batch, n_ubatch=n_batch,
+        n_threads=threads, type_k=b.type_k, type_v=b.type_v, n_prompt=n if kind == "pp" else 0,
+        n_gen=n if kind == "tg" else 0, n_depth=depth,
+        avg_ns=int(statistics.mean(secs) * 1e9), stddev_ns=int(statistics.stdev(secs) * 1e9) if len(secs) > 1 else 0,
+        avg_ts=statistics.mean(ts), stddev_ts=statistics.stdev(ts) if len(ts) > 1 else 0.0,
+        samples_ns=[int(s * 1e9) for s in secs], samples_ts=ts,
+        ttft_ms=statistics.mean(f for _, f in samples) * 1e3, peak_rss_bytes=_peak_rss(),
+        kv_bytes=(depth + n) * b.kv_bytes_per_token, kv_bytes_per_token=b.kv_bytes_per_token)
+    if kind == "tg":
+        row.read_bytes_per_token = int(b.weight_bytes_per_token + b.kv_bytes_per_token * (depth + (n + 1) / 2))
+        row.bandwidth_gbs = row.read_bytes_per_token * row.avg_ts / 1e9
+        if machine_bw:
+            row.bandwidth_frac = row.bandwidth_gbs / machine_bw
+    return row
+
+
+def add_ratios(rows: list[BenchRow], reference: str = "llama.cpp") -> None:
+    ref = {r.test: r.avg_ts for r in rows if r.backend == reference}
+    for r in rows:
+        r.ratio_vs_llama_cpp = r.avg_ts / ref[r.test] if ref.get(r.test) else None
+
+
+def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128, depths=(0,), reps: int = 5,
+              threads: int = 2, n_batch: int = 512, onnx_dir=None, seed: int = 0, machine_bw: float | None = None,
+              progress: Progress | None = None, on_row: Callable[[BenchRow], None] | None = None
+              ) -> tuple[list[BenchRow], bool]:
+    """All tests for every backend, in order. Returns (rows, interrupted): on Ctrl-C (KeyboardInterrupt,
+    also when raised by a callback) the rows measured so far are returned, plus the interrupted test's
+    if it had at least one measured repetition."""
+    depths = sorted(set(int(d) for d in depths))
+    kinds = [(k, n) for k, n in (("pp", n_prompt), ("tg", n_gen)) if n > 0]
+    n_ctx = max(depths) + max(n for _, n in kinds) + 8
+    total = len(backends) * (1 + sum(1 for d in depths if d) + len(depths) * len(kinds) * (reps + 1))
+    done = 0
+    rows: list[BenchRow] = []
+
+    def tick(text: str):
+        nonlocal done
+        if progress:
+            progress(done, total, text)
+        done += 1
+
+    b = samples = current = None
+    try:
+        for name in backends:
+            tick(f"{name}: loading")
+            gc.collect()
+            _reset_peak_rss()
+            b = open_backend(name, model, onnx_dir, threads, n_ctx, n_batch)
+            rng = np.random.default_rng(seed)  # the same tokens for every backend
+            for depth in depths:
+                if depth:
+                    tick(f"{name}: filling the cache to depth {depth}")
+                    b.truncate(0)
+                    b.prompt(rng.integers(0, b.n_vocab, depth))
+                for kind, n in kinds:
+                    toks = rng.integers(0, b.n_vocab, n)
+                    fn = _time_pp if kind == "pp" else _time_tg
+                    test = name_of_test(kind, n, depth)
+                    tick(f"{name} {test}: warm-up")
+                    fn(b, depth, toks)
+                    samples, current = [], (name, kind, n, depth)
+                    for r in range(reps):
+                        tick(f"{name} {test}: run {r + 1}/{reps}")
+                        samples.append(fn(b, depth, toks))
+                    rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw))
+                    samples = current = None
+                    if on_row:
+                        on_row(rows[-1])
+            b.close()
+            b = None
+        if progress:
+            progress(total, total, "done")
+        return rows, False
+    except KeyboardInterrupt:
+        if samples and b is not None:
+            name, kind, n, depth = current
+            rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw))
+        return rows, True
+    finally:
+        if b is not None:
+            b.close()
 
 
 def measure_startup(path: str, threads: int, cold: bool = True) -> dict:
