@@ -1,0 +1,582 @@
+"""Attention over per-head K/V caches, dense or delta (DeltaLLM, reconstructed), on f32 or compressed caches.
+
+Cache layout (one layer), **dim-major** per kv head so that one dimension of one head is a contiguous row over
+tokens -- the delta update reads only the rows of the dimensions whose query changed:
+  f32   data (Hkv, hd, n_ctx) float32
+  f16   data (Hkv, hd, n_ctx) uint16 (IEEE half bits; Numba has no float16 arithmetic)
+  q8_0  data (Hkv, hd, n_ctx) int8,  scales (Hkv, hd/32, n_ctx) uint16 (f16 bits): x = d * q
+  q4_0  data (Hkv, hd/2, n_ctx) uint8, scales as q8_0: byte row 16 b + k holds dim 32 b + k (low nibble) and
+        dim 32 b + 16 + k (high nibble), x = d * (nibble - 8)
+Blocks are per token and head, 32 consecutive dimensions each, quantized exactly as ggml's reference quantizers
+(`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`; bit-identical to gguf-py's `quants.quantize`), so q8_0 and q4_0
+hold what llama.cpp's `-ctk/-ctv q8_0|q4_0` caches hold. The kernel's format follows from the dtype of `data`.
+
+Delta attention (a reconstruction of DeltaLLM's context-aware hybrid attention; the paper has no public code).
+Per layer and query head keep a reference query q̂ (initially 0) and a score row s (one float per cached token).
+For the token at position t:
+    d = q_t - q̂;  d_i = 0 where |d_i| < θ;  q̂ <- q̂ + d  (i.e. q̂_i <- q_t,i where d_i != 0)
+    s[j] = q_t · k_j                  for the W most recent keys   (t - W < j <= t, exact)
+    s[j] = s[j] + d · k_j             for older keys               (j <= t - W), only the non-zero d_i are read
+    softmax(s * scale) and the value sum as usual.
+Since |q_t - q̂|_inf < θ after every step, an old score deviates from q̂·k_j by less than θ |k_j|_1 plus the value
+it had when it left the window. θ = 0 reproduces dense attention (up to f32 rounding). Sparsity = the fraction of
+the outside-window multiply-adds skipped: sum over steps of n_old (hd - nnz(d)) over sum of n_old hd.
+Memory: the score row is updated in place, so the state is q̂ (H, hd) and one row s (H, n_ctx) per layer -- 4 H
+bytes per token and layer, bounded by the context like the KV cache itself (H / (2 Hkv hd) of an f32 KV cache);
+prefill materialises the (H, T, N) scores of a chunk of T queries only, with T chosen to bound that block.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+_JIT = dict(cache=True, fastmath=True, nogil=True)
+_JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
+
+QK = 32  # values per quantization block
+TJ = 64  # tokens per dequantized tile in decode
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+# f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`)
+F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def layout(kv: str, n_head_kv: int, head_dim: int, n_ctx: int):
+    """-> (data shape, data dtype, scales shape) of one layer's K (or V) cache in format `kv`."""
+    if kv not in KV_TYPES:
+        raise ValueError(f"unknown KV cache type {kv!r} (choose from {', '.join(KV_TYPES)})")
+    if kv in ("q8_0", "q4_0") and head_dim % QK:
+        raise ValueError(f"--kv {kv} needs a head size that is a multiple of {QK} (got {head_dim})")
+    rows = head_dim // 2 if kv == "q4_0" else head_dim
+    dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8, "q4_0": np.uint8}[kv]
+    sshape = (n_head_kv, head_dim // QK, n_ctx) if kv in ("q8_0", "q4_0") else (n_head_kv, 0, 1)
+    return (n_head_kv, rows, n_ctx), dtype, sshape
+
+
+def bytes_per_token(kv: str, n_head_kv: int, head_dim: int) -> int:
+    """Bytes one token takes in one layer's K (or V) cache: as ggml's type sizes (q8_0 34 B / 32, q4_0 18 B / 32)."""
+    per = {"f32": 4 * head_dim, "f16": 2 * head_dim,
+           "q8_0": head_dim // QK * 34, "q4_0": head_dim // QK * 18}[kv]
+    return n_head_kv * per
+
+
+# ================================================================ f16 conversion (bits)
+@njit(**_JIT_EXACT)
+def f32_to_f16_bits(x, out):
+    # x (n,) f32 -> out (n,) uint16: IEEE half, round to nearest even (as numpy's astype(float16))
+    bits = x.view(np.uint32)
+    for i in range(x.shape[0]):
+        b = np.int64(bits[i])
+        sign = (b >> 16) & 0x8000
+        a = b & 0x7FFFFFFF
+        if a >= 0x7F800000:  # inf / nan
+            h = 0x7C00 if a == 0x7F800000 else 0x7E00
+        elif a >= 0x477FF000:  # rounds to >= 65536: overflow
+            h = 0x7C00
+        elif a >= 0x38800000:  # normal half
+            h = (a + 0xFFF + ((a >> 13) & 1)) >> 13
+            h -= (127 - 15) << 10
+        elif a < 0x33000000:  # below half the smallest subnormal: 0
+            h = 0
+        else:  # subnormal half: value / 2^-24, rounded to nearest even
+            e = a >> 23
+            m = (a & 0x7FFFFF) | 0x800000
+            shift = 126 - e  # m * 2^(e - 150) / 2^-24 = m >> (126 - e)
+            h = m >> shift
+            rem = m & ((1 << shift) - 1)
+            half = 1 << (shift - 1)
+            if rem > half or (rem == half and (h & 1)):
+                h += 1
+        out[i] = np.uint16(sign | h)
+    return out
+
+
+# ================================================================ storing tokens (quantizing)
+def store(data, scales, x, p0):
+    """x (T, Hkv, hd) f32 -> written to the cache at positions p0 .. p0 + T - 1 (format from data.dtype)."""
+    raise NotImplementedError("only callable from jitted code; use store_kv")
+
+
+@overload(store, jit_options=_JIT_EXACT)
+def _store_ov(data, scales, x, p0):
+    dt = data.dtype
+    if dt == types.float32:
+        def impl(data, scales, x, p0):
+            T, Hkv, D = x.shape
+            for t in range(T):
+                for h in range(Hkv):
+                    for i in range(D):
+                        data[h, i, p0 + t] = x[t, h, i]
+        return impl
+    if dt == types.uint16:
+        def impl(data, scales, x, p0):
+            T, Hkv, D = x.shape
+            tmp = np.empty(D, dtype=np.float32)
+            bits = np.empty(D, dtype=np.uint16)
+            for t in range(T):
+                for h in range(Hkv):
+                    for i in range(D):
+                        tmp[i] = x[t, h, i]
+                    f32_to_f16_bits(tmp, bits)
+                    for i in range(D):
+                        data[h, i, p0 + t] = bits[i]
+        return impl
+    if dt == types.int8:  # q8_0: d = amax / 127, q = round-half-away(x * (1 / d))
+        def impl(data, scales, x, p0):
+            T, Hkv, D = x.shape
+            nb = D // 32
+            d = np.empty(nb, dtype=np.float32)
+            dbits = np.empty(nb, dtype=np.uint16)
+            for t in range(T):
+                for h in range(Hkv):
+                    for b in range(nb):
+                        amax = np.float32(0.0)
+                        for k in range(32):
+                            amax = max(amax, abs(x[t, h, 32 * b + k]))
+                        db = amax / np.float32(127.0)
+                        d[b] = db
+                        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+                        for k in range(32):
+                            v = x[t, h, 32 * b + k] * idb
+                            r = np.floor(abs(v) + np.float32(0.5))
+                            data[h, 32 * b + k, p0 + t] = np.int8(r if v >= 0 else -r)
+                    f32_to_f16_bits(d, dbits)
+                    for b in range(nb):
+                        scales[h, b, p0 + t] = dbits[b]
+        return impl
+    if dt == types.uint8:  # q4_0: d = (value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5))
+        def impl(data, scales, x, p0):
+            T, Hkv, D = x.shape
+            nb = D // 32
+            d = np.empty(nb, dtype=np.float32)
+            dbits = np.empty(nb, dtype=np.uint16)
+            q = np.empty(32, dtype=np.int64)
+            for t in range(T):
+                for h in range(Hkv):
+                    for b in range(nb):
+                        amax = np.float32(0.0)
+                        mx = np.float32(0.0)
+                        for k in range(32):
+                            v = x[t, h, 32 * b + k]
+                            if abs(v) > amax:
+                                amax = abs(v)
+                                mx = v
+                        db = mx / np.float32(-8.0)
+                        d[b] = db
+                        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+                        for k in range(32):
+                            y = x[t, h, 32 * b + k] * idb
+                            y = y + np.float32(8.5)
+                            q[k] = min(15, max(0, np.int64(y)))
+                        for k in range(16):
+                            data[h, 16 * b + k, p0 + t] = np.uint8(q[k] | (q[k + 16] << 4))
+                    f32_to_f16_bits(d, dbits)
+                    for b in range(nb):
+                        scales[h, b, p0 + t] = dbits[b]
+        return impl
+    return None
+
+
+@njit(**_JIT_EXACT)
+def store_kv(kd, ks, vd, vs, k, v, p0):
+    # k, v (T, Hkv, hd) f32 -> the K and V caches of one layer at positions p0 .. p0 + T - 1
+    store(kd, ks, k, p0)
+    store(vd, vs, v, p0)
+
+
+# ================================================================ reading tiles (dequantizing)
+def tile(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+    """-> (src, off): src[i, off + j - t0] = dim i of kv head kh at token j, for t0 <= j < t1 and the rows i with
+    need[i] or all_rows (f32: the cache itself, no copy; other formats: decoded into buf (hd + hd/32, >= t1 - t0))."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(tile, jit_options=_JIT)
+def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+    dt = data.dtype
+    if dt == types.float32:
+        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+            return data[kh], t0
+        return impl
+    if dt == types.uint16:
+        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+            D = data.shape[1]
+            for i in range(D):
+                if all_rows or need[i]:
+                    for j in range(t0, t1):
+                        buf[i, j - t0] = tbl[data[kh, i, j]]
+            return buf, 0
+        return impl
+    if dt == types.int8:
+        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+            D = data.shape[1]
+            nb = D // 32
+            for b in range(nb):
+                use = all_rows
+                if not use:
+                    for i in range(32 * b, 32 * b + 32):
+                        use = use or need[i]
+                if not use:
+                    continue
+                sc = buf[D + b]
+                for j in range(t0, t1):
+                    sc[j - t0] = tbl[scales[kh, b, j]]
+                for i in range(32 * b, 32 * b + 32):
+                    if all_rows or need[i]:
+                        for j in range(t0, t1):
+                            buf[i, j - t0] = sc[j - t0] * np.float32(data[kh, i, j])
+            return buf, 0
+        return impl
+    if dt == types.uint8:
+        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+            D = data.shape[1] * 2
+            nb = D // 32
+            for b in range(nb):
+                use = all_rows
+                if not use:
+                    for i in range(32 * b, 32 * b + 32):
+                        use = use or need[i]
+                if not use:
+                    continue
+                sc = buf[D + b]
+                for j in range(t0, t1):
+                    sc[j - t0] = tbl[scales[kh, b, j]]
+                for k in range(16):
+                    i0 = 32 * b + k
+                    i1 = i0 + 16
+                    if all_rows or need[i0] or need[i1]:
+                        for j in range(t0, t1):
+                            x = np.float32(data[kh, 16 * b + k, j])
+                            hi = np.floor(x * np.float32(0.0625))
+                            lo = x - np.float32(16.0) * hi
+                            s = sc[j - t0]
+                            buf[i0, j - t0] = (lo - np.float32(8.0)) * s
+                            buf[i1, j - t0] = (hi - np.float32(8.0)) * s
+            return buf, 0
+        return impl
+    return None
+
+
+@njit(parallel=True, **_JIT)
+def dequantize_cache(data, scales, n, tbl, out):
+    # one layer's cache in any format -> out (Hkv, hd, >= n) f32, tokens 0 .. n - 1
+    Hkv, D = out.shape[0], out.shape[1]
+    nt = (n + TJ - 1) // TJ
+    for w in prange(Hkv * nt):
+        kh = w // nt
+        t0 = (w % nt) * TJ
+        t1 = min(n, t0 + TJ)
+        buf = np.empty((D + D // 32 + 1, TJ), dtype=np.float32)
+        need = np.ones(D, dtype=np.bool_)
+        src, off = tile(data, scales, kh, need, True, t0, t1, tbl, buf)
+        for i in range(D):
+            for j in range(t0, t1):
+                out[kh, i, j] = src[i, off + j - t0]
+    return out
+
+
+# ================================================================ decode: one query per head, on the cache directly
+@njit(parallel=True, **_JIT)
+def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, out):
+    # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd); caches in the layout above.
+    # delta: update q̂ (H, hd) and the score rows srow (H, n_ctx) as described at the top; add the outside-window
+    # multiply-adds skipped / possible per head to skipped, total (H,) f64. Dense: delta False (qhat, srow unused).
+    # Work is split over (kv head, token range) pairs, combined flash-decoding style.
+    H, D = q.shape
+    Hkv = kd.shape[0]
+    G = H // Hkv
+    n_old = max(0, n - window) if delta else 0
+    dv = np.zeros((H, D), dtype=np.float32)
+    need = np.zeros((Hkv, D), dtype=np.bool_)
+    if delta:
+        for h in range(H):
+            cnt = 0
+            for i in range(D):
+                x = q[h, i] - qhat[h, i]
+                if abs(x) >= theta and x != 0:
+                    dv[h, i] = x
+                    qhat[h, i] = q[h, i]
+                    need[h // G, i] = True
+                    cnt += 1
+            skipped[h] += n_old * (D - cnt)
+            total[h] += n_old * D
+    S = min(16, max(1, n // 256))
+    L = ((n + S - 1) // S + TJ - 1) // TJ * TJ
+    S = (n + L - 1) // L
+    m_part = np.full((Hkv * S, G), -np.inf, dtype=np.float32)
+    l_part = np.zeros((Hkv * S, G), dtype=np.float32)
+    o_part = np.zeros((Hkv * S, G, D), dtype=np.float32)
+    for w in prange(Hkv * S):
+        kh = w // S
+        j0 = (w % S) * L
+        j1 = min(n, j0 + L)
+        buf = np.empty((D + D // 32 + 1, TJ), dtype=np.float32)
+        sc = np.zeros((G, L), dtype=np.float32)
+        for t0 in range(j0, j1, TJ):
+            t1 = min(j1, t0 + TJ)
+            a = min(t1, n_old)
+            if a > t0:  # keys outside the window: s += d . k over the non-zero d_i only
+                src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
+                for g in range(G):
+                    h = kh * G + g
+                    for i in range(D):
+                        c = dv[h, i]
+                        if c != 0:
+                            for j in range(t0, a):
+                                srow[h, j] += c * src[i, off + j - t0]
+                    for j in range(t0, a):
+                        sc[g, j - j0] = srow[h, j]
+            b = max(t0, n_old)
+            if t1 > b:  # the window (dense: everything): exact scores
+                src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
+                for g in range(G):
+                    h = kh * G + g
+                    for i in range(D):
+                        c = q[h, i]
+                        for j in range(b, t1):
+                            sc[g, j - j0] += c * src[i, off + j - b]
+                    if delta:
+                        for j in range(b, t1):
+                            srow[h, j] = sc[g, j - j0]
+        nj = j1 - j0
+        for g in range(G):
+            m = np.float32(-np.inf)
+            for j in range(nj):
+                sc[g, j] *= scale
+                m = max(m, sc[g, j])
+            tot = np.float32(0.0)
+            for j in range(nj):
+                e = np.exp(sc[g, j] - m)
+                sc[g, j] = e
+                tot += e
+            m_part[w, g] = m
+            l_part[w, g] = tot
+        for t0 in range(j0, j1, TJ):
+            t1 = min(j1, t0 + TJ)
+            src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
+            for g in range(G):
+                for i in range(D):
+                    acc = np.float32(0.0)
+                    for j in range(t0, t1):
+                        acc += sc[g, j - j0] * src[i, off + j - t0]
+                    o_part[w, g, i] += acc
+    for h in range(H):
+        kh = h // G
+        g = h % G
+        m = np.float32(-np.inf)
+        for s in range(S):
+            m = max(m, m_part[kh * S + s, g])
+        tot = np.float32(0.0)
+        for i in range(D):
+            out[h, i] = 0
+        for s in range(S):
+            f = np.exp(m_part[kh * S + s, g] - m)
+            tot += f * l_part[kh * S + s, g]
+            for i in range(D):
+                out[h, i] += f * o_part[kh * S + s, g, i]
+        inv = np.float32(1.0) / tot
+        for i in range(D):
+            out[h, i] *= inv
+    return out
+
+
+# ================================================================ prefill
+@njit(parallel=True, **_JIT)
+def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total, S):
+    # q (T, H, hd) at positions start .. start + T - 1, K (Hkv, hd, >= start + T) f32 dim-major -> S (H, T, >= start + T)
+    # raw scores (unscaled; entries after each query's position are left unset), one step of the delta recurrence per
+    # token and head (updates qhat (H, hd), srow (H, n_ctx), skipped / total (H,)). Heads in parallel, tokens in order.
+    T, H, D = q.shape
+    G = H // K.shape[0]
+    for h in prange(H):
+        kh = h // G
+        for t in range(T):
+            n = start + t + 1
+            n_old = max(0, n - window)
+            cnt = 0
+            for i in range(D):
+                x = q[t, h, i] - qhat[h, i]
+                if abs(x) >= theta and x != 0:
+                    qhat[h, i] = q[t, h, i]
+                    cnt += 1
+                    for j in range(n_old):
+                        srow[h, j] += x * K[kh, i, j]
+            skipped[h] += n_old * (D - cnt)
+            total[h] += n_old * D
+            for j in range(n_old, n):
+                srow[h, j] = 0
+            for i in range(D):
+                c = q[t, h, i]
+                for j in range(n_old, n):
+                    srow[h, j] += c * K[kh, i, j]
+            for j in range(n):
+                S[h, t, j] = srow[h, j]
+    return S
+
+
+def softmax_values(s, V, start, scale, out):
+    # s (G, T, N) raw causal scores of one kv head's query heads, V (hd, N) dim-major -> out (T, G, hd)
+    G, T, N = s.shape
+    mask = np.arange(N)[None, :] > (start + np.arange(T))[:, None]  # key j is visible to query t iff j <= start + t
+    s[:, mask] = -np.inf
+    s *= np.float32(scale)
+    s -= s.max(-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(-1, keepdims=True)
+    out[:] = (s @ V.T).transpose(1, 0, 2)
+    return out
+
+
+def attention_prefill(q, K, V, start, scale):
+    # q (T, H, hd) at positions start..start+T-1; K, V (Hkv, hd, start+T) f32 dim-major -> (T, H, hd), causal (BLAS)
+    T, H, D = q.shape
+    Hkv = K.shape[0]
+    G = H // Hkv
+    out = np.empty((T, H, D), dtype=np.float32)
+    for kh in range(Hkv):
+        qh = q[:, kh * G:(kh + 1) * G, :].transpose(1, 0, 2)  # (G, T, hd)
+        s = qh @ K[kh]  # (G, T, N)
+        softmax_values(s, V[kh], start, scale, out[:, kh * G:(kh + 1) * G, :])
+    return out
+
+
+SCORE_BLOCK = 1 << 25  # bytes of the (H, T, N) score block a delta prefill chunk may materialise
+
+
+def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, skipped, total):
+    # as attention_prefill, with delta scores (state qhat, srow updated; skipped, total (H,) accumulated)
+    T, H, D = q.shape
+    N = start + T
+    Hkv = K.shape[0]
+    G = H // Hkv
+    out = np.empty((T, H, D), dtype=np.float32)
+    step = max(1, min(T, SCORE_BLOCK // (4 * H * N)))
+    for c0 in range(0, T, step):
+        c1 = min(T, c0 + step)
+        n = start + c1
+        S = np.empty((H, c1 - c0, n), dtype=np.float32)
+        delta_scores_prefill(np.ascontiguousarray(q[c0:c1]), K, start + c0, qhat, srow, np.float32(theta), window,
+                             skipped, total, S)
+        for kh in range(Hkv):
+            softmax_values(S[kh * G:(kh + 1) * G], V[kh, :, :n], start + c0, scale, out[c0:c1, kh * G:(kh + 1) * G, :])
+    return out
+
+
+# ================================================================ NumPy references
+def quantize_ref(x: np.ndarray, kv: str):
+    """x (..., hd) f32 -> (codes, scales) as ggml's reference quantizers, token-major: q8_0 codes (..., hd) int8,
+    q4_0 codes (..., hd) 0..15 (unpacked), scales (..., hd/32) float16; f16: (x as float16, None)."""
+    x = np.asarray(x, dtype=np.float32)
+    if kv == "f32":
+        return x.copy(), None
+    if kv == "f16":
+        return x.astype(np.float16), None
+    b = x.reshape(x.shape[:-1] + (-1, QK))
+    if kv == "q8_0":
+        d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            v = b * np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
+    elif kv == "q4_0":
+        imax = np.abs(b).argmax(-1)[..., None]
+        d = np.take_along_axis(b, imax, -1) / np.float32(-8)
+        with np.errstate(divide="ignore"):
+            idv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+        q = np.clip(np.trunc(b * idv + np.float32(8.5)), 0, 15).astype(np.uint8)
+    else:
+        raise ValueError(kv)
+    return q.reshape(x.shape), d[..., 0].astype(np.float16)
+
+
+def dequantize_ref(codes, scales, kv: str) -> np.ndarray:
+    # inverse of quantize_ref -> (..., hd) f32
+    if kv in ("f32", "f16"):
+        return codes.astype(np.float32)
+    b = codes.reshape(codes.shape[:-1] + (-1, QK)).astype(np.float32)
+    if kv == "q4_0":
+        b = b - 8
+    return (b * scales.astype(np.float32)[..., None]).reshape(codes.shape)
+
+
+def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
+    """The delta algorithm, plainly (float64 scores; q̂ in float32 as the kernels keep it, so the thresholding
+    decisions agree): q (T, H, hd) at positions start.., k, v (Hkv, start+T, hd) token-major -> (out (T, H, hd),
+    skipped (H,), total (H,)); qhat (H, hd) f32 and srow (H, >= start+T) f64 are updated in place."""
+    T, H, D = q.shape
+    G = H // k.shape[0]
+    out = np.zeros((T, H, D))
+    skipped, total = np.zeros(H), np.zeros(H)
+    for t in range(T):
+        n = start + t + 1
+        n_old = max(0, n - window)
+        for h in range(H):
+            kh = k[h // G].astype(np.float64)
+            d = (q[t, h] - qhat[h]).astype(np.float32)
+            keep = (np.abs(d) >= theta) & (d != 0)
+            d = np.where(keep, d, np.float32(0))
+            qhat[h] = np.where(keep, q[t, h], qhat[h])
+            srow[h, :n_old] += kh[:n_old, keep] @ d[keep].astype(np.float64)
+            srow[h, n_old:n] = kh[n_old:n] @ q[t, h].astype(np.float64)
+            skipped[h] += n_old * (D - keep.sum())
+            total[h] += n_old * D
+            s = srow[h, :n] * scale
+            p = np.exp(s - s.max())
+            out[t, h] = p @ v[h // G, :n].astype(np.float64) / p.sum()
+    return out.astype(np.float32), skipped, total
+
+
+def simulate_sparsity(q, theta: float, window: int) -> float:
+    """Sparsity the delta recurrence reaches on the queries q (T, H, hd) of one layer (positions 0..T-1) at
+    threshold θ -- the fraction of outside-window multiply-adds skipped (used to calibrate θ)."""
+    return _simulate(np.ascontiguousarray(q, dtype=np.float32), np.float32(theta), window)
+
+
+@njit(**_JIT)
+def _simulate(q, theta, window):
+    T, H, D = q.shape
+    qhat = np.zeros((H, D), dtype=np.float32)
+    skip = 0.0
+    tot = 0.0
+    for t in range(T):
+        n_old = max(0, t + 1 - window)
+        for h in range(H):
+            cnt = 0
+            for i in range(D):
+                x = q[t, h, i] - qhat[h, i]
+                if abs(x) >= theta and x != 0:
+                    qhat[h, i] = q[t, h, i]
+                    cnt += 1
+            skip += n_old * (D - cnt)
+            tot += n_old * D
+    return skip / tot if tot > 0 else 0.0
+
+
+def calibrate_threshold(q, target: float, window: int, iters: int = 40) -> float:
+    """Smallest θ (bisection) at which the delta recurrence on q (T, H, hd) skips >= target of the outside-window
+    multiply-adds (the sparsity grows with θ)."""
+    if target <= 0:
+        return 0.0
+    lo, hi = 0.0, float(np.abs(q).max()) * 2 + 1e-6
+    if simulate_sparsity(q, hi, window) < target:
+        return hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if simulate_sparsity(q, mid, window) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def rel_error(a, b) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+__all__ = ["KV_TYPES", "F16_TABLE", "layout", "bytes_per_token", "store_kv", "dequantize_cache",
+           "attention_decode", "attention_prefill", "delta_attention_prefill", "delta_scores_prefill",
+           "quantize_ref", "dequantize_ref", "delta_attention_ref", "simulate_sparsity", "calibrate_threshold",
+           "f32_to_f16_bits"]
+_ = math

@@ -1,0 +1,159 @@
+"""Attention kernels: compressed KV storage against gguf-py's quantizers, dense and delta attention (Numba) against
+their NumPy references, θ = 0 against dense."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from edgellm.kernels import attention as A
+from edgellm.kernels import ops
+
+QT = gguf.GGMLQuantizationType
+GGML = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "f16": QT.F16}
+
+
+def r(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def make_cache(kv, Hkv, D, n_ctx):
+    shape, dtype, sshape = A.layout(kv, Hkv, D, n_ctx)
+    return np.zeros(shape, dtype), np.zeros(sshape, np.uint16)
+
+
+def test_f16_bits_match_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(200000) * 10.0 ** rng.uniform(-9, 5, 200000)).astype(np.float32)
+    x = np.concatenate([x, np.float32([0, -0.0, 65504, 65519.99, 2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -26, 6.1e-5])])
+    out = A.f32_to_f16_bits(x, np.empty(len(x), np.uint16))
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0", "q4_0"])
+def test_store_is_bit_exact_with_gguf_py(kv):
+    T, Hkv, D = 9, 3, 64
+    x = r(T, Hkv, D, seed=1) * np.float32([1, 1e-3, 30])[None, :, None]
+    x[0, 0, :32] = 0  # an all-zero block
+    x[1, 1, 5] = -x[1, 1].__abs__().max() * 2  # largest magnitude negative (q4_0 sign)
+    kd, ks = make_cache(kv, Hkv, D, 16)
+    A.store_kv(kd, ks, kd.copy(), ks.copy(), x, np.zeros_like(x), 4)
+    ref = gguf.quants.quantize(x.reshape(-1, D), GGML[kv])  # (T * Hkv, bytes)
+    nb = D // 32
+    for t in range(T):
+        for h in range(Hkv):
+            row = ref[t * Hkv + h]
+            if kv == "f16":
+                assert np.array_equal(kd[h, :, 4 + t], row.view(np.uint16))
+                continue
+            blocks = row.reshape(nb, -1)
+            assert np.array_equal(ks[h, :, 4 + t], blocks[:, :2].copy().view(np.uint16)[:, 0])
+            if kv == "q8_0":
+                assert np.array_equal(kd[h, :, 4 + t], blocks[:, 2:].reshape(-1).view(np.int8))
+            else:
+                assert np.array_equal(kd[h, :, 4 + t].reshape(nb, 16), blocks[:, 2:])
+    # the NumPy reference quantizer agrees with both
+    codes, sc = A.quantize_ref(x, kv)
+    deq = A.dequantize_ref(codes, sc, kv)
+    np.testing.assert_array_equal(deq.reshape(-1, D), gguf.quants.dequantize(ref, GGML[kv]).reshape(-1, D))
+    # and the kernels' tiles decode what gguf-py decodes
+    out = A.dequantize_cache(kd, ks, 16, A.F16_TABLE, np.zeros((Hkv, D, 16), np.float32))
+    np.testing.assert_array_equal(out[:, :, 4:4 + T].transpose(2, 0, 1), deq)
+
+
+@pytest.mark.parametrize("kv", A.KV_TYPES)
+@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 700)])
+def test_decode_on_compressed_cache_matches_reference(kv, H, Hkv, n):
+    D, n_ctx = 64, 1024
+    k, v, q = r(n, Hkv, D, seed=2), r(n, Hkv, D, seed=3), r(H, D, seed=4)
+    kd, ks = make_cache(kv, Hkv, D, n_ctx)
+    vd, vs = make_cache(kv, Hkv, D, n_ctx)
+    A.store_kv(kd, ks, vd, vs, k, v, 0)
+    kq = A.dequantize_ref(*A.quantize_ref(k, kv), kv).transpose(1, 0, 2)  # (Hkv, n, D): what the cache holds
+    vq = A.dequantize_ref(*A.quantize_ref(v, kv), kv).transpose(1, 0, 2)
+    z = np.zeros((1, 1), np.float32)
+    out = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, np.float32(0),
+                             1, np.zeros(H), np.zeros(H), np.empty((H, D), np.float32))
+    ref = ops.attention_ref(q[None], kq, vq, n - 1, D ** -0.5)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def _queries(T, H, D, seed):
+    # slowly drifting queries, as real ones are (a random walk), so that thresholds bite
+    return np.cumsum(r(T, H, D, seed=seed, scale=0.3), axis=0).astype(np.float32)
+
+
+@pytest.mark.parametrize("theta,window", [(0.0, 8), (0.25, 8), (0.5, 1), (0.4, 100)])
+def test_delta_prefill_and_decode_match_the_reference(theta, window):
+    H, Hkv, D, T0, T1, n_ctx = 6, 2, 64, 40, 12, 64
+    N = T0 + T1
+    q, k, v = _queries(N, H, D, 5), r(N, Hkv, D, seed=6), r(N, Hkv, D, seed=7)
+    scale = D ** -0.5
+    qh_ref, s_ref = np.zeros((H, D), np.float32), np.zeros((H, n_ctx))
+    ref, sk_ref, tot_ref = A.delta_attention_ref(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0, scale,
+                                                 qh_ref, s_ref, theta, window)
+    kd, vd = k.transpose(1, 2, 0).copy(), v.transpose(1, 2, 0).copy()  # (Hkv, D, N) dim-major, f32
+    Kc = np.zeros((Hkv, D, n_ctx), np.float32)
+    Vc = np.zeros_like(Kc)
+    Kc[:, :, :N], Vc[:, :, :N] = kd, vd
+    qhat, srow = np.zeros((H, D), np.float32), np.zeros((H, n_ctx), np.float32)
+    sk, tot = np.zeros(H), np.zeros(H)
+    # a chunked prefill of T0 tokens (two calls), then T1 decode steps
+    outs = [A.delta_attention_prefill(q[:25], Kc, Vc, 0, scale, qhat, srow, theta, window, sk, tot),
+            A.delta_attention_prefill(q[25:T0], Kc, Vc, 25, scale, qhat, srow, theta, window, sk, tot)]
+    z = np.zeros((Hkv, 0, 1), np.uint16)
+    for t in range(T0, N):
+        o = np.empty((H, D), np.float32)
+        A.attention_decode(q[t], Kc, z, Vc, z, t + 1, np.float32(scale), A.F16_TABLE, True, qhat, srow,
+                           np.float32(theta), window, sk, tot, o)
+        outs.append(o[None])
+    out = np.concatenate(outs)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+    np.testing.assert_array_equal(sk, sk_ref)
+    np.testing.assert_array_equal(tot, tot_ref)
+    np.testing.assert_allclose(qhat, qh_ref, rtol=0, atol=0)
+    if theta > 0 and window < N:
+        assert sk.sum() > 0
+
+
+def test_delta_with_theta_zero_is_dense():
+    H, Hkv, D, N = 9, 3, 64, 300
+    q, k, v = r(N, H, D, seed=8), r(N, Hkv, D, seed=9), r(N, Hkv, D, seed=10)
+    Kc, Vc = k.transpose(1, 2, 0).copy(), v.transpose(1, 2, 0).copy()
+    scale = D ** -0.5
+    dense = A.attention_prefill(q, Kc, Vc, 0, scale)
+    np.testing.assert_allclose(dense, ops.attention_ref(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0, scale),
+                               rtol=1e-4, atol=1e-5)
+    qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)
+    delta = A.delta_attention_prefill(q, Kc, Vc, 0, scale, qhat, srow, 0.0, 16, sk, tot)
+    np.testing.assert_allclose(delta, dense, rtol=1e-4, atol=1e-5)
+    assert sk.sum() == 0 and tot.sum() > 0
+
+
+def test_delta_decode_on_quantized_cache_skips_rows():
+    # delta decode over a q4_0 cache equals the reference run on the dequantized cache
+    H, Hkv, D, N, W, theta = 4, 2, 64, 300, 32, 0.3
+    q, k, v = _queries(N, H, D, 11), r(N, Hkv, D, seed=12), r(N, Hkv, D, seed=13)
+    kd, ks = make_cache("q4_0", Hkv, D, N)
+    vd, vs = make_cache("q4_0", Hkv, D, N)
+    A.store_kv(kd, ks, vd, vs, k, v, 0)
+    kq = A.dequantize_ref(*A.quantize_ref(k, "q4_0"), "q4_0").transpose(1, 0, 2)
+    vq = A.dequantize_ref(*A.quantize_ref(v, "q4_0"), "q4_0").transpose(1, 0, 2)
+    qh_ref, s_ref = np.zeros((H, D), np.float32), np.zeros((H, N))
+    ref, sk_ref, _ = A.delta_attention_ref(q, kq, vq, 0, D ** -0.5, qh_ref, s_ref, theta, W)
+    qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)
+    out = np.stack([A.attention_decode(q[t], kd, ks, vd, vs, t + 1, np.float32(D ** -0.5), A.F16_TABLE, True,
+                                       qhat, srow, np.float32(theta), W, sk, tot, np.empty((H, D), np.float32))
+                    for t in range(N)])
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+    np.testing.assert_array_equal(sk, sk_ref)
+    assert 0.2 < sk.sum() / tot.sum() < 0.95
+
+
+def test_calibrated_threshold_reaches_the_target():
+    q = _queries(200, 3, 64, 14)
+    for target in (0.3, 0.6):
+        th = A.calibrate_threshold(q, target, 16)
+        assert abs(A.simulate_sparsity(q, th, 16) - target) < 0.02
+    assert A.calibrate_threshold(q, 0.0, 16) == 0.0
