@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -167,42 +168,65 @@ def perplexity(model: Optional[str] = ModelArg,
 def bench(model: Optional[str] = ModelArg,
           n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for the pp test (0 = skip)."),
           n_gen: int = typer.Option(128, "--n-gen", "-n", help="Generated tokens for the tg test (0 = skip)."),
-          reps: int = typer.Option(3, "--repetitions", "-r", help="Measured repetitions (after one discarded warm-up)."),
+          depth: Optional[str] = typer.Option(None, "--depth", "-d",
+                                              help="Comma-separated context depths: the KV cache first holds this many "
+                                                   "tokens, tests named 'pp512 @ d4096' (default 0)."),
+          reps: int = typer.Option(5, "--repetitions", "-r", help="Measured repetitions (after one discarded warm-up)."),
           threads: Optional[int] = ThreadsOpt,
-          backends: str = typer.Option("edgellm,llama.cpp", "--backends", help="Comma-separated: edgellm, llama.cpp."),
-          startup: bool = typer.Option(True, "--startup/--no-startup",
-                                       help="Also time a fresh process to its first token, warm and cold JIT cache."),
-          as_json: bool = typer.Option(False, "--json", help="Print JSON rows (llama-bench's field names).")):
-    """Prompt processing (pp) and generation (tg) speed, edgellm beside llama.cpp in the same run."""
-    from .bench.llama_bench import measure_startup, run_bench
-    from .runtime.engine import physical_cores
-    from .runtime.fetch import resolve_model
-    from .runtime.progress import status
-    if reps < 1:
-        _err("--repetitions must be >= 1")
-    path = resolve_model(model)
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    threads = threads or physical_cores()
-    with status() as say:
-        rows = run_bench(str(path), names, n_prompt, n_gen, reps, threads, progress=say)
-        if startup and "edgellm" in names:
-            say("edgellm: time to first token of a fresh process (warm and cold JIT cache)")
-            start = measure_startup(str(path), threads)
-    if as_json:
-        out = [r.as_dict() for r in rows]
-        if startup and "edgellm" in names:
-            out.append({"backend": "edgellm", "test": "startup", "n_threads": threads, **start})
-        print(json.dumps(out, indent=2))
+          batch: int = typer.Option(512, "--batch-size", "-b", help="Prompt tokens per batch (n_batch = n_ubatch), every backend."),
+          backends: str = typer.Option("edgellm,llama.cpp", "--backends",
+                                       help="Comma-separated: edgellm, llama.cpp, onnxruntime (needs --onnx)."),
+          onnx: Optional[str] = typer.Option(None, "--onnx", help="An ONNX folder (edgellm convert --format onnx) for onnxruntime."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON rows (llama-bench's field names and more)."),
+          as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows."),
+          plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
+          sweep: Optional[str] = typer.Option(None, "--sweep",
+                                              help="'ctx': depths 0,512,1024,2048,4096 (unless --depth) and a plot of "
+                                                   "tok/s against depth (default bench-ctx.png)."),
+          report: Optional[str] = typer.Option(None, "--report", help="Folder for bench.md and bench.jsonl (machine, "
+                                                                      "versions, model sha256, settings, rows)."),
+          machine: bool = typer.Option(False, "--machine", help="Only the machine: cores, SIMD flags, read bandwidth, sgemm GFLOPS."),
+          ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Measure the machine's read bandwidth first "
+                                                                           "(for the fraction of it a decode reaches)."),
+          startup: bool = typer.Option(False, "--startup", help="Also time a fresh `edgellm run` process to its first "
+                                                                "token, warm and cold JIT cache.")):
+    """Prompt processing (pp) and generation (tg) speed after llama-bench, edgellm beside llama.cpp (and
+    onnxruntime) in the same run: mean ± std tok/s, warm-up discarded, ratios to llama.cpp, first-logits
+    time, peak RSS, KV bytes and the fraction of the machine's read bandwidth a decode reaches.
+    Ctrl-C prints and writes what was measured so far."""
+    from .bench import suite
+    if as_json and as_csv:
+        _err("--json and --csv exclude each other")
+    fmt = "json" if as_json else "csv" if as_csv else "table"
+    if machine:
+        from .bench.machine import machine_info
+        from .bench.report import machine_line
+        if threads is not None and threads < 1:
+            _err(f"--threads must be >= 1 (got {threads})")
+        info = machine_info(threads)
+        print(json.dumps(info, indent=2) if as_json else machine_line(info))
         return
-    print(f"| backend | test | threads | t/s | vs llama.cpp |")
-    print(f"|---|---|---|---|---|")
-    ref = {r.test: r.avg_ts for r in rows if r.backend == "llama.cpp"}
-    for r in rows:
-        ratio = f"{r.avg_ts / ref[r.test]:.2f}x" if r.test in ref else "-"
-        print(f"| {r.backend} | {r.test} | {r.n_threads} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {ratio} |")
-    if startup and "edgellm" in names:
-        print(f"\nedgellm fresh process to first token: {start['warm_s']:.2f} s warm (JIT cache hit), "
-              f"{start['cold_s']:.1f} s cold (empty JIT cache)")
+    s = suite.Settings(model=model, backends=suite.parse_list(backends, "--backends"), n_prompt=n_prompt, n_gen=n_gen,
+                       depths=suite.parse_depths(depth) if depth is not None else [0], reps=reps, threads=threads,
+                       n_batch=batch, onnx=onnx, sweep=sweep, ceiling=ceiling)
+    if sweep and not plot:
+        plot = str(Path(report or ".") / f"bench-{sweep}.png")
+    suite.check(s)
+    if plot:
+        from .bench.plot import _plt
+        _plt()  # a missing matplotlib is an error now, not after minutes of measuring
+    with suite.progress_bar() as progress:
+        res = suite.run_suite(s, progress=progress)
+    for p in suite.emit(res, fmt, report, plot):
+        print(f"edgellm: wrote {p}", file=sys.stderr)
+    if res.interrupted:
+        print(f"edgellm: interrupted; kept the {len(res.rows)} rows measured so far", file=sys.stderr)
+        raise typer.Exit(130)
+    if startup and "edgellm" in s.backends:
+        from .bench.llama_bench import measure_startup
+        st = measure_startup(res.meta["model"], s.threads)
+        print(f"edgellm fresh process to first token: {st['warm_s']:.2f} s warm (JIT cache hit), "
+              f"{st['cold_s']:.1f} s cold (empty JIT cache)", file=sys.stdout if fmt == "table" else sys.stderr)
 
 
 @app.command()

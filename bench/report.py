@@ -1,0 +1,106 @@
+"""What a benchmark run writes: a Markdown table (with ratios to llama.cpp), CSV, JSON, and a report
+(Markdown + JSON lines) that carries the machine, package versions, model file hash and every setting."""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import io
+import json
+import platform
+from dataclasses import fields
+from importlib import metadata
+from pathlib import Path
+
+from .llama_bench import BenchRow
+
+PACKAGES = ("edgellm", "numpy", "numba", "llama-cpp-python", "onnxruntime", "gguf")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_meta(model, settings: dict, machine: dict | None, interrupted: bool = False) -> dict:
+    """Everything needed to read (or repeat) a run: when, on what, with which code, file and settings."""
+    p = Path(str(model))
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "model": str(p), "model_sha256": sha256(p) if p.is_file() else None,
+            "settings": settings, "machine": machine, "versions": versions(), "interrupted": interrupted}
+
+
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def markdown_table(rows: list[BenchRow]) -> str:
+    lines = ["| backend | test | t/s | vs llama.cpp | first logits ms | peak RSS MiB | KV MiB | GB/s read | of ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.backend} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {_f(r.ratio_vs_llama_cpp, '.2f')}"
+            f"{'x' if r.ratio_vs_llama_cpp is not None else ''} | {r.ttft_ms:.1f} | {r.peak_rss_bytes / 2**20:.0f} | "
+            f"{r.kv_bytes / 2**20:.1f} | {_f(r.bandwidth_gbs, '.2f')} | "
+            f"{_f(None if r.bandwidth_frac is None else 100 * r.bandwidth_frac, '.0f')}"
+            f"{'%' if r.bandwidth_frac is not None else ''} |")
+    return "\n".join(lines)
+
+
+def machine_line(m: dict | None) -> str:
+    if not m:
+        return ""
+    return (f"{m.get('cpu', '?')}, {m.get('physical_cores', '?')} cores ({', '.join(m.get('simd', [])) or 'no SIMD flags'}), "
+            f"{m.get('threads', '?')} threads: read bandwidth {m.get('bandwidth_gbs', '?')} GB/s, "
+            f"sgemm {m.get('sgemm_gflops', '?')} GFLOPS, load average {m.get('load_avg', '?')}")
+
+
+def to_csv(rows: list[BenchRow]) -> str:
+    names = [f.name for f in fields(BenchRow)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    for r in rows:
+        d = r.as_dict()
+        w.writerow([" ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list)
+                    else ("" if v is None else v) for v in (d[n] for n in names)])
+    return buf.getvalue()
+
+
+def to_json(rows: list[BenchRow]) -> str:
+    return json.dumps([r.as_dict() for r in rows], indent=2)
+
+
+def write_report(out_dir, rows: list[BenchRow], meta: dict, extra: dict | None = None) -> tuple[Path, Path]:
+    """out_dir/bench.md (settings, machine, versions, the table) and out_dir/bench.jsonl (a `meta` line,
+    then one `row` line per row). Returns both paths."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    md, jl = d / "bench.md", d / "bench.jsonl"
+    with open(jl, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "meta", **meta, **(extra or {})}) + "\n")
+        for r in rows:
+            f.write(json.dumps({"kind": "row", **r.as_dict()}) + "\n")
+    s = meta["settings"]
+    v = meta["versions"]
+    text = [f"# edgellm bench, {meta['date']}" + (" (interrupted: partial)" if meta.get("interrupted") else ""), "",
+            f"- model: `{Path(meta['model']).name}` (sha256 `{meta['model_sha256']}`)",
+            f"- settings: " + ", ".join(f"{k}={v_}" for k, v_ in s.items()),
+            f"- machine: {machine_line(meta.get('machine'))}",
+            f"- versions: " + ", ".join(f"{k} {v_}" for k, v_ in v.items()), "",
+            markdown_table(rows), ""]
+    md.write_text("\n".join(text), encoding="utf-8")
+    return md, jl
