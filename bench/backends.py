@@ -92,6 +92,7 @@ class LlamaCppBackend(_GGUFBackend):
         info = self._model(path)
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                    n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+        self._sync = lambda: llama_cpp.llama_synchronize(self.llm.ctx)  # the decode has finished
         self.n_vocab = self.llm.n_vocab()
         self.kv_bytes_per_token = 2 * info["n_layer"] * info["n_head_kv"] * info["head_dim"] * 2
 
@@ -101,9 +102,11 @@ class LlamaCppBackend(_GGUFBackend):
 
     def prompt(self, tokens):
         self.llm.eval([int(t) for t in tokens])
+        self._sync()
 
     def step(self, token):
         self.llm.eval([int(token)])
+        self._sync()
 
     def close(self):
         self.llm.close()
