@@ -1,0 +1,189 @@
+"""The benchmark suite: row fields and names, outputs, the report, Ctrl-C, bad options. Tiny sizes, one
+repetition; nothing here asserts a speed."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import pytest
+
+from edgellm.bench import backends as B
+from edgellm.bench.llama_bench import BenchRow, add_ratios, name_of_test, run_bench
+from edgellm.runtime.errors import EdgeLLMError
+
+from test_bad_input import assert_clean_error, cli
+
+LLAMA_BENCH_FIELDS = {"backend", "n_prompt", "n_gen", "n_depth", "n_threads", "avg_ts", "stddev_ts", "samples_ts",
+                      "model_size", "model_n_params", "type_k", "type_v"}
+EXTRA_FIELDS = {"test", "ttft_ms", "peak_rss_bytes", "kv_bytes", "bandwidth_gbs", "bandwidth_frac", "ratio_vs_llama_cpp"}
+
+
+class FakeBackend:
+    """A backend that only counts tokens: the harness without an engine."""
+    name = "fake"
+    type_k = type_v = "f32"
+    n_vocab, kv_bytes_per_token, model_size, model_n_params, weight_bytes_per_token = 100, 10, 1000, 500, 1000
+
+    def __init__(self, path, threads, n_ctx, n_batch=512):
+        self.n, self.n_ctx = 0, n_ctx
+
+    def truncate(self, n):
+        assert 0 <= n <= self.n
+        self.n = n
+
+    def prompt(self, tokens):
+        self.n += len(tokens)
+        assert self.n <= self.n_ctx
+
+    def step(self, token):
+        self.prompt([token])
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setitem(B.BACKENDS, "fake", FakeBackend)
+    monkeypatch.setitem(B.BACKENDS, "fake2", FakeBackend)
+    return "fake"
+
+
+def test_test_names_follow_llama_bench():
+    assert name_of_test("pp", 512, 0) == "pp512"
+    assert name_of_test("tg", 128, 0) == "tg128"
+    assert name_of_test("pp", 512, 4096) == "pp512 @ d4096"
+
+
+def test_rows_with_a_registered_backend(fake, tmp_path):
+    rows, interrupted = run_bench("m.gguf", ["fake", "fake2"], 8, 4, depths=(0, 16), reps=2, threads=1,
+                                  machine_bw=10.0)
+    assert not interrupted
+    assert [r.test for r in rows[:4]] == ["pp8", "tg4", "pp8 @ d16", "tg4 @ d16"]
+    add_ratios(rows, reference="fake")
+    ref = {r.test: r.avg_ts for r in rows if r.backend == "fake"}
+    for r in rows:
+        d = r.as_dict()
+        assert set(d) >= LLAMA_BENCH_FIELDS | EXTRA_FIELDS
+        assert len(r.samples_ts) == 2 and r.avg_ts > 0
+        assert r.ratio_vs_llama_cpp == pytest.approx(r.avg_ts / ref[r.test])
+        assert r.kv_bytes == (r.n_depth + r.n_prompt + r.n_gen) * 10
+        if r.n_gen:
+            assert r.read_bytes_per_token > 1000 and r.bandwidth_frac == pytest.approx(r.bandwidth_gbs / 10)
+        else:
+            assert r.bandwidth_gbs is None
+    assert {r.backend for r in rows} == {"fake", "fake2"}
+
+
+def test_ctrl_c_keeps_what_was_measured(fake, tmp_path):
+    from edgellm.bench import suite
+
+    def interrupt_at(text):
+        def progress(done, total, what):
+            if what == text:
+                raise KeyboardInterrupt
+        return progress
+
+    # during the second repetition of tg4: pp4 complete, tg4 kept with its one measured run
+    rows, interrupted = run_bench("m", ["fake"], 4, 4, reps=2, threads=1, progress=interrupt_at("fake tg4: run 2/2"))
+    assert interrupted and [r.test for r in rows] == ["pp4", "tg4"] and len(rows[1].samples_ts) == 1
+    # through the suite: the report is still written, marked as partial
+    s = suite.Settings(model=str(tmp_path / "m.gguf"), backends=["fake"], n_prompt=4, n_gen=4, reps=1, threads=1,
+                       ceiling=False)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    res = suite.run_suite(s, progress=interrupt_at("fake tg4: warm-up"))
+    assert res.interrupted and [r.test for r in res.rows] == ["pp4"]
+    out = io.StringIO()
+    md, jl = suite.emit(res, "json", report_dir=tmp_path / "rep", out=out)
+    assert [r["test"] for r in json.loads(out.getvalue())] == ["pp4"]
+    lines = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert lines[0]["kind"] == "meta" and lines[0]["interrupted"] is True
+    assert [x["test"] for x in lines[1:]] == ["pp4"]
+    assert "interrupted" in md.read_text()
+
+
+def test_report_plots_and_csv(fake, tmp_path):
+    pytest.importorskip("matplotlib")
+    from edgellm.bench.plot import plot_bars, plot_depth_sweep
+    from edgellm.bench.report import run_meta, to_csv, write_report
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(100))
+    rows, _ = run_bench(str(model), ["fake", "fake2"], 4, 2, depths=(0, 8), reps=1, threads=1, machine_bw=5.0)
+    add_ratios(rows, reference="fake")
+    meta = run_meta(model, {"threads": 1}, {"cpu": "x", "bandwidth_gbs": 5.0})
+    assert len(meta["model_sha256"]) == 64 and "numpy" in meta["versions"]
+    md, jl = write_report(tmp_path / "r", rows, meta)
+    text = md.read_text()
+    assert meta["model_sha256"] in text and "| fake2 | tg2 @ d8 |" in text and "1.00x" in text
+    assert len(jl.read_text().splitlines()) == 1 + len(rows)
+    table = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert len(table) == len(rows) and set(table[0]) >= LLAMA_BENCH_FIELDS and table[2]["test"] == "pp4 @ d8"
+    for fn, name in ((plot_depth_sweep, "sweep.png"), (plot_bars, "bars.png")):
+        p = fn(rows, tmp_path / name)
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
+    from edgellm.bench import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(EdgeLLMError, match="matplotlib"):
+        plot._plt()
+
+
+def test_machine_info_keys():
+    from edgellm.bench.machine import machine_info
+    info = machine_info(1, quick=True)
+    assert set(info) >= {"cpu", "physical_cores", "logical_cores", "simd", "threads", "bandwidth_gbs", "sgemm_gflops"}
+    assert info["bandwidth_gbs"] > 0 and info["sgemm_gflops"] > 0 and isinstance(info["simd"], list)
+
+
+def test_cli_machine_json():
+    r = cli("bench", "--machine", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert {"bandwidth_gbs", "sgemm_gflops", "simd", "physical_cores"} <= set(info) and info["threads"] == 1
+
+
+def test_cli_json_both_backends_with_depth(model_path, llama_cpp):
+    r = cli("bench", str(model_path), "-p", "4", "-n", "2", "-r", "1", "--depth", "0,8", "--threads", "2",
+            "--json", "--no-ceiling")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["backend"], x["test"]) for x in rows] == [
+        (b, t) for b in ("edgellm", "llama.cpp") for t in ("pp4", "tg2", "pp4 @ d8", "tg2 @ d8")]
+    for x in rows:
+        assert set(x) >= LLAMA_BENCH_FIELDS | EXTRA_FIELDS
+        assert x["n_threads"] == 2 and x["n_batch"] == 512 and x["model_n_params"] > 100e6
+        assert x["n_depth"] in (0, 8) and len(x["samples_ts"]) == 1 and x["peak_rss_bytes"] > 0
+        assert x["ratio_vs_llama_cpp"] is not None
+    assert {x["type_k"] for x in rows} == {"f32", "f16"}
+
+
+def test_cli_csv_and_table(model_path, tmp_path):
+    r = cli("bench", str(model_path), "-p", "4", "-n", "0", "-r", "1", "--backends", "edgellm", "--csv",
+            "--no-ceiling", "--report", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [x["test"] for x in table] == ["pp4"] and float(table[0]["avg_ts"]) > 0
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.jsonl").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("-r", "0"), ("--depth", "1,x"), ("--depth", "-5"), ("-p", "0", "-n", "0"), ("--threads", "0"),
+    ("--backends", "edgellm,nope"), ("--backends", "onnxruntime"), ("--backends", "onnxruntime", "--onnx", "/"),
+    ("--json", "--csv"), ("--sweep", "nope"), ("/no/such/model.gguf", "-p", "4", "-n", "0"),
+])
+def test_bad_options_one_line(args):
+    assert_clean_error(cli("bench", *args))
+
+
+def test_crosscheck_llama_cpp_by_hand(model_path, llama_cpp):
+    """The harness's llama.cpp numbers beside llama-cpp-python timed by hand and llama.cpp's own counters
+    (structure only here; `python -m edgellm.bench.crosscheck` compares them at full size)."""
+    from edgellm.bench.crosscheck import crosscheck
+    res = crosscheck(model_path, n_prompt=8, n_gen=2, reps=1, threads=2)
+    for kind in ("pp", "tg"):
+        assert set(res[kind]) == {"harness", "by_hand", "llama_perf"}
+        assert all(v > 0 for v in res[kind].values())
