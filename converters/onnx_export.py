@@ -148,28 +148,64 @@ def export_bitnet(src: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- int4
+def _untie_transposed_weights(model) -> int:
+    """MatMul(x, Transpose(W)) with W an initializer (the tied LM head: optimum's graph reads the token
+    embedding through a Transpose) -> MatMul(x, W^T as its own initializer), so that the head is
+    quantized too (the embedding's Gather keeps the f32 table). Returns how many were rewritten."""
+    from onnx import numpy_helper
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    done = {}
+    for n in g.node:
+        if n.op_type != "MatMul" or len(n.input) < 2:
+            continue
+        p = prod.get(n.input[1])
+        if p is None or p.op_type != "Transpose" or p.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0] or len(inits[p.input[0]].dims) != 2:
+            continue
+        name = p.output[0] + "_const"
+        if name not in done:
+            w = numpy_helper.to_array(inits[p.input[0]], base_dir="")
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            done[name] = p
+        n.input[1] = name
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for p in done.values():
+        if not any(o in used for o in p.output):
+            g.node.remove(p)
+    return len(done)
+
+
 def quantize_int4(path: Path, block_size: int = INT4_BLOCK_SIZE, accuracy_level: int = 4) -> None:
-    """Weight-only int4 in place: every MatMul with a constant 2-D weight -> MatMulNBits (symmetric
-    blocks of `block_size` along K; accuracy_level 4 = int8 activations in the kernel)."""
+    """Weight-only int4 in place: every MatMul with a constant 2-D weight (the LM head included) ->
+    MatMulNBits, symmetric blocks of `block_size` along K; accuracy_level 4 lets the CPU kernel use
+    int8 activations (what ONNX Runtime GenAI's builder picks for CPU)."""
     _need("onnxruntime.quantization.matmul_nbits_quantizer")
+    import logging
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    import logging
-    lg = logging.getLogger()
-    level = lg.level
-    lg.setLevel(logging.WARNING)  # the quantizer logs every node at INFO
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)  # the quantizer logs every node at INFO
     try:
         model = onnx.load(str(path))
+        _untie_transposed_weights(model)
         q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                  accuracy_level=accuracy_level)
         q.process()
     finally:
-        lg.setLevel(level)
-    model = q.model.model
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
     q.model.topological_sort()
+    model = q.model.model
     for f in path.parent.glob(path.name + "*data"):
         f.unlink()  # the fp32 weights' external data (already loaded): replaced below
-    big = model.ByteSize() > (1800 << 20)  # protobuf's 2 GiB limit: weights beside the graph, as optimum does
+    n_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    big = n_bytes > (1800 << 20)  # protobuf's 2 GiB limit: weights beside the graph, as optimum does
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=path.name + "_data", size_threshold=1024)
 
