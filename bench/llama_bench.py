@@ -150,13 +150,14 @@ def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128,
             progress(done, total, text)
         done += 1
 
-    b = samples = current = None
+    b = samples = current = src = None
     try:
         for name in backends:
             tick(f"{name}: loading")
             gc.collect()
             _reset_peak_rss()
             b = open_backend(name, model, onnx_dir, threads, n_ctx, n_batch)
+            src = onnx_dir if name == "onnxruntime" else model
             rng = np.random.default_rng(seed)  # the same tokens for every backend
             for depth in depths:
                 if depth:
@@ -173,7 +174,7 @@ def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128,
                     for r in range(reps):
                         tick(f"{name} {test}: run {r + 1}/{reps}")
                         samples.append(fn(b, depth, toks))
-                    rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw))
+                    rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, src, machine_bw))
                     samples = current = None
                     if on_row:
                         on_row(rows[-1])
@@ -185,7 +186,7 @@ def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128,
     except KeyboardInterrupt:
         if samples and b is not None:
             name, kind, n, depth = current
-            rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw))
+            rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, src, machine_bw))
         return rows, True
     finally:
         if b is not None:

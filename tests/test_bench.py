@@ -187,3 +187,63 @@ def test_crosscheck_llama_cpp_by_hand(model_path, llama_cpp):
     for kind in ("pp", "tg"):
         assert set(res[kind]) == {"harness", "by_hand", "llama_perf"}
         assert all(v > 0 for v in res[kind].values())
+
+
+def test_onnxruntime_backend_drives_the_onnx_engine(monkeypatch, tmp_path):
+    """The bench's onnxruntime backend over the runtime's OnnxEngine (a stand-in here: only the plumbing)."""
+    import numpy as np
+
+    from edgellm.runtime import onnx_backend
+    calls = []
+
+    class Cache:
+        n, nbytes_per_token = 0, 64
+
+        def truncate(self, n):
+            self.n = n
+
+    class Engine:
+        weight_bytes_per_token = 1234
+        cfg = type("C", (), {"n_vocab": 50})
+
+        def __init__(self, path, n_ctx=None, threads=None):
+            calls.append(("init", threads, n_ctx))
+
+        def new_cache(self, n_ctx):
+            return Cache()
+
+        def prefill(self, tokens, cache, chunk=512):
+            calls.append(("prefill", len(tokens), chunk))
+            cache.n += len(tokens)
+            return np.zeros(50)
+
+        def decode(self, token, cache):
+            return self.prefill([token], cache)
+
+    monkeypatch.setattr(onnx_backend, "OnnxEngine", Engine)
+    rows, _ = run_bench("m.gguf", ["onnxruntime"], 6, 2, depths=(0, 4), reps=1, threads=2, n_batch=3,
+                        onnx_dir=str(tmp_path))
+    assert [r.test for r in rows] == ["pp6", "tg2", "pp6 @ d4", "tg2 @ d4"]
+    assert calls[0][:2] == ("init", 2) and ("prefill", 6, 3) in calls
+    assert rows[1].read_bytes_per_token == 1234 + 64 * 1.5 and rows[0].model_filename == tmp_path.name and rows[0].model_size == 1234 and rows[0].type_k == "f32"
+
+
+@pytest.mark.slow
+def test_cli_three_backends_on_a_tiny_exported_model(tmp_path):
+    """End to end on a tiny random Llama exported both ways (GGUF and ONNX): one table, three backends."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    mc = pytest.importorskip("edgellm.bench.make_checkpoints")
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", mc.__name__, str(tmp_path / "hf"), "--model", "tiny-llama"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for args in (("-o", str(tmp_path / "t.gguf"), "--outtype", "f32"), ("-o", str(tmp_path / "onnx"), "--format", "onnx")):
+        r = cli("convert", str(tmp_path / "hf"), *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("bench", str(tmp_path / "t.gguf"), "-p", "8", "-n", "2", "-r", "1", "--depth", "0,8", "--no-ceiling",
+            "--backends", "edgellm,llama.cpp,onnxruntime", "--onnx", str(tmp_path / "onnx"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert {(x["backend"], x["test"]) for x in rows} == {
+        (b, t) for b in ("edgellm", "llama.cpp", "onnxruntime") for t in ("pp8", "tg2", "pp8 @ d8", "tg2 @ d8")}
