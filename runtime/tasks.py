@@ -1,0 +1,255 @@
+"""A seeded suite of small reasoning tasks with exact answers and a step verifier, for search.
+
+Three families, generated from a seed (no data files): multi-step arithmetic ("What is (3 + 4) * 5?"),
+unit conversions ("Convert 2 hours and 15 minutes to minutes.") and list manipulations ("What is the sum
+of the list [4, 7, 2]?"). Every answer is an integer. Each task also carries the intermediate values a
+correct solution passes through (`values`), which the step verifier uses to tell a true-but-useless
+equation from one on the way to the answer.
+
+The verifier reads equations a step writes (`12 + 7 = 19`, `2 * 60 = 120`), checks their arithmetic
+exactly, and checks a claimed final answer ("The answer is 14") against the task's exact answer.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+
+INSTRUCTION = "Solve it step by step, one step per paragraph, then finish with: The answer is <number>."
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str                  # "arith-3", "units-0", "list-7"
+    kind: str                # "arith", "units", "list"
+    question: str
+    answer: int
+    values: tuple = field(default=())   # intermediate values of correct solutions (the answer included)
+
+    @property
+    def prompt(self) -> str:
+        """What the policy model is asked (the user message)."""
+        return f"{self.question} {INSTRUCTION}"
+
+    def check(self, text: str) -> bool:
+        """Is the final answer in `text` exactly right?"""
+        a = extract_answer(text)
+        return a is not None and a == self.answer
+
+
+# ----------------------------------------------------------------------------------- generation
+_UNITS = [  # (big unit, small unit, factor)
+    ("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("hours", "minutes", 60),
+    ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("feet", "inches", 12),
+    ("dollars", "cents", 100), ("weeks", "days", 7), ("days", "hours", 24), ("liters", "milliliters", 1000),
+]
+
+
+def _arith(rng, i: int) -> Task:
+    r = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731
+    form = i % 4
+    if form == 0:
+        a, b, c = r(2, 20), r(2, 20), r(1, 9)
+        q, ans, vals = f"What is {a} + {b} - {c}?", a + b - c, (a + b, a - c, b - c)
+    elif form == 1:
+        a, b, c = r(2, 9), r(2, 9), r(2, 6)
+        q, ans, vals = f"What is ({a} + {b}) * {c}?", (a + b) * c, (a + b,)
+    elif form == 2:
+        a, b, c = r(2, 9), r(2, 9), r(1, 20)
+        q, ans, vals = f"What is {a} * {b} + {c}?", a * b + c, (a * b,)
+    else:
+        a, b, c = r(10, 30), r(2, 9), r(2, 5)
+        q, ans, vals = f"What is ({a} - {b}) * {c}?", (a - b) * c, (a - b,)
+    return Task(f"arith-{i}", "arith", q, ans, tuple(sorted(set(vals) | {ans})))
+
+
+def _units(rng, i: int) -> Task:
+    big, small, f = _UNITS[int(rng.integers(len(_UNITS)))]
+    x = int(rng.integers(2, 10))
+    if i % 2 == 0:
+        q, ans, vals = f"Convert {x} {big} to {small}.", x * f, (x * f,)
+    else:
+        y = int(rng.integers(1, min(f, 60)))
+        q, ans, vals = f"Convert {x} {big} and {y} {small} to {small}.", x * f + y, (x * f,)
+    return Task(f"units-{i}", "units", q, ans, tuple(sorted(set(vals) | {ans})))
+
+
+def _list(rng, i: int) -> Task:
+    n = int(rng.integers(3, 5))
+    xs = [int(v) for v in rng.integers(1, 20, n)]
+    form = i % 3
+    if form == 0:
+        q, ans = f"What is the sum of the list {xs}?", sum(xs)
+        vals = tuple(int(v) for v in np.cumsum(xs)[1:])
+    elif form == 1:
+        q, ans, vals = f"What is the largest number in {xs} minus the smallest?", max(xs) - min(xs), (max(xs), min(xs))
+    else:
+        q, ans, vals = f"What is the first number of {xs} plus the last one?", xs[0] + xs[-1], (xs[0], xs[-1])
+    return Task(f"list-{i}", "list", q, ans, tuple(sorted(set(vals) | {ans})))
+
+
+_KINDS = {"arith": _arith, "units": _units, "list": _list}
+
+
+def make_suite(n: int = 30, seed: int = 0, kinds=("arith", "units", "list")) -> list[Task]:
+    """`n` tasks, the kinds taking turns; the same (n, seed) always gives the same tasks."""
+    rng = np.random.default_rng(seed)
+    counts = {k: 0 for k in kinds}
+    out = []
+    for j in range(n):
+        k = kinds[j % len(kinds)]
+        out.append(_KINDS[k](rng, counts[k]))
+        counts[k] += 1
+    return out
+
+
+def get_task(task_id: str, n: int = 300, seed: int = 0) -> Task:
+    """A task of the default suite by id ("arith-3")."""
+    for t in _default_suite(n, seed):
+        if t.id == task_id:
+            return t
+    raise KeyError(task_id)
+
+
+@lru_cache(maxsize=4)
+def _default_suite(n: int = 300, seed: int = 0) -> tuple:
+    return tuple(make_suite(n, seed))
+
+
+def find_task(prompt: str, suite: list[Task] | None = None) -> Task | None:
+    """The suite task whose question appears in `prompt`, if any (so `--prm verifier` knows the answer)."""
+    for t in suite if suite is not None else _default_suite():
+        if t.question in prompt:
+            return t
+    return None
+
+
+# ----------------------------------------------------------------------------------- reading answers
+_NUM = r"-?\d+(?:\.\d+)?"
+_ANSWER_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*\**\s*\$?\s*(" + _NUM + r")", re.I)
+_LAST_NUM_RE = re.compile(_NUM)
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
+
+
+def _to_num(s: str):
+    v = Fraction(s)
+    return int(v) if v.denominator == 1 else float(v)
+
+
+def extract_answer(text: str):
+    """The final answer of a solution: the number after the last "answer is", else the last number."""
+    text = _clean(text)
+    m = _ANSWER_RE.findall(text)
+    if m:
+        return _to_num(m[-1])
+    m = _LAST_NUM_RE.findall(text)
+    return _to_num(m[-1]) if m else None
+
+
+def claimed_answer(text: str):
+    """The number after "answer is" in `text`, or None when the text claims no final answer."""
+    m = _ANSWER_RE.findall(_clean(text))
+    return _to_num(m[-1]) if m else None
+
+
+# ----------------------------------------------------------------------------------- equations
+_OP = r"[-+*/×x÷]"
+_OPERAND = r"\(?\s*" + _NUM + r"\s*\)?"
+_EQ_RE = re.compile(r"(\(?\s*" + _NUM + r"\s*\)?(?:\s*" + _OP + r"\s*" + _OPERAND + r")+)\s*=\s*(" + _NUM + r")(?!\d)")
+
+
+def _eval(expr: str) -> Fraction:
+    """Exact value of an expression of numbers, + - * / and parentheses (a small recursive-descent parser)."""
+    toks = re.findall(r"\d+(?:\.\d+)?|[-+*/()]", expr.replace("×", "*").replace("x", "*").replace("÷", "/"))
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def atom():
+        t = take()
+        if t == "(":
+            v = add()
+            if take() != ")":
+                raise ValueError("unbalanced")
+            return v
+        if t == "-":
+            return -atom()
+        return Fraction(t)
+
+    def mul():
+        v = atom()
+        while peek() in ("*", "/"):
+            op, w = take(), atom()
+            v = v * w if op == "*" else v / w
+        return v
+
+    def add():
+        v = mul()
+        while peek() in ("+", "-"):
+            op, w = take(), mul()
+            v = v + w if op == "+" else v - w
+        return v
+
+    v = add()
+    if pos != len(toks):
+        raise ValueError("trailing tokens")
+    return v
+
+
+def equations(text: str) -> list[tuple[str, Fraction, bool]]:
+    """The equations `expr = value` written in `text`: (expr, value, arithmetic is right)."""
+    out = []
+    for m in _EQ_RE.finditer(_clean(text)):
+        expr, rhs = m.group(1).strip(), Fraction(m.group(2))
+        if expr.count("(") != expr.count(")"):
+            expr = expr.strip("()").strip()
+        try:
+            ok = _eval(expr) == rhs
+        except (ValueError, ZeroDivisionError, IndexError, TypeError):
+            continue
+        out.append((expr, rhs, ok))
+    return out
+
+
+def verify_step(step: str, task: Task | None = None) -> float | None:
+    """A score in [0, 1] for one step, or None if it says nothing checkable.
+
+    0 if any equation is wrong or a claimed final answer is wrong; 1 if its equations are right and
+    one of them lands on a value a correct solution passes through (or the claimed answer is right);
+    0.6 for right arithmetic that goes nowhere known; without a task, right arithmetic scores 1."""
+    eqs = equations(step)
+    claim = claimed_answer(step)
+    if any(not ok for _, _, ok in eqs):
+        return 0.0
+    if task is not None and claim is not None:
+        return 1.0 if claim == task.answer else 0.0
+    if not eqs:
+        return None
+    if task is None:
+        return 1.0
+    return 1.0 if any(v in task.values for _, v, _ in eqs) else 0.6
+
+
+def verify_solution(steps: list[str], task: Task | None = None, final: bool = False) -> float:
+    """Score a state: the lowest score of its checkable steps (0.5 if none is checkable). A final state
+    of a known task scores 0 unless its final answer is exactly right."""
+    scores = [s for s in (verify_step(st, task) for st in steps) if s is not None]
+    r = min(scores) if scores else 0.5
+    if final and task is not None:
+        ans = extract_answer("\n\n".join(steps))
+        if ans is None or ans != task.answer:
+            return 0.0
+        return 1.0 if r > 0 else 0.8  # a right answer reached through a wrong step is worth less
+    return r
