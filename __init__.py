@@ -1,7 +1,7 @@
 """edgellm: a CPU-first, on-device LLM inference runtime with Numba kernels."""
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "generate", "stream_generate"]
+__all__ = ["__version__", "load", "generate", "stream_generate", "search"]
 
 
 def load(model=None, **kwargs):
@@ -20,3 +20,12 @@ def stream_generate(model, prompt, **kwargs):
     """Yield `GenerationResponse`s (text pieces + stats) while generating."""
     from .runtime.generate import stream_generate as _sg
     return _sg(model, prompt, **kwargs)
+
+
+def search(model, prompt, strategy="astar", token_budget=512, prm=None, k=4, step_delimiter="\n\n", **kwargs):
+    """Search over reasoning steps under a hard token budget: strategy "astar", "best-of-n", "particle" or
+    "greedy"; prm "self" (default), "verifier", "judge", a model path, or any `score(prompt, steps)`.
+    Returns a `SearchResult` (answer, steps, final_answer, score, completed, trace); see runtime/search.py."""
+    from .runtime.search import search as _search
+    return _search(model, prompt, strategy=strategy, token_budget=token_budget, prm=prm, k=k,
+                   step_delimiter=step_delimiter, **kwargs)
