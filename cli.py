@@ -261,6 +261,81 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
     print(path)
 
 
+@app.command()
+def search(model: Optional[str] = ModelArg,
+           prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The problem ('-' reads it from stdin)."),
+           task: Optional[str] = typer.Option(None, "--task", help="A task of the built-in suite instead of a prompt "
+                                                                   "(e.g. arith-0, units-3, list-1); the verifier knows its answer."),
+           strategy: str = typer.Option("astar", "--strategy", help="astar, best-of-n, particle or greedy."),
+           budget: int = typer.Option(512, "--budget", "-b", help="Hard limit on generated tokens, all branches counted."),
+           prm_budget: Optional[int] = typer.Option(None, "--prm-budget", help="Hard limit on PRM calls (default: none)."),
+           prm: str = typer.Option("self", "--prm", help="self (policy's mean token log-prob), verifier (checks the "
+                                                         "arithmetic; the answer too for suite tasks), judge (the policy "
+                                                         "asked Yes/No), or a model path / catalog name as judge."),
+           k: int = typer.Option(4, "-k", help="Children per expansion (astar), samples (best-of-n), particles (particle)."),
+           seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (default: random)."),
+           select: str = typer.Option("prm", "--select", help="best-of-n: pick by PRM score (prm) or majority vote (vote)."),
+           delimiter: str = typer.Option("\\n\\n", "--delimiter", help="Step delimiter (escapes such as \\n allowed)."),
+           temp: float = typer.Option(0.7, "--temp", help="Sampling temperature of the policy."),
+           max_step_tokens: int = typer.Option(96, "--max-step-tokens", help="A step longer than this ends there."),
+           chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+           threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON line (answer, tokens_generated, "
+                                                              "prm_calls, budget_exhausted, strategy, states_expanded, ...).")):
+    """Search over reasoning steps under a hard token budget (A*-decoding, best-of-N, particle filtering, greedy)."""
+    from .runtime.search import STRATEGIES, search as _search
+    if task is not None:
+        from .runtime.tasks import get_task
+        if prompt is not None:
+            _err("give either --prompt or --task, not both")
+        try:
+            t = get_task(task)
+        except KeyError:
+            _err(f"unknown --task {task!r} (ids look like arith-0, units-0, list-0)")
+        prompt = t.prompt
+    else:
+        t = None
+    if prompt is None:
+        _err("--prompt (or --task) is required")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if strategy not in STRATEGIES:
+        _err(f"unknown --strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if budget < 0:
+        _err(f"--budget must be >= 0 (got {budget})")
+    if prm_budget is not None and prm_budget < 0:
+        _err(f"--prm-budget must be >= 0 (got {prm_budget})")
+    if k < 1:
+        _err(f"-k must be >= 1 (got {k})")
+    if select not in ("prm", "vote"):
+        _err(f"--select must be prm or vote (got {select!r})")
+    if temp < 0:
+        _err(f"--temp must be >= 0 (got {temp})")
+    try:
+        delim = delimiter.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        _err(f"--delimiter {delimiter!r} has a bad escape")
+    if not delim:
+        _err("--delimiter must not be empty")
+    eng = _load(model, threads, ctx)
+    res = _search(eng, prompt, strategy=strategy, token_budget=budget, prm=prm, k=k, step_delimiter=delim,
+                  prm_budget=prm_budget, seed=seed, temp=temp, max_step_tokens=max_step_tokens, chat=chat,
+                  select=select, task=t)
+    if as_json:
+        d = res.as_dict()
+        if t is not None:
+            d["task"], d["expected"], d["correct"] = t.id, t.answer, t.check(res.answer)
+        print(json.dumps(d))
+        return
+    print(res.answer)
+    tr = res.trace
+    extra = f"; {t.id}: expected {t.answer}, {'correct' if t.check(res.answer) else 'wrong'}" if t is not None else ""
+    print(f"edgellm: {tr.strategy} (prm {tr.prm}): {tr.tokens_generated}/{tr.token_budget} tokens, "
+          f"{tr.prm_calls} PRM calls, {tr.states_expanded} states expanded, {'completed' if res.completed else 'partial'}"
+          f"{', budget exhausted' if tr.budget_exhausted else ''}, {tr.prefill_tokens_recomputed} tokens recomputed, "
+          f"{tr.wall_seconds:.1f} s{extra}", file=sys.stderr)
+
+
 def main():
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     from .runtime.errors import EdgeLLMError

@@ -169,6 +169,6 @@ def make_prm(spec, engine=None, task: Task | None = None, threads: int | None = 
     from .engine import load
     try:
         eng = load(spec, threads=threads or (engine.threads if engine is not None else None))
-    except FileNotFoundError:
-        raise EdgeLLMError(f"--prm {spec!r} is not self, verifier, judge, a catalog name or a model file") from None
+    except EdgeLLMError as e:
+        raise EdgeLLMError(f"--prm {spec!r} is not self, verifier, judge or a loadable model: {e}") from None
     return JudgePRM(eng, name=f"judge:{spec}")
