@@ -278,6 +278,92 @@ def dequantize_cache(data, scales, n, tbl, out):
     return out
 
 
+# ================================================================ row helpers (vectorized along tokens)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2 = np.float32(0.6931471805599453)
+
+
+@njit(**_JIT)
+def exp_sum(x, n, a, b, kbuf):
+    # x[j] <- exp(a x[j] - b) for j < n, -> their sum. A vectorizable expf (libm's exp is a scalar call here): 2^k by
+    # building the exponent bits in kbuf (int32, >= n) viewed as f32, Cephes' polynomial on |r| <= ln2 / 2; relative
+    # error ~1e-7 beyond the rounding of the argument; arguments below -87 give ~1e-38 instead of 0.
+    xs = x[:n]
+    kb = kbuf[:n]
+    for j in range(n):
+        y = max(a * xs[j] - b, np.float32(-87.0))
+        k = np.floor(y * _LOG2E + np.float32(0.5))
+        r = y - k * _LN2
+        xs[j] = ((((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r
+                     + np.float32(8.3334519073e-3)) * r + np.float32(4.1665795894e-2)) * r
+                   + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1)) * (r * r) + r + np.float32(1.0))
+        kb[j] = (np.int32(k) + np.int32(127)) << 23
+    f = kb.view(np.float32)
+    tot = np.float32(0.0)
+    for j in range(n):
+        v = xs[j] * f[j]
+        xs[j] = v
+        tot += v
+    return tot
+
+
+@njit(**_JIT)
+def axpy_rows(dst, d0, src, s0, m, idx, coef, cnt):
+    # dst[d0 + u] += sum_k coef[k] * src[idx[k], s0 + u] for u < m, k < cnt: rows four at a time, tokens innermost
+    out = dst[d0:d0 + m]
+    k = 0
+    while k + 4 <= cnt:
+        a0 = src[idx[k], s0:s0 + m]
+        a1 = src[idx[k + 1], s0:s0 + m]
+        a2 = src[idx[k + 2], s0:s0 + m]
+        a3 = src[idx[k + 3], s0:s0 + m]
+        c0, c1, c2, c3 = coef[k], coef[k + 1], coef[k + 2], coef[k + 3]
+        for u in range(m):
+            out[u] += c0 * a0[u] + c1 * a1[u] + c2 * a2[u] + c3 * a3[u]
+        k += 4
+    while k < cnt:
+        a0 = src[idx[k], s0:s0 + m]
+        c0 = coef[k]
+        for u in range(m):
+            out[u] += c0 * a0[u]
+        k += 1
+
+
+@njit(**_JIT)
+def dot_rows(p, src, s0, m, out):
+    # out[i] += sum_u p[u] * src[i, s0 + u] for every row i of src, u < m
+    D = out.shape[0]
+    pp = p[:m]
+    i = 0
+    while i + 4 <= D:
+        a0 = src[i, s0:s0 + m]
+        a1 = src[i + 1, s0:s0 + m]
+        a2 = src[i + 2, s0:s0 + m]
+        a3 = src[i + 3, s0:s0 + m]
+        x0 = np.float32(0.0)
+        x1 = np.float32(0.0)
+        x2 = np.float32(0.0)
+        x3 = np.float32(0.0)
+        for u in range(m):
+            w = pp[u]
+            x0 += w * a0[u]
+            x1 += w * a1[u]
+            x2 += w * a2[u]
+            x3 += w * a3[u]
+        out[i] += x0
+        out[i + 1] += x1
+        out[i + 2] += x2
+        out[i + 3] += x3
+        i += 4
+    while i < D:
+        a0 = src[i, s0:s0 + m]
+        x0 = np.float32(0.0)
+        for u in range(m):
+            x0 += pp[u] * a0[u]
+        out[i] += x0
+        i += 1
+
+
 # ================================================================ decode: one query per head, on the cache directly
 @njit(parallel=True, **_JIT)
 def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, out):
@@ -289,7 +375,10 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
     Hkv = kd.shape[0]
     G = H // Hkv
     n_old = max(0, n - window) if delta else 0
-    dv = np.zeros((H, D), dtype=np.float32)
+    nzi = np.empty((H, D), dtype=np.int64)  # the non-zero entries of d per head: indices, values, count
+    nzc = np.empty((H, D), dtype=np.float32)
+    nnz = np.zeros(H, dtype=np.int64)
+    allidx = np.arange(D)
     need = np.zeros((Hkv, D), dtype=np.bool_)
     if delta:
         for h in range(H):
@@ -297,10 +386,12 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
             for i in range(D):
                 x = q[h, i] - qhat[h, i]
                 if abs(x) >= theta and x != 0:
-                    dv[h, i] = x
                     qhat[h, i] = q[h, i]
+                    nzi[h, cnt] = i
+                    nzc[h, cnt] = x
                     need[h // G, i] = True
                     cnt += 1
+            nnz[h] = cnt
             skipped[h] += n_old * (D - cnt)
             total[h] += n_old * D
     S = min(16, max(1, n // 256))
@@ -315,6 +406,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         j1 = min(n, j0 + L)
         buf = np.empty((D + D // 32 + 1, TJ), dtype=np.float32)
         sc = np.zeros((G, L), dtype=np.float32)
+        kbuf = np.empty(L, dtype=np.int32)
         for t0 in range(j0, j1, TJ):
             t1 = min(j1, t0 + TJ)
             a = min(t1, n_old)
@@ -322,11 +414,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
                 src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
                 for g in range(G):
                     h = kh * G + g
-                    for i in range(D):
-                        c = dv[h, i]
-                        if c != 0:
-                            for j in range(t0, a):
-                                srow[h, j] += c * src[i, off + j - t0]
+                    axpy_rows(srow[h], t0, src, off, a - t0, nzi[h], nzc[h], nnz[h])
                     for j in range(t0, a):
                         sc[g, j - j0] = srow[h, j]
             b = max(t0, n_old)
@@ -334,10 +422,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
                 src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
                 for g in range(G):
                     h = kh * G + g
-                    for i in range(D):
-                        c = q[h, i]
-                        for j in range(b, t1):
-                            sc[g, j - j0] += c * src[i, off + j - b]
+                    axpy_rows(sc[g], b - j0, src, off, t1 - b, allidx, q[h], D)
                     if delta:
                         for j in range(b, t1):
                             srow[h, j] = sc[g, j - j0]
@@ -345,24 +430,15 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         for g in range(G):
             m = np.float32(-np.inf)
             for j in range(nj):
-                sc[g, j] *= scale
                 m = max(m, sc[g, j])
-            tot = np.float32(0.0)
-            for j in range(nj):
-                e = np.exp(sc[g, j] - m)
-                sc[g, j] = e
-                tot += e
+            m *= scale
             m_part[w, g] = m
-            l_part[w, g] = tot
+            l_part[w, g] = exp_sum(sc[g], nj, scale, m, kbuf)
         for t0 in range(j0, j1, TJ):
             t1 = min(j1, t0 + TJ)
             src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
             for g in range(G):
-                for i in range(D):
-                    acc = np.float32(0.0)
-                    for j in range(t0, t1):
-                        acc += sc[g, j - j0] * src[i, off + j - t0]
-                    o_part[w, g, i] += acc
+                dot_rows(sc[g, t0 - j0:], src, off, t1 - t0, o_part[w, g])
     for h in range(H):
         kh = h // G
         g = h % G
@@ -391,8 +467,13 @@ def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total,
     # token and head (updates qhat (H, hd), srow (H, n_ctx), skipped / total (H,)). Heads in parallel, tokens in order.
     T, H, D = q.shape
     G = H // K.shape[0]
+    allidx = np.arange(D)
     for h in prange(H):
         kh = h // G
+        Kh = K[kh]
+        sr = srow[h]
+        nzi = np.empty(D, dtype=np.int64)
+        nzc = np.empty(D, dtype=np.float32)
         for t in range(T):
             n = start + t + 1
             n_old = max(0, n - window)
@@ -401,45 +482,59 @@ def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total,
                 x = q[t, h, i] - qhat[h, i]
                 if abs(x) >= theta and x != 0:
                     qhat[h, i] = q[t, h, i]
+                    nzi[cnt] = i
+                    nzc[cnt] = x
                     cnt += 1
-                    for j in range(n_old):
-                        srow[h, j] += x * K[kh, i, j]
             skipped[h] += n_old * (D - cnt)
             total[h] += n_old * D
+            axpy_rows(sr, 0, Kh, 0, n_old, nzi, nzc, cnt)
             for j in range(n_old, n):
-                srow[h, j] = 0
-            for i in range(D):
-                c = q[t, h, i]
-                for j in range(n_old, n):
-                    srow[h, j] += c * K[kh, i, j]
+                sr[j] = 0
+            axpy_rows(sr, n_old, Kh, n_old, n - n_old, allidx, q[t, h], D)
             for j in range(n):
-                S[h, t, j] = srow[h, j]
+                S[h, t, j] = sr[j]
     return S
+
+
+@njit(parallel=True, **_JIT)
+def causal_softmax(s, start, scale):
+    # s (G, T, N) raw scores, query t at position start + t -> in place softmax(s * scale) over keys j <= start + t, 0 after
+    G, T, N = s.shape
+    for w in prange(G * T):
+        g = w // T
+        t = w % T
+        n = min(N, start + t + 1)
+        row = s[g, t]
+        m = np.float32(-np.inf)
+        for j in range(n):
+            m = max(m, row[j])
+        kbuf = np.empty(n, dtype=np.int32)
+        inv = np.float32(1.0) / exp_sum(row, n, scale, m * scale, kbuf)
+        for j in range(n):
+            row[j] *= inv
+        for j in range(n, N):
+            row[j] = 0
+    return s
 
 
 def softmax_values(s, V, start, scale, out):
     # s (G, T, N) raw causal scores of one kv head's query heads, V (hd, N) dim-major -> out (T, G, hd)
-    G, T, N = s.shape
-    mask = np.arange(N)[None, :] > (start + np.arange(T))[:, None]  # key j is visible to query t iff j <= start + t
-    s[:, mask] = -np.inf
-    s *= np.float32(scale)
-    s -= s.max(-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(-1, keepdims=True)
+    causal_softmax(s, start, np.float32(scale))
     out[:] = (s @ V.T).transpose(1, 0, 2)
     return out
 
 
 def attention_prefill(q, K, V, start, scale):
-    # q (T, H, hd) at positions start..start+T-1; K, V (Hkv, hd, start+T) f32 dim-major -> (T, H, hd), causal (BLAS)
+    # q (T, H, hd) at positions start..start+T-1; K, V (Hkv, hd, >= start+T) f32 dim-major -> (T, H, hd), causal (BLAS)
     T, H, D = q.shape
     Hkv = K.shape[0]
     G = H // Hkv
+    N = start + T
     out = np.empty((T, H, D), dtype=np.float32)
     for kh in range(Hkv):
-        qh = q[:, kh * G:(kh + 1) * G, :].transpose(1, 0, 2)  # (G, T, hd)
-        s = qh @ K[kh]  # (G, T, N)
-        softmax_values(s, V[kh], start, scale, out[:, kh * G:(kh + 1) * G, :])
+        qh = np.ascontiguousarray(q[:, kh * G:(kh + 1) * G, :].transpose(1, 0, 2))  # (G, T, hd)
+        s = qh @ K[kh, :, :N]  # (G, T, N)
+        softmax_values(s, V[kh, :, :N], start, scale, out[:, kh * G:(kh + 1) * G, :])
     return out
 
 

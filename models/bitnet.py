@@ -15,7 +15,7 @@ from gguf import MODEL_TENSOR as T
 
 from ..kernels import ops
 from .config import ModelConfig
-from .llama import Llama, tname
+from .llama import Llama, attend, tname
 
 
 def neox_to_pairs(n_head: int, head_dim: int) -> np.ndarray:
@@ -96,16 +96,4 @@ class BitNet(Llama):
 
     def attend(self, li, q, k, v, seqs, scale):
         # q (N, H, hd), k/v (N, Hkv, hd): append k/v to each sequence's cache, causal GQA attention -> (N, H, hd)
-        att = np.empty_like(q)
-        r = 0
-        for cache, n in seqs:
-            p0 = cache.n
-            kc, vc = cache.k[li], cache.v[li]
-            kc[:, p0:p0 + n, :] = k[r:r + n].transpose(1, 0, 2)
-            vc[:, p0:p0 + n, :] = v[r:r + n].transpose(1, 0, 2)
-            if n == 1:
-                ops.attention_decode(q[r], kc, vc, p0 + 1, scale, att[r])
-            else:
-                att[r:r + n] = ops.attention_prefill(q[r:r + n], kc[:, :p0 + n], vc[:, :p0 + n], p0, scale)
-            r += n
-        return att
+        return attend(li, q, k, v, seqs, scale)

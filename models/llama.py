@@ -13,6 +13,19 @@ from ..kernels import ops
 from .config import ModelConfig
 
 
+def attend(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, seqs: list, scale) -> np.ndarray:
+    """q (N, H, hd), k/v (N, Hkv, hd) of the new tokens of each sequence in `seqs` = [(cache, n_new)]: append k/v
+    to each cache and attend causally over it -> (N, H, hd). The cache runs the attention (dense or delta, on its
+    own storage: f32 or compressed; see runtime/kv_cache.py)."""
+    att = np.empty_like(q)
+    r = 0
+    for cache, n in seqs:
+        cache.store(li, k[r:r + n], v[r:r + n])
+        cache.attend(li, q[r:r + n], scale, att[r:r + n])
+        r += n
+    return att
+
+
 def tname(t: T, bid: int | None = None) -> str:
     """GGUF name of a weight: tname(T.ATTN_Q, 3) -> 'blk.3.attn_q.weight'."""
     return TENSOR_NAMES[t].format(bid=bid) + ".weight"
@@ -76,21 +89,10 @@ class Llama:
             qkv = L["qkv"].matmul(h)  # (N, (H + 2 Hkv) hd)
             q = np.ascontiguousarray(qkv[:, :H * hd]).reshape(N, H, hd)
             k = np.ascontiguousarray(qkv[:, H * hd:(H + Hkv) * hd]).reshape(N, Hkv, hd)
-            v = qkv[:, (H + Hkv) * hd:].reshape(N, Hkv, hd)
+            v = np.ascontiguousarray(qkv[:, (H + Hkv) * hd:]).reshape(N, Hkv, hd)
             ops.rope_inplace(q, pos, self.rope_cos, self.rope_sin, c.rope_dim)
             ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
-            att = np.empty((N, H, hd), dtype=np.float32)
-            r = 0
-            for cache, n in seqs:
-                p0 = cache.n
-                kc, vc = cache.k[li], cache.v[li]  # (Hkv, n_ctx, hd)
-                kc[:, p0:p0 + n, :] = k[r:r + n].transpose(1, 0, 2)
-                vc[:, p0:p0 + n, :] = v[r:r + n].transpose(1, 0, 2)
-                if n == 1:
-                    ops.attention_decode(q[r], kc, vc, p0 + 1, scale, att[r])
-                else:
-                    att[r:r + n] = ops.attention_prefill(q[r:r + n], kc[:, :p0 + n], vc[:, :p0 + n], p0, scale)
-                r += n
+            att = attend(li, q, k, v, seqs, scale)
             x += L["wo"].matmul(att.reshape(N, H * hd))
             ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
             gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)

@@ -12,7 +12,10 @@ from ..models.config import ConfigError, ModelConfig
 from .errors import ContextOverflowError, EdgeLLMError, GGUFError, UnsupportedError
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
-from .kv_cache import KVCache
+from ..kernels.attention import bytes_per_token
+from .kv_cache import ATTN_KINDS, KV_TYPES, AttentionConfig, AttentionStats, KVCache
+
+DEFAULT_WINDOW = 64  # delta attention: keys nearest the query that are always scored exactly
 from .weights import WeightSource
 
 
@@ -38,8 +41,26 @@ def set_threads(n: int | None) -> int:
 class Engine:
     """A loaded model: `prefill(tokens)` and `decode(token)` -> logits, over a KV cache."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
+                 kv: str = "f32", attn: str = "dense", delta_threshold=None, delta_sparsity: float | None = None,
+                 delta_window: int = DEFAULT_WINDOW, calib=None):
+        """kv: the KV cache type of new caches (f32, f16, q8_0, q4_0). attn: "dense" or "delta"; delta takes a
+        threshold θ (one float, or one per layer) or a target sparsity, for which θ is calibrated per layer on
+        `calib` (text or token ids; default: text the model samples itself), and a window of exact keys."""
         t0 = time.perf_counter()
+        if kv not in KV_TYPES:
+            raise EdgeLLMError(f"unknown --kv {kv!r} (choose from {', '.join(KV_TYPES)})")
+        if attn not in ATTN_KINDS:
+            raise EdgeLLMError(f"unknown --attn {attn!r} (choose from {', '.join(ATTN_KINDS)})")
+        if attn == "dense" and (delta_threshold is not None or delta_sparsity is not None):
+            raise EdgeLLMError("--delta-threshold / --delta-sparsity need --attn delta")
+        if delta_threshold is not None and delta_sparsity is not None:
+            raise EdgeLLMError("give either --delta-threshold or --delta-sparsity, not both")
+        if delta_sparsity is not None and not 0 <= delta_sparsity < 1:
+            raise EdgeLLMError(f"--delta-sparsity must be in [0, 1) (got {delta_sparsity})")
+        if delta_window < 1:
+            raise EdgeLLMError(f"--delta-window must be >= 1 (got {delta_window})")
+        self.kv = kv
         self.threads = set_threads(threads)
         self.path = Path(path)
         self.file = GGUFFile(path)
@@ -58,13 +79,84 @@ class Engine:
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if self.n_ctx < 8:
             raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
+        self.attn = AttentionConfig()
+        self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
+        if attn == "delta":
+            if delta_sparsity is not None:
+                self.calibrate_delta(delta_sparsity, calib, delta_window)
+            else:
+                th = 0.0 if delta_threshold is None else delta_threshold
+                th = [float(th)] * self.cfg.n_layer if np.ndim(th) == 0 else [float(t) for t in th]
+                try:
+                    self.attn = AttentionConfig("delta", tuple(th), delta_window)
+                except ValueError as e:
+                    raise EdgeLLMError(str(e)) from None
         self.cache = self.new_cache()
         self.load_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ attention settings
+    def set_attention(self, attn: AttentionConfig) -> None:
+        """Attention of the caches made from now on (and of the engine's own cache, which is emptied)."""
+        self.attn = attn
+        self.cache = self.new_cache()
+
+    def calibrate_delta(self, target: float, calib=None, window: int = DEFAULT_WINDOW,
+                        max_tokens: int = 1024) -> tuple:
+        """Delta attention with a threshold θ per layer such that, on the calibration text (str or token ids;
+        default: text sampled from the model itself), the delta rule skips `target` of each layer's
+        outside-window multiply-adds. The queries come from a dense pass; returns the thresholds."""
+        from ..kernels.attention import calibrate_threshold
+        toks = self._calibration_tokens(calib, max_tokens)
+        c = self.cfg
+        if len(toks) <= window + 1:
+            raise EdgeLLMError(f"delta calibration needs more than {window + 1} tokens of text (got {len(toks)})")
+        cache = KVCache(c.n_layer, c.n_head_kv, len(toks), c.head_dim, n_head=c.n_head,
+                        stats=AttentionStats(c.n_layer, c.n_head))
+        cache.recorder = [[] for _ in range(c.n_layer)]
+        self.prefill(toks, cache)
+        th = tuple(calibrate_threshold(np.concatenate(r), target, window) for r in cache.recorder)
+        self.set_attention(AttentionConfig("delta", th, window))
+        self.delta_target = target
+        return th
+
+    def _calibration_tokens(self, calib, max_tokens: int) -> np.ndarray:
+        if calib is None:  # text the model samples itself (temperature 1, top-k 40, fixed seed)
+            from .sampling import Sampler, SamplerSettings
+            sampler = Sampler(SamplerSettings(temp=1.0, top_k=40, top_p=1.0, min_p=0.0, seed=0))
+            bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+            n = min(max_tokens, 512, self.n_ctx)
+            cache = KVCache(self.cfg.n_layer, self.cfg.n_head_kv, n, self.cfg.head_dim)
+            toks = [bos]
+            logits = self.prefill(toks, cache)
+            while len(toks) < n:
+                toks.append(sampler(logits, toks))
+                if len(toks) < n:
+                    logits = self.decode(toks[-1], cache)
+            return np.array(toks, dtype=np.int64)
+        if isinstance(calib, str):
+            calib = self.tokenizer.encode(calib, add_bos=False, parse_special=False)
+        return np.asarray(calib, dtype=np.int64)[:max_tokens]
+
+    def attention_stats(self, per_head: bool = False) -> dict:
+        """Delta sparsity (overall; per phase and layer, optionally per head) and attention seconds per phase,
+        accumulated by every cache of this engine since the last `attn_stats.reset()`."""
+        d = self.attn_stats.as_dict(per_head)
+        d.update(attn=self.attn.kind, kv=self.kv, kv_bytes_per_token=self.kv_bytes_per_token)
+        if self.attn.kind == "delta":
+            d.update(window=self.attn.window, theta=[round(t, 6) for t in self.attn.theta],
+                     delta_state_bytes_per_token=4 * self.cfg.n_layer * self.cfg.n_head)
+        return d
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c.n_layer * bytes_per_token(self.kv, c.n_head_kv, c.head_dim)
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.n_layer, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim)
+        return KVCache(c.n_layer, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, kv=self.kv, n_head=c.n_head,
+                       attn=self.attn, stats=self.attn_stats)
 
     @property
     def weight_bytes_per_token(self) -> int:

@@ -1,37 +1,219 @@
-"""KV caches: how a sequence remembers its past. The model writes k/v rows for new tokens and
-advances `n`; `fork()` gives search a child that shares nothing it could overwrite."""
+"""Caches: how a sequence remembers its past.
+
+`Cache` is what the runtime and search rely on for every kind of cache: `n` (tokens held), `n_ctx`, `truncate(n)`,
+`fork()` (a child that shares nothing it could overwrite) and `nbytes_per_token`. An architecture reaches the
+contents through its cache type's own methods: `KVCache` (per-head keys and values, the Llama family) has
+`store(layer, k, v)` and `attend(layer, q, scale, out)`; a latent (MLA) or linear-state cache will bring its own
+pair. The model writes the new tokens at positions n, n + 1, ... and advances `n` at the end of its forward.
+
+`KVCache` stores keys and values dim-major per kv head, in f32, f16, q8_0 or q4_0 (blocks of 32 dimensions per
+token and head, as llama.cpp's -ctk/-ctv), and attends directly on that storage; see `kernels/attention.py`.
+With delta attention (`AttentionConfig(kind="delta")`) it also keeps the delta state of every layer (reference
+queries q̂ and one score row per query head) and counts the multiply-adds the delta rule skipped.
+"""
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels import attention as A
 
-class KVCache:
-    """Dense float32 cache, head-major per layer: k[l] is (n_head_kv, n_ctx, head_dim), so that one
-    head's keys are contiguous for attention."""
+KV_TYPES = A.KV_TYPES
+ATTN_KINDS = ("dense", "delta")
+PREFILL, DECODE = 0, 1
+PHASES = ("prefill", "decode")
 
-    def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int):
-        self.n_ctx = n_ctx
-        self.k = np.zeros((n_layer, n_head_kv, n_ctx, head_dim), dtype=np.float32)
-        self.v = np.zeros_like(self.k)
-        self.n = 0  # tokens stored
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How attention runs: "dense", or "delta" with a threshold θ per layer and a window of W exact keys."""
+    kind: str = "dense"
+    theta: tuple = ()  # per layer (delta)
+    window: int = 64
+
+    def __post_init__(self):
+        if self.kind not in ATTN_KINDS:
+            raise ValueError(f"unknown attention {self.kind!r} (choose from {', '.join(ATTN_KINDS)})")
+        if self.kind == "delta":
+            if self.window < 1:
+                raise ValueError(f"--delta-window must be >= 1 (got {self.window})")
+            if any(not np.isfinite(t) or t < 0 for t in self.theta):
+                raise ValueError("delta thresholds must be finite and >= 0")
+
+
+class AttentionStats:
+    """Outside-window score multiply-adds of delta attention, skipped and possible, per phase (prefill, decode),
+    layer and query head; and the seconds spent in attention (store + attend) per phase."""
+
+    def __init__(self, n_layer: int, n_head: int):
+        self.skipped = np.zeros((2, n_layer, n_head))
+        self.total = np.zeros((2, n_layer, n_head))
+        self.seconds = np.zeros(2)
+        self.calls = np.zeros(2, dtype=np.int64)
+
+    def reset(self) -> None:
+        self.skipped[:] = 0
+        self.total[:] = 0
+        self.seconds[:] = 0
+        self.calls[:] = 0
+
+    @staticmethod
+    def _ratio(s, t):
+        return np.divide(s, t, out=np.zeros(np.shape(s)), where=np.asarray(t) > 0)
+
+    def sparsity(self, phase: int | None = None) -> float:
+        """Fraction of the outside-window multiply-adds skipped (both phases when phase is None)."""
+        sl = slice(None) if phase is None else phase
+        return float(self._ratio(self.skipped[sl].sum(), self.total[sl].sum()))
+
+    def as_dict(self, per_head: bool = False) -> dict:
+        out = {"sparsity": self.sparsity()}
+        for p, name in enumerate(PHASES):
+            d = {"sparsity": self.sparsity(p), "macs_skipped": float(self.skipped[p].sum()),
+                 "macs_outside_window": float(self.total[p].sum()),
+                 "per_layer": [round(float(x), 4) for x in self._ratio(self.skipped[p].sum(1), self.total[p].sum(1))],
+                 "attention_seconds": float(self.seconds[p])}
+            if per_head:
+                d["per_head"] = np.round(self._ratio(self.skipped[p], self.total[p]), 4).tolist()
+            out[name] = d
+        return out
+
+
+class Cache:
+    """The interface every cache offers (see the module docstring)."""
+    n: int
+    n_ctx: int
+
+    def truncate(self, n: int) -> None:
+        raise NotImplementedError
+
+    def fork(self) -> "Cache":
+        raise NotImplementedError
 
     @property
     def nbytes_per_token(self) -> int:
-        L, H, _, D = self.k.shape
-        return 2 * L * H * D * self.k.itemsize
+        raise NotImplementedError
+
+
+class KVCache(Cache):
+    """Per-head keys and values of every layer. k[l] / v[l] hold one layer in the layout of `kernels/attention.py`
+    (dim-major: f32 k[l] is (n_head_kv, head_dim, n_ctx)); k_scales / v_scales the f16 block scales of q8_0 / q4_0."""
+
+    def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, kv: str = "f32",
+                 n_head: int | None = None, attn: AttentionConfig | None = None, stats: AttentionStats | None = None):
+        shape, dtype, sshape = A.layout(kv, n_head_kv, head_dim, n_ctx)
+        self.kv, self.n_ctx, self.n = kv, n_ctx, 0
+        self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
+        self.n_head = n_head or n_head_kv
+        self.attn = attn or AttentionConfig()
+        if self.attn.kind == "delta" and len(self.attn.theta) != n_layer:
+            raise ValueError(f"delta attention needs one threshold per layer ({n_layer}), got {len(self.attn.theta)}")
+        self.stats = stats if stats is not None else AttentionStats(n_layer, self.n_head)
+        self.k = np.zeros((n_layer,) + shape, dtype=dtype)
+        self.v = np.zeros_like(self.k)
+        self.k_scales = np.zeros((n_layer,) + sshape, dtype=np.uint16)
+        self.v_scales = np.zeros_like(self.k_scales)
+        if self.attn.kind == "delta":
+            self.qhat = np.zeros((n_layer, self.n_head, head_dim), dtype=np.float32)
+            self.srow = np.zeros((n_layer, self.n_head, n_ctx), dtype=np.float32)
+            self._theta = np.asarray(self.attn.theta, dtype=np.float32)
+        else:
+            self.qhat = self.srow = np.zeros((n_layer, 1, 1), dtype=np.float32)
+        self.recorder: list | None = None  # set to a list per layer to collect the queries (θ calibration)
+
+    # ------------------------------------------------------------------ the Cache interface
+    @property
+    def nbytes_per_token(self) -> int:
+        """Bytes of keys and values per token (all layers), at ggml's type sizes."""
+        return 2 * self.n_layer * A.bytes_per_token(self.kv, self.n_head_kv, self.head_dim)
+
+    @property
+    def state_bytes_per_token(self) -> int:
+        """Bytes per token of the delta state (one f32 score per layer and query head); 0 for dense attention."""
+        return 4 * self.n_layer * self.n_head if self.attn.kind == "delta" else 0
 
     def truncate(self, n: int) -> None:
-        """Forget everything after the first n tokens (for reusing a common prefix)."""
+        """Forget everything after the first n tokens (for reusing a common prefix). Delta attention keeps its
+        state: the score rows and q̂ stay a valid approximation of q̂ · k_j for the kept keys (its invariant), and
+        new keys enter through the exact window; truncate(0) starts it afresh (q̂ = 0)."""
         if not 0 <= n <= self.n:
             raise ValueError(f"cannot truncate a cache of {self.n} tokens to {n}")
         self.n = n
+        if n == 0 and self.attn.kind == "delta":
+            self.qhat[:] = 0
 
     def fork(self) -> "KVCache":
-        """An independent copy holding the same tokens (only the filled part is copied)."""
+        """An independent copy holding the same tokens (only the filled part is copied); statistics are shared."""
         c = KVCache.__new__(KVCache)
-        c.n_ctx, c.n = self.n_ctx, self.n
-        c.k = np.zeros_like(self.k)
-        c.v = np.zeros_like(self.v)
-        c.k[:, :, :self.n] = self.k[:, :, :self.n]
-        c.v[:, :, :self.n] = self.v[:, :, :self.n]
+        c.__dict__.update(self.__dict__)
+        n = self.n
+        for name in ("k", "v", "k_scales", "v_scales"):
+            a = getattr(self, name)
+            b = np.zeros_like(a)
+            if a.shape[-1] == self.n_ctx:
+                b[..., :n] = a[..., :n]
+            setattr(c, name, b)
+        if self.attn.kind == "delta":
+            c.qhat = self.qhat.copy()
+            c.srow = np.zeros_like(self.srow)
+            c.srow[..., :n] = self.srow[..., :n]
+        c.recorder = None
         return c
+
+    # ------------------------------------------------------------------ what the model calls
+    def store(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v (T, n_head_kv, head_dim) f32 of the tokens at positions n .. n + T - 1."""
+        t = time.perf_counter()
+        A.store_kv(self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer],
+                   np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32), self.n)
+        self.stats.seconds[DECODE if len(k) == 1 else PREFILL] += time.perf_counter() - t
+
+    def attend(self, layer: int, q: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+        """q (T, n_head, head_dim) of the tokens at positions n .. n + T - 1 (already stored) -> out (T, n_head,
+        head_dim): causal attention over the cache, dense or delta."""
+        t0 = time.perf_counter()
+        T = q.shape[0]
+        p0, N = self.n, self.n + T
+        if self.recorder is not None:
+            self.recorder[layer].append(np.array(q, dtype=np.float32))
+        delta = self.attn.kind == "delta"
+        phase = DECODE if T == 1 else PREFILL
+        skipped, total = self.stats.skipped[phase, layer], self.stats.total[phase, layer]
+        theta = self._theta[layer] if delta else np.float32(0)
+        if T == 1:
+            A.attention_decode(np.ascontiguousarray(q[0]), self.k[layer], self.k_scales[layer], self.v[layer],
+                               self.v_scales[layer], N, np.float32(scale), A.F16_TABLE, delta, self.qhat[layer],
+                               self.srow[layer], theta, self.attn.window, skipped, total, out[0])
+        else:
+            K, V = self.keys_dm(layer, N), self.values_dm(layer, N)
+            if delta:
+                out[:] = A.delta_attention_prefill(np.ascontiguousarray(q), K, V, p0, scale, self.qhat[layer],
+                                                   self.srow[layer], theta, self.attn.window, skipped, total)
+            else:
+                out[:] = A.attention_prefill(q, K, V, p0, scale)
+        self.stats.seconds[phase] += time.perf_counter() - t0
+        self.stats.calls[phase] += 1
+        return out
+
+    # ------------------------------------------------------------------ reading back (f32)
+    def keys_dm(self, layer: int, n: int | None = None) -> np.ndarray:
+        """(n_head_kv, head_dim, >= n) f32 keys of one layer, dim-major (the cache itself when it is f32)."""
+        return self._dm(self.k, self.k_scales, layer, self.n if n is None else n)
+
+    def values_dm(self, layer: int, n: int | None = None) -> np.ndarray:
+        return self._dm(self.v, self.v_scales, layer, self.n if n is None else n)
+
+    def _dm(self, data, scales, layer, n):
+        if self.kv == "f32":
+            return data[layer]
+        out = np.empty((self.n_head_kv, self.head_dim, n), dtype=np.float32)
+        return A.dequantize_cache(data[layer], scales[layer], n, A.F16_TABLE, out)
+
+    def keys(self, layer: int) -> np.ndarray:
+        """(n_head_kv, n, head_dim) f32 keys of the tokens held (a copy, token-major)."""
+        return np.ascontiguousarray(self.keys_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
+
+    def values(self, layer: int) -> np.ndarray:
+        return np.ascontiguousarray(self.values_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
