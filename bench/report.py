@@ -68,6 +68,17 @@ def machine_line(m: dict | None) -> str:
             f"sgemm {m.get('sgemm_gflops', '?')} GFLOPS, load average {m.get('load_avg', '?')}")
 
 
+def ceiling_line(rows: list[BenchRow], machine: dict | None) -> str:
+    """The decode ceiling of each tg test: read bandwidth / bytes a step reads (of the first backend)."""
+    bw = (machine or {}).get("bandwidth_gbs")
+    tg = [r for r in rows if r.n_gen and r.read_bytes_per_token and r.backend == rows[0].backend]
+    if not bw or not tg:
+        return ""
+    return (f"decode ceiling ({bw} GB/s ÷ bytes read per step, {tg[0].backend}): "
+            + ", ".join(f"{r.test} ≤ {bw * 1e9 / r.read_bytes_per_token:.0f} tok/s "
+                        f"({r.read_bytes_per_token / 1e6:.0f} MB/step)" for r in tg))
+
+
 def to_csv(rows: list[BenchRow]) -> str:
     names = [f.name for f in fields(BenchRow)]
     buf = io.StringIO()
@@ -101,6 +112,6 @@ def write_report(out_dir, rows: list[BenchRow], meta: dict, extra: dict | None =
             f"- settings: " + ", ".join(f"{k}={v_}" for k, v_ in s.items()),
             f"- machine: {machine_line(meta.get('machine'))}",
             f"- versions: " + ", ".join(f"{k} {v_}" for k, v_ in v.items()), "",
-            markdown_table(rows), ""]
+            markdown_table(rows), "", ceiling_line(rows, meta.get("machine")), ""]
     md.write_text("\n".join(text), encoding="utf-8")
     return md, jl

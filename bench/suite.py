@@ -94,7 +94,7 @@ def run_suite(s: Settings, progress=None) -> Result:
 
 def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) -> list[Path]:
     """Print the rows (fmt: table, json, csv) and write the report and plot; the paths written."""
-    from .report import machine_line, markdown_table, to_csv, to_json, write_report
+    from .report import ceiling_line, machine_line, markdown_table, to_csv, to_json, write_report
     out = out or sys.stdout
     written = []
     if fmt == "json":
@@ -108,6 +108,8 @@ def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) 
         if res.machine:
             out.write(f"machine: {machine_line(res.machine)}\n")
         out.write("\n" + markdown_table(res.rows) + "\n")
+        if ceiling_line(res.rows, res.machine):
+            out.write("\n" + ceiling_line(res.rows, res.machine) + "\n")
     if report_dir:
         written += list(write_report(report_dir, res.rows, res.meta))
     if plot and res.rows:
