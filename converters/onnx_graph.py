@@ -105,23 +105,33 @@ def plain_linear(module: nn.Module) -> nn.Module:
     return Linear(module.weight, module.bias)
 
 
-def rotate_half(x):
-    h = x.shape[-1] // 2
+class _Reshape(torch.autograd.Function):
+    """x.reshape(shape) with ONNX Reshape semantics (0 keeps that input dimension, -1 is inferred),
+    exported as one Reshape with a constant shape: no Shape/Gather/Concat arithmetic per reshape."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(list(shape), dtype=torch.int64)))
+
+
+def reshape(x, *shape: int):
+    return _Reshape.apply(x, tuple(shape))
+
+
+def rotate_half(x, head_dim: int):
+    h = head_dim // 2  # a Python int: constant slices in the graph
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def repeat_kv(x, n_rep: int):
-    """(B, n_kv, S, D) -> (B, n_kv * n_rep, S, D), each kv head repeated for its query group."""
-    if n_rep == 1:
-        return x
-    B, H, S, D = x.shape
-    return x[:, :, None].expand(B, H, n_rep, S, D).reshape(B, H * n_rep, S, D)
 
 
 class Attention(nn.Module):
     """GQA self-attention with rotary embeddings over an explicit cache: returns the output and the
-    new (past + current) keys and values. `sub_norm` (BitNet's attn_sub_norm) normalises the heads'
-    output before o_proj."""
+    new (past + current) keys and values. The query heads that share a kv head attend as one group
+    (B, n_kv, n_rep, T, D) against (B, n_kv, 1, S, D), so the cache is never copied per query head.
+    `sub_norm` (BitNet's attn_sub_norm) normalises the heads' output before o_proj."""
 
     def __init__(self, q, k, v, o, n_head: int, n_kv: int, head_dim: int, sub_norm: nn.Module | None = None,
                  scaling: float | None = None):
@@ -132,19 +142,20 @@ class Attention(nn.Module):
         self.scaling = head_dim ** -0.5 if scaling is None else scaling
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)   # (B, H, T, D)
-        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        c, s = cos[:, None], sin[:, None]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
-        k = torch.cat([past_k, k], dim=2)                                       # (B, Hkv, P+T, D)
+        """x (B, T, E); cos/sin (B, 1, T, D); mask (B, 1, T, S) additive; past (B, n_kv, P, D), S = P + T."""
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        q = reshape(self.q(x), 0, -1, H, D).transpose(1, 2)                     # (B, H, T, D)
+        k = reshape(self.k(x), 0, -1, Hkv, D).transpose(1, 2)                   # (B, Hkv, T, D)
+        v = reshape(self.v(x), 0, -1, Hkv, D).transpose(1, 2)
+        q = q * cos + rotate_half(q, D) * sin
+        k = k * cos + rotate_half(k, D) * sin
+        k = torch.cat([past_k, k], dim=2)                                       # (B, Hkv, S, D)
         v = torch.cat([past_v, v], dim=2)
-        rep = self.n_head // self.n_kv
-        att = torch.matmul(q, repeat_kv(k, rep).transpose(2, 3)) * self.scaling + mask
-        att = torch.softmax(att, dim=-1)
-        out = torch.matmul(att, repeat_kv(v, rep)).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        qg = reshape(q, 0, Hkv, H // Hkv, -1, D)                                # (B, Hkv, rep, T, D)
+        att = torch.matmul(qg, k.unsqueeze(2).transpose(3, 4)) * self.scaling + mask.unsqueeze(2)
+        att = torch.softmax(att, dim=-1)                                        # (B, Hkv, rep, T, S)
+        out = reshape(torch.matmul(att, v.unsqueeze(2)), 0, H, -1, D)           # (B, H, T, D)
+        out = reshape(out.transpose(1, 2), 0, -1, H * D)                        # (B, T, H*D)
         if self.sub_norm is not None:
             out = self.sub_norm(out)
         return self.o(out), k, v
@@ -201,7 +212,7 @@ def llama_block(layer: nn.Module, linear: Callable, cfg) -> PreNormBlock:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables (B, T, head_dim) for position ids, from the HF model's inv_freq and attention_scaling
+    """cos/sin tables (B, 1, T, head_dim) for position ids, from the HF model's inv_freq and attention_scaling
     (so default, linear, llama3, yarn ... rope types come out as the HF model computes them)."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
@@ -210,7 +221,7 @@ class Rotary(nn.Module):
         self.scaling = float(attention_scaling)
 
     def forward(self, position_ids):
-        freqs = position_ids[..., None].float() * self.inv_freq                 # (B, T, D/2)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq          # (B, 1, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
