@@ -294,6 +294,14 @@ def test_builder_llama_graph_matches_transformers(hf_llama, tmp_path):
     ref = hf_logits(load_hf(hf_llama), ids)
     got = run_with_past(session(out), ids, split=5)
     assert np.abs(got - ref).max() <= 1e-3
+    # the same interface as optimum's graph: the runtime batches sequences of different lengths over it
+    from edgellm.runtime.engine import load
+    eng = load(str(out), threads=2)
+    a, b = eng.new_cache(), eng.new_cache()
+    eng.prefill(ids[:3], a)
+    eng.prefill(ids[:8], b)
+    res = eng.decode_batch([ids[3], ids[8]], [a, b])
+    assert np.abs(res - ref[[3, 8]]).max() <= 1e-3
 
 
 @pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
