@@ -76,9 +76,19 @@ def _one_line(e: BaseException) -> str:
 class OnnxEngine:
     """A loaded ONNX folder: `prefill(tokens)` and `decode(token)` -> logits, over a KV cache."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None, **options):
+        """options: the GGUF engine's own settings (KV cache type, attention kind, ...) are accepted at
+        their defaults only: onnxruntime runs the graph's dense f32 cache."""
         t0 = time.perf_counter()
-        from .engine import physical_cores
+        import inspect
+        from .engine import Engine, physical_cores
+        defaults = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
+        for k, v in options.items():
+            if k not in defaults:
+                raise TypeError(f"OnnxEngine() got an unexpected keyword argument {k!r}")
+            if v is not None and v != defaults[k]:
+                raise UnsupportedError(f"{k}={v!r} applies to GGUF models; an ONNX folder runs onnxruntime "
+                                       "with the graph's own f32 KV cache")
         self.path = Path(path)
         model = self.path / MODEL_FILE
         if not model.is_file():
