@@ -118,6 +118,7 @@ class OnnxEngine:
         if self.n_ctx < 8:
             raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
         self.cache = self.new_cache()
+        self._weight_bytes: int | None = None
         self.load_seconds = time.perf_counter() - t0
 
     def _read_config(self) -> OnnxConfig:
@@ -160,8 +161,32 @@ class OnnxEngine:
 
     @property
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights one decode step reads: the size of the graph's files."""
-        return sum(f.stat().st_size for f in self.path.glob(MODEL_FILE + "*"))
+        """Bytes of weights one decode step reads: the constant inputs of the graph's matrix products
+        (MatMul, MatMulNBits with its scales, MatMulInteger, Gemm); an embedding table read only by
+        Gather (one row per token) is not counted."""
+        if self._weight_bytes is None:
+            import onnx
+            from onnx import TensorProto, helper
+            g = onnx.load(str(self.path / MODEL_FILE), load_external_data=False).graph
+            inits = {t.name: t for t in g.initializer}
+
+            def nbytes(t) -> int:
+                ext = {e.key: e.value for e in t.external_data}
+                if "length" in ext:
+                    return int(ext["length"])
+                if t.raw_data:
+                    return len(t.raw_data)
+                n = int(np.prod(t.dims)) if t.dims else 1
+                return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize \
+                    if t.data_type != TensorProto.UNDEFINED else 0
+
+            # a tied LM head reads the embedding through a Transpose
+            through = {n.output[0]: n.input[0] for n in g.node
+                       if n.op_type == "Transpose" and n.input and n.input[0] in inits}
+            names = {through.get(i, i) for n in g.node if n.op_type in ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm")
+                     for i in n.input if through.get(i, i) in inits}
+            self._weight_bytes = sum(nbytes(inits[n]) for n in names)
+        return self._weight_bytes
 
     def _check(self, tokens: np.ndarray, cache: OnnxKVCache) -> None:
         if tokens.ndim != 1 or len(tokens) == 0:

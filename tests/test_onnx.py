@@ -269,6 +269,11 @@ def test_int4_export_runs_and_is_close(hf_llama, onnx_fp32, onnx_int4, tmp_path)
     consts = {t.name for t in g.graph.initializer}
     assert not [n.name for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     assert (onnx_int4 / "model.onnx").stat().st_size < 0.7 * (onnx_fp32 / "model.onnx").stat().st_size
+    from edgellm.runtime.onnx_backend import OnnxEngine
+    b32, b4 = (OnnxEngine(d, threads=1).weight_bytes_per_token for d in (onnx_fp32, onnx_int4))
+    E, F, V = 64, 128, 512
+    assert b32 == 4 * (2 * (E * 64 + 2 * E * 16 + E * 64 + 3 * E * F) + E * V)  # 2 layers + the tied head
+    assert b4 < b32 / 5
     ids = hf_tokens(hf_llama)
     got = run_with_past(session(onnx_int4), ids, split=7)
     # what the graph computes is transformers' forward with the graph's int4 weights (the CPU kernel
