@@ -88,6 +88,9 @@ def run_suite(s: Settings, progress=None) -> Result:
     rows, interrupted = run_bench(path, s.backends, s.n_prompt, s.n_gen, s.depths, s.reps, s.threads, s.n_batch,
                                   s.onnx, s.seed, machine["bandwidth_gbs"] if machine else None, progress=progress)
     add_ratios(rows)
+    if machine is not None:
+        import os
+        machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]  # was the machine busy meanwhile?
     settings = {k: v for k, v in asdict(s).items() if k != "model"}
     return Result(rows, interrupted, machine, run_meta(path, settings, machine, interrupted))
 
