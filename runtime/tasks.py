@@ -161,7 +161,8 @@ def claimed_answer(text: str):
 # ----------------------------------------------------------------------------------- equations
 _OP = r"[-+*/×x÷]"
 _OPERAND = r"\(?\s*" + _NUM + r"\s*\)?"
-_EQ_RE = re.compile(r"(\(?\s*" + _NUM + r"\s*\)?(?:\s*" + _OP + r"\s*" + _OPERAND + r")+)\s*=\s*(" + _NUM + r")(?!\d)")
+_EXPR = _OPERAND + r"(?:\s*" + _OP + r"\s*" + _OPERAND + r")*"
+_CHAIN_RE = re.compile(r"(" + _EXPR + r")((?:\s*=\s*" + _EXPR + r")+)(?![\d.]*\d)")
 
 
 def _eval(expr: str) -> Fraction:
@@ -208,18 +209,29 @@ def _eval(expr: str) -> Fraction:
     return v
 
 
+def _balanced(expr: str) -> str:
+    expr = expr.strip()
+    while expr.count("(") > expr.count(")") and expr.startswith("("):
+        expr = expr[1:].strip()
+    while expr.count(")") > expr.count("(") and expr.endswith(")"):
+        expr = expr[:-1].strip()
+    return expr
+
+
 def equations(text: str) -> list[tuple[str, Fraction, bool]]:
-    """The equations `expr = value` written in `text`: (expr, value, arithmetic is right)."""
+    """The equations written in `text`, chains included (`18 + 14 - 5 = 32 - 5 = 27`): one
+    (left side, value claimed, arithmetic is right) per `=`; a side that is only a number is the claim."""
     out = []
-    for m in _EQ_RE.finditer(_clean(text)):
-        expr, rhs = m.group(1).strip(), Fraction(m.group(2))
-        if expr.count("(") != expr.count(")"):
-            expr = expr.strip("()").strip()
+    for m in _CHAIN_RE.finditer(_clean(text)):
+        sides = [_balanced(x) for x in [m.group(1)] + m.group(2).split("=")[1:]]
         try:
-            ok = _eval(expr) == rhs
+            vals = [_eval(x) for x in sides]
         except (ValueError, ZeroDivisionError, IndexError, TypeError):
             continue
-        out.append((expr, rhs, ok))
+        if all(re.fullmatch(_NUM, x) for x in sides):
+            continue  # "3 = 3": nothing computed
+        for i in range(1, len(sides)):
+            out.append((sides[i - 1], vals[i], vals[i - 1] == vals[i]))
     return out
 
 
