@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
 from .checkpoint import ConversionError
-from .gguf_convert import Converter, register
+from .gguf_convert import Converter, decoder_shapes, register
 from .llama import rope_params
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,6 +79,10 @@ class BitNetConverter(Converter):
         w.add_rope_scaling_factor(1.0)
         w.add_string(HIDDEN_ACT_KEY, self.act)
 
+    def expected_shapes(self):
+        return decoder_shapes(self.n_layer, self.n_embd, int(self._hp("intermediate_size")), self.n_head,
+                              self.n_head_kv, self.head_dim, self.vocab_size(), True, sub_norms=True)
+
     def modify_tensors(self, name, data):
         if name.endswith("rotary_emb.inv_freq") or name.endswith(".weight_scale"):
             return  # recomputed by the runtime / consumed with its weight
@@ -95,6 +99,8 @@ class BitNetConverter(Converter):
             return
         prefix = name[: -len("weight")]
         if data.dtype == np.uint8:
+            if data.ndim != 2:
+                raise ConversionError(f"packed ternary tensor {name!r} has shape {data.shape}")
             tern = unpack_ternary(data)
             if prefix + "weight_scale" not in self.layer_names:
                 raise ConversionError(f"packed ternary tensor {name!r} has no {prefix}weight_scale")

@@ -63,6 +63,10 @@ class Converter:
     def extra_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         return iter(())
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """GGUF name -> numpy shape of every tensor the output must hold (checked; none may be missing)."""
+        return {}
+
     def vocab_size(self) -> int:
         return int(self._hp("vocab_size"))
 
@@ -75,6 +79,24 @@ class Converter:
         if data.shape[-1] % block:
             return QT.F16
         return outtype
+
+
+def decoder_shapes(n_layer: int, d: int, n_ff: int, n_head: int, n_head_kv: int, head_dim: int, n_vocab: int,
+                   tied: bool, sub_norms: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes (numpy order) of a Llama-shaped decoder in llama.cpp's names."""
+    from gguf import MODEL_TENSOR as T, TENSOR_NAMES
+    n = lambda t, i=None: TENSOR_NAMES[t].format(bid=i) + ".weight"  # noqa: E731
+    shapes = {n(T.TOKEN_EMBD): (n_vocab, d), n(T.OUTPUT_NORM): (d,)}
+    if not tied:
+        shapes[n(T.OUTPUT)] = (n_vocab, d)
+    for i in range(n_layer):
+        shapes.update({n(T.ATTN_NORM, i): (d,), n(T.ATTN_Q, i): (n_head * head_dim, d),
+                       n(T.ATTN_K, i): (n_head_kv * head_dim, d), n(T.ATTN_V, i): (n_head_kv * head_dim, d),
+                       n(T.ATTN_OUT, i): (d, n_head * head_dim), n(T.FFN_NORM, i): (d,),
+                       n(T.FFN_GATE, i): (n_ff, d), n(T.FFN_UP, i): (n_ff, d), n(T.FFN_DOWN, i): (d, n_ff)})
+        if sub_norms:
+            shapes.update({n(T.ATTN_SUB_NORM, i): (n_head * head_dim,), n(T.FFN_SUB_NORM, i): (n_ff,)})
+    return shapes
 
 
 def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
@@ -135,9 +157,16 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
     names = conv.ckpt.tensor_names()
     written: set[str] = set()
 
+    expected = conv.expected_shapes()
+
     def emit(gname: str, data: np.ndarray):
         if gname in written:
             raise ConversionError(f"two source tensors map to {gname!r}")
+        if not np.issubdtype(data.dtype, np.floating):
+            raise ConversionError(f"tensor {gname!r} has dtype {data.dtype}, expected a floating-point type")
+        if gname in expected and tuple(data.shape) != tuple(expected[gname]):
+            raise ConversionError(f"tensor {gname!r} has shape {tuple(data.shape)}, the config implies "
+                                  f"{tuple(expected[gname])}")
         written.add(gname)
         q = conv.quant_type(gname, data, qt)
         arr = _quantize(data, q)
@@ -154,6 +183,10 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
             progress(i + 1, len(names), name)
     for gname, d in conv.extra_tensors():
         emit(gname, d)
+    missing = sorted(set(expected) - written)
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) the config implies, e.g. "
+                              f"{', '.join(missing[:3])}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -10,7 +10,7 @@ from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
 from ..kernels.ops import llama3_freq_factors
 from .checkpoint import ConversionError
-from .gguf_convert import Converter, register
+from .gguf_convert import Converter, decoder_shapes, register
 
 
 def rope_params(hp: dict) -> tuple[float, dict | None]:
@@ -66,6 +66,10 @@ class LlamaConverter(Converter):
         if self.scaling and self.scaling["rope_type"] == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(self.scaling["factor"]))
+
+    def expected_shapes(self):
+        return decoder_shapes(self.n_layer, self.n_embd, int(self._hp("intermediate_size")), self.n_head,
+                              self.n_head_kv, self.head_dim, self.vocab_size(), self.tied)
 
     def modify_tensors(self, name, data):
         if name.endswith("rotary_emb.inv_freq"):
