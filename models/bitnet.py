@@ -71,7 +71,7 @@ class BitNet(Llama):
             v = L["wv"].matmul_q(xq, xs).reshape(N, Hkv, hd)
             ops.rope_inplace(q, pos, self.rope_cos, self.rope_sin, c.rope_dim)
             ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
-            att = self.attend(li, q, k, v, seqs, scale).reshape(N, H * hd)
+            att = attend(li, q, k, v, seqs, scale).reshape(N, H * hd)
             ops.rmsnorm(att, L["attn_sub_norm"], c.norm_eps, att)
             x += L["wo"].matmul(att)
             ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
@@ -93,7 +93,3 @@ class BitNet(Llama):
             x = np.ascontiguousarray(x[last])
         ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
         return self.output.matmul(x)
-
-    def attend(self, li, q, k, v, seqs, scale):
-        # q (N, H, hd), k/v (N, Hkv, hd): append k/v to each sequence's cache, causal GQA attention -> (N, H, hd)
-        return attend(li, q, k, v, seqs, scale)
