@@ -180,9 +180,42 @@ def _store_ov(data, scales, x, p0):
     return None
 
 
+@njit(**_JIT)
+def fwht_rows(x):
+    # x (R, D), D a power of 2 -> x @ H / sqrt(D) in place: the orthonormal Walsh-Hadamard transform of each row
+    # (symmetric and its own inverse), as llama.cpp rotates K and V before quantizing them (`attn_rot_k/v`)
+    R, D = x.shape
+    f = np.float32(1.0 / np.sqrt(D))
+    for r in range(R):
+        row = x[r]
+        h = 1
+        while h < D:
+            for i0 in range(0, D, 2 * h):
+                for i in range(i0, i0 + h):
+                    a = row[i]
+                    b = row[i + h]
+                    row[i] = a + b
+                    row[i + h] = a - b
+            h *= 2
+        for i in range(D):
+            row[i] *= f
+    return x
+
+
+def can_rotate(head_dim: int) -> bool:
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0
+
+
 @njit(**_JIT_EXACT)
-def store_kv(kd, ks, vd, vs, k, v, p0):
-    # k, v (T, Hkv, hd) f32 -> the K and V caches of one layer at positions p0 .. p0 + T - 1
+def store_kv(kd, ks, vd, vs, k, v, p0, rot_k, rot_v):
+    # k, v (T, Hkv, hd) f32 -> the K and V caches of one layer at positions p0 .. p0 + T - 1 (rotated first if rot_*)
+    T, Hkv, D = k.shape
+    if rot_k:
+        k = k.copy()
+        fwht_rows(k.reshape(T * Hkv, D))
+    if rot_v:
+        v = v.copy()
+        fwht_rows(v.reshape(T * Hkv, D))
     store(kd, ks, k, p0)
     store(vd, vs, v, p0)
 
@@ -366,12 +399,16 @@ def dot_rows(p, src, s0, m, out):
 
 # ================================================================ decode: one query per head, on the cache directly
 @njit(parallel=True, **_JIT)
-def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, out):
+def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, rot_k, rot_v,
+                     out):
     # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd); caches in the layout above.
     # delta: update q̂ (H, hd) and the score rows srow (H, n_ctx) as described at the top; add the outside-window
     # multiply-adds skipped / possible per head to skipped, total (H,) f64. Dense: delta False (qhat, srow unused).
+    # rot_k / rot_v: the cache holds Hadamard-rotated keys / values (q is rotated alike, the output rotated back).
     # Work is split over (kv head, token range) pairs, combined flash-decoding style.
     H, D = q.shape
+    if rot_k:
+        q = fwht_rows(q.copy())
     Hkv = kd.shape[0]
     G = H // Hkv
     n_old = max(0, n - window) if delta else 0
@@ -456,6 +493,8 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         inv = np.float32(1.0) / tot
         for i in range(D):
             out[h, i] *= inv
+    if rot_v:
+        fwht_rows(out)
     return out
 
 
@@ -670,7 +709,7 @@ def rel_error(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-__all__ = ["KV_TYPES", "F16_TABLE", "layout", "bytes_per_token", "store_kv", "dequantize_cache",
+__all__ = ["KV_TYPES", "F16_TABLE", "layout", "bytes_per_token", "store_kv", "fwht_rows", "can_rotate", "dequantize_cache",
            "attention_decode", "attention_prefill", "delta_attention_prefill", "delta_scores_prefill",
            "quantize_ref", "dequantize_ref", "delta_attention_ref", "simulate_sparsity", "calibrate_threshold",
            "f32_to_f16_bits"]

@@ -13,7 +13,7 @@ from .errors import ContextOverflowError, EdgeLLMError, GGUFError, UnsupportedEr
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
 from ..kernels.attention import bytes_per_token
-from .kv_cache import ATTN_KINDS, KV_TYPES, AttentionConfig, AttentionStats, KVCache
+from .kv_cache import ATTN_KINDS, AttentionConfig, AttentionStats, KVCache, parse_kv
 
 DEFAULT_WINDOW = 64  # delta attention: keys nearest the query that are always scored exactly
 from .weights import WeightSource
@@ -43,13 +43,16 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  kv: str = "f32", attn: str = "dense", delta_threshold=None, delta_sparsity: float | None = None,
-                 delta_window: int = DEFAULT_WINDOW, calib=None):
-        """kv: the KV cache type of new caches (f32, f16, q8_0, q4_0). attn: "dense" or "delta"; delta takes a
+                 delta_window: int = DEFAULT_WINDOW, calib=None, kv_transform: bool = True):
+        """kv: the KV cache type of new caches (f32, f16, q8_0, q4_0; or "K,V" types). attn: "dense" or "delta"; delta takes a
         threshold θ (one float, or one per layer) or a target sparsity, for which θ is calibrated per layer on
-        `calib` (text or token ids; default: text the model samples itself), and a window of exact keys."""
+        `calib` (text or token ids; default: text the model samples itself), and a window of exact keys.
+        kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache)."""
         t0 = time.perf_counter()
-        if kv not in KV_TYPES:
-            raise EdgeLLMError(f"unknown --kv {kv!r} (choose from {', '.join(KV_TYPES)})")
+        try:
+            parse_kv(kv)
+        except ValueError as e:
+            raise EdgeLLMError(str(e)) from None
         if attn not in ATTN_KINDS:
             raise EdgeLLMError(f"unknown --attn {attn!r} (choose from {', '.join(ATTN_KINDS)})")
         if attn == "dense" and (delta_threshold is not None or delta_sparsity is not None):
@@ -60,7 +63,7 @@ class Engine:
             raise EdgeLLMError(f"--delta-sparsity must be in [0, 1) (got {delta_sparsity})")
         if delta_window < 1:
             raise EdgeLLMError(f"--delta-window must be >= 1 (got {delta_window})")
-        self.kv = kv
+        self.kv, self.kv_transform = kv, kv_transform
         self.threads = set_threads(threads)
         self.path = Path(path)
         self.file = GGUFFile(path)
@@ -150,13 +153,13 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.cfg
-        return 2 * c.n_layer * bytes_per_token(self.kv, c.n_head_kv, c.head_dim)
+        return c.n_layer * sum(bytes_per_token(t, c.n_head_kv, c.head_dim) for t in parse_kv(self.kv))
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layer, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, kv=self.kv, n_head=c.n_head,
-                       attn=self.attn, stats=self.attn_stats)
+                       attn=self.attn, stats=self.attn_stats, transform=self.kv_transform)
 
     @property
     def weight_bytes_per_token(self) -> int:

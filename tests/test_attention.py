@@ -38,7 +38,7 @@ def test_store_is_bit_exact_with_gguf_py(kv):
     x[0, 0, :32] = 0  # an all-zero block
     x[1, 1, 5] = -x[1, 1].__abs__().max() * 2  # largest magnitude negative (q4_0 sign)
     kd, ks = make_cache(kv, Hkv, D, 16)
-    A.store_kv(kd, ks, kd.copy(), ks.copy(), x, np.zeros_like(x), 4)
+    A.store_kv(kd, ks, kd.copy(), ks.copy(), x, np.zeros_like(x), 4, False, False)
     ref = gguf.quants.quantize(x.reshape(-1, D), GGML[kv])  # (T * Hkv, bytes)
     nb = D // 32
     for t in range(T):
@@ -69,12 +69,12 @@ def test_decode_on_compressed_cache_matches_reference(kv, H, Hkv, n):
     k, v, q = r(n, Hkv, D, seed=2), r(n, Hkv, D, seed=3), r(H, D, seed=4)
     kd, ks = make_cache(kv, Hkv, D, n_ctx)
     vd, vs = make_cache(kv, Hkv, D, n_ctx)
-    A.store_kv(kd, ks, vd, vs, k, v, 0)
+    A.store_kv(kd, ks, vd, vs, k, v, 0, False, False)
     kq = A.dequantize_ref(*A.quantize_ref(k, kv), kv).transpose(1, 0, 2)  # (Hkv, n, D): what the cache holds
     vq = A.dequantize_ref(*A.quantize_ref(v, kv), kv).transpose(1, 0, 2)
     z = np.zeros((1, 1), np.float32)
     out = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, np.float32(0),
-                             1, np.zeros(H), np.zeros(H), np.empty((H, D), np.float32))
+                             1, np.zeros(H), np.zeros(H), False, False, np.empty((H, D), np.float32))
     ref = ops.attention_ref(q[None], kq, vq, n - 1, D ** -0.5)[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -106,7 +106,7 @@ def test_delta_prefill_and_decode_match_the_reference(theta, window):
     for t in range(T0, N):
         o = np.empty((H, D), np.float32)
         A.attention_decode(q[t], Kc, z, Vc, z, t + 1, np.float32(scale), A.F16_TABLE, True, qhat, srow,
-                           np.float32(theta), window, sk, tot, o)
+                           np.float32(theta), window, sk, tot, False, False, o)
         outs.append(o[None])
     out = np.concatenate(outs)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
@@ -137,14 +137,15 @@ def test_delta_decode_on_quantized_cache_skips_rows():
     q, k, v = _queries(N, H, D, 11), r(N, Hkv, D, seed=12), r(N, Hkv, D, seed=13)
     kd, ks = make_cache("q4_0", Hkv, D, N)
     vd, vs = make_cache("q4_0", Hkv, D, N)
-    A.store_kv(kd, ks, vd, vs, k, v, 0)
+    A.store_kv(kd, ks, vd, vs, k, v, 0, False, False)
     kq = A.dequantize_ref(*A.quantize_ref(k, "q4_0"), "q4_0").transpose(1, 0, 2)
     vq = A.dequantize_ref(*A.quantize_ref(v, "q4_0"), "q4_0").transpose(1, 0, 2)
     qh_ref, s_ref = np.zeros((H, D), np.float32), np.zeros((H, N))
     ref, sk_ref, _ = A.delta_attention_ref(q, kq, vq, 0, D ** -0.5, qh_ref, s_ref, theta, W)
     qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)
     out = np.stack([A.attention_decode(q[t], kd, ks, vd, vs, t + 1, np.float32(D ** -0.5), A.F16_TABLE, True,
-                                       qhat, srow, np.float32(theta), W, sk, tot, np.empty((H, D), np.float32))
+                                       qhat, srow, np.float32(theta), W, sk, tot, False, False,
+                                       np.empty((H, D), np.float32))
                     for t in range(N)])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
     np.testing.assert_array_equal(sk, sk_ref)
@@ -157,3 +158,23 @@ def test_calibrated_threshold_reaches_the_target():
         th = A.calibrate_threshold(q, target, 16)
         assert abs(A.simulate_sparsity(q, th, 16) - target) < 0.02
     assert A.calibrate_threshold(q, 0.0, 16) == 0.0
+
+
+def test_hadamard_rotation_is_exact_on_f32_and_helps_q4_0():
+    H, Hkv, D, n = 6, 2, 64, 200
+    k, v, q = r(n, Hkv, D, seed=15), r(n, Hkv, D, seed=16), r(H, D, seed=17)
+    k[:, :, 3] *= 12  # an outlier dimension, as real keys have
+    x = r(5, D, seed=18)
+    np.testing.assert_allclose(A.fwht_rows(A.fwht_rows(x.copy())), x, atol=1e-5)  # its own inverse
+    z = np.zeros((1, 1), np.float32)
+    outs = {}
+    for kv, rot in (("f32", False), ("f32", True), ("q4_0", False), ("q4_0", True)):
+        kd, ks = make_cache(kv, Hkv, D, n)
+        vd, vs = make_cache(kv, Hkv, D, n)
+        A.store_kv(kd, ks, vd, vs, k, v, 0, rot, rot)
+        outs[kv, rot] = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z,
+                                           np.float32(0), 1, np.zeros(H), np.zeros(H), rot, rot,
+                                           np.empty((H, D), np.float32))
+    ref = outs["f32", False]
+    np.testing.assert_allclose(outs["f32", True], ref, rtol=1e-4, atol=1e-5)
+    assert A.rel_error(outs["q4_0", True], ref) < 0.7 * A.rel_error(outs["q4_0", False], ref)
