@@ -95,7 +95,8 @@ def export_with_optimum(src: Path, out: Path) -> None:
 def export_llama_builder(src: Path, out: Path) -> None:
     """The shared builder with the plain Llama block (a check of the builder; optimum is the default)."""
     from .onnx_graph import build_decoder, export_decoder
-    export_decoder(build_decoder(_load_hf(src)), out / MODEL_FILE)
+    graph = build_decoder(_load_hf(src))  # the HF model is freed before tracing
+    export_decoder(graph, out / MODEL_FILE)
 
 
 def _unpack_ternary(packed: np.ndarray) -> np.ndarray:
@@ -144,7 +145,8 @@ def export_bitnet(src: Path, out: Path) -> None:
     """BitNet b1.58 through the shared builder: Llama-shaped block (sub-norms and ReLU² picked up
     from the HF layer and config) with ternary linears."""
     from .onnx_graph import build_decoder, export_decoder
-    export_decoder(build_decoder(_load_hf(src), linear=bitnet_linear), out / MODEL_FILE)
+    graph = build_decoder(_load_hf(src), linear=bitnet_linear)  # the HF model is freed before tracing
+    export_decoder(graph, out / MODEL_FILE)
 
 
 # ---------------------------------------------------------------------------- int4

@@ -285,8 +285,13 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17) -> Path:
-    """Trace `graph` to `path` (ONNX, weights as external data beside it when over 1 GiB)."""
+def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17,
+                   external_over: int = 1800 << 20) -> Path:
+    """Trace `graph` to `path`. Weights over `external_over` bytes in total (protobuf's 2 GiB limit) go
+    to one external data file beside it, `<name>_data`, as optimum writes them."""
+    import shutil
+    import warnings
+    import onnx
     path = Path(path)
     B, T, P = 2, 3, 4  # distinct sizes so that no dynamic dimension is traced as a constant
     ids = torch.zeros((B, T), dtype=torch.int64)
@@ -304,17 +309,23 @@ def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17) -> Pa
         dyn[n] = {0: "batch_size", 2: "past_sequence_length"}
     for n in outs[1:]:
         dyn[n] = {0: "batch_size", 2: "past_sequence_length + sequence_length"}
-    n_bytes = sum(p.numel() * p.element_size() for p in graph.parameters()) + \
-        sum(b.numel() * b.element_size() for b in graph.buffers())
     graph.eval()
-    import warnings
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: the sizes are traced
-        torch.onnx.export(graph, (ids, am, pos, *past), str(path), input_names=ins, output_names=outs,
-                          dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, dynamo=False)
-    if n_bytes > (1 << 30):
-        import onnx
-        m = onnx.load(str(path))
-        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    # torch writes a model over 2 GiB as one file per tensor: trace into a scratch folder, then lay
+    # the result out as one graph file (+ one data file)
+    scratch = path.parent / f".{path.name}.trace"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: the sizes are traced
+            torch.onnx.export(graph, (ids, am, pos, *past), str(scratch / path.name), input_names=ins,
+                              output_names=outs, dynamic_axes=dyn, opset_version=opset, do_constant_folding=True,
+                              dynamo=False)
+        m = onnx.load(str(scratch / path.name))  # external tensors, if any, are read in
+        big = sum(len(t.raw_data) for t in m.graph.initializer) > external_over
+        onnx.save_model(m, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                         location=path.name + "_data", size_threshold=1024)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path

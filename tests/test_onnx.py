@@ -309,6 +309,31 @@ def test_builder_llama_graph_matches_transformers(hf_llama, tmp_path):
     assert np.abs(res - ref[[3, 8]]).max() <= 1e-3
 
 
+def test_large_model_layout_graph_plus_one_data_file(hf_llama, tmp_path):
+    """Over protobuf's 2 GiB the weights go to one `model.onnx_data` beside the graph (forced here by a
+    zero threshold); the runtime and the int4 quantizer read that layout."""
+    from edgellm.converters.onnx_export import SIDE_FILES, quantize_int4
+    from edgellm.converters.onnx_graph import build_decoder, export_decoder
+    from edgellm.runtime.onnx_backend import OnnxEngine
+    out = tmp_path / "ext"
+    out.mkdir()
+    export_decoder(build_decoder(load_hf(hf_llama)), out / "model.onnx", external_over=0)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert (out / "model.onnx").stat().st_size < 100_000 < (out / "model.onnx_data").stat().st_size
+    for f in SIDE_FILES:
+        if (hf_llama / f).exists():
+            shutil.copyfile(hf_llama / f, out / f)
+    ids = hf_tokens(hf_llama)
+    ref = hf_logits(load_hf(hf_llama), ids)
+    eng = OnnxEngine(out, threads=2)
+    assert np.abs(eng.prefill(ids, logits="all") - ref).max() <= 1e-3
+    assert eng.weight_bytes_per_token == 4 * (2 * (64 * 64 * 2 + 2 * 64 * 16 + 3 * 64 * 128) + 64 * 512)
+    quantize_int4(out / "model.onnx")  # small once quantized: back to one file
+    assert not (out / "model.onnx_data").exists()
+    got = OnnxEngine(out, threads=2).prefill(ids, logits="all")
+    assert np.sqrt(((got - ref) ** 2).mean()) < 0.4 * ref.std()
+
+
 @pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
 def test_bitnet_graph_does_transformers_ternary_arithmetic(tmp_path, linear_class):
     import onnx
