@@ -230,6 +230,10 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         known = sorted(BUILDER_EXPORTERS if builder else ONNX_EXPORTERS)
         raise ConversionError(f"model class {arch!r} cannot be exported to ONNX (supported: {', '.join(known)})")
     _need("torch", "transformers", "onnx", "onnxruntime")
+    if exporter is export_with_optimum and arch in BUILDER_EXPORTERS:
+        import importlib.util
+        if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters") is None:
+            exporter = BUILDER_EXPORTERS[arch]  # the same interface without optimum installed
     steps = ["export", "quantize int4", "tokenizer and config"] if dtype == "int4" else ["export", "tokenizer and config"]
     done = 0
 
