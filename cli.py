@@ -25,9 +25,50 @@ def _err(msg: str, code: int = 1):
     raise typer.Exit(code)
 
 
-def _load(model, threads=None, ctx=None):
+def _load(model, threads=None, ctx=None, **engine_kw):
     from .runtime.engine import load
-    return load(model, threads=threads, n_ctx=ctx)
+    return load(model, threads=threads, n_ctx=ctx, **engine_kw)
+
+
+AttnOpt = typer.Option("dense", "--attn", help="Attention: dense, or delta (DeltaLLM's temporal sparsity: scores of keys "
+                                               "outside a window of recent ones updated from the previous token's).")
+DeltaThresholdOpt = typer.Option(None, "--delta-threshold", help="Delta: threshold θ on |q_t - q̂| (0 = exact).")
+DeltaSparsityOpt = typer.Option(None, "--delta-sparsity", help="Delta: calibrate θ per layer to skip this fraction of "
+                                                               "the outside-window multiply-adds (e.g. 0.5).")
+DeltaWindowOpt = typer.Option(64, "--delta-window", help="Delta: recent keys always scored exactly.")
+DeltaCalibOpt = typer.Option(None, "--delta-calib", help="Delta: text file to calibrate --delta-sparsity on.")
+KvOpt = typer.Option("f32", "--kv", help="KV cache type: f32, f16, q8_0, q4_0, or K,V types (as -ctk/-ctv).")
+
+
+def _engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib, kv, calib_text=None) -> dict:
+    """Engine keyword arguments of the attention/KV options (only those that differ from the defaults)."""
+    kw = {}
+    if kv != "f32":
+        kw["kv"] = kv
+    if attn != "dense" or delta_threshold is not None or delta_sparsity is not None:
+        kw.update(attn=attn, delta_threshold=delta_threshold, delta_sparsity=delta_sparsity, delta_window=delta_window)
+        if delta_sparsity is not None:
+            if delta_calib is not None:
+                try:
+                    calib_text = open(delta_calib, encoding="utf-8").read()
+                except (OSError, UnicodeDecodeError) as e:
+                    _err(f"cannot read {delta_calib}: {e}")
+            kw["calib"] = calib_text
+    elif delta_window != 64 or delta_calib is not None:
+        _err("--delta-window / --delta-calib need --attn delta")
+    return kw
+
+
+def _attn_line(eng) -> str:
+    st = getattr(eng, "attention_stats", None)
+    if st is None:
+        return ""
+    d = st()
+    s = f"; kv {d['kv']} ({d['kv_bytes_per_token']} B/token)"
+    if d["attn"] == "delta":
+        s += (f", delta attention: sparsity {d['sparsity']:.1%} (prefill {d['prefill']['sparsity']:.1%}, "
+              f"decode {d['decode']['sparsity']:.1%})")
+    return s
 
 
 def _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -54,6 +95,9 @@ def run(model: Optional[str] = ModelArg,
         stop: List[str] = typer.Option([], "--stop", help="Stop when this string is generated (repeatable)."),
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
         threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
+        attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
+        delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
+        delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No timings on stderr.")):
     """Generate text for a prompt; text streams to stdout, timings go to stderr."""
     from .runtime.generate import stream_generate
@@ -62,7 +106,10 @@ def run(model: Optional[str] = ModelArg,
     if n < 0:
         _err("--n-predict must be >= 0")
     settings = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    eng = _load(model, threads, ctx)
+    # --delta-sparsity calibrates on --delta-calib, else on a long prompt, else on text the model samples itself
+    calib = prompt if len(prompt) > 2000 else None
+    eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
+                                                  kv, calib))
     last = None
     for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop, chat=chat):
         sys.stdout.write(r.text)
@@ -70,8 +117,8 @@ def run(model: Optional[str] = ModelArg,
         last = r
     if not quiet and last is not None:
         print(file=sys.stderr)
-        print(f"edgellm: {_stats_line(last.stats)}; load {eng.load_seconds:.2f} s, {eng.threads} threads",
-              file=sys.stderr)
+        print(f"edgellm: {_stats_line(last.stats)}; load {eng.load_seconds:.2f} s, {eng.threads} threads"
+              f"{_attn_line(eng)}", file=sys.stderr)
 
 
 @app.command()
@@ -145,8 +192,13 @@ def perplexity(model: Optional[str] = ModelArg,
                ctx: int = typer.Option(512, "--ctx", "-c", help="Window size (tokens); the second half of each is scored."),
                chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
                threads: Optional[int] = ThreadsOpt,
-               as_json: bool = typer.Option(False, "--json", help='Print one line {"ppl", "tokens_scored", "ctx"}.')):
-    """Perplexity computed as llama.cpp's llama-perplexity does (windows of ctx tokens, second half scored)."""
+               attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
+               delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
+               delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
+               as_json: bool = typer.Option(False, "--json", help='Print one line {"ppl", "tokens_scored", "ctx", '
+                                                                  '"windows", "sparsity", "kv_bytes_per_token", ...}.')):
+    """Perplexity computed as llama.cpp's llama-perplexity does (windows of ctx tokens, second half scored).
+    --delta-sparsity calibrates θ on --delta-calib, else on the start of the scored text."""
     from .bench.perplexity import edgellm_perplexity
     from .runtime.progress import progress_bar
     try:
@@ -155,13 +207,23 @@ def perplexity(model: Optional[str] = ModelArg,
         _err(f"cannot read {file}: {e.strerror}")
     except UnicodeDecodeError:
         _err(f"{file} is not UTF-8 text")
-    eng = _load(model, threads, ctx)
+    eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
+                                                  kv, text))
+    if hasattr(eng, "attn_stats"):
+        eng.attn_stats.reset()  # count the scored windows only (not the calibration)
     with progress_bar("perplexity", "windows") as update:
         res = edgellm_perplexity(eng, text, ctx=ctx, max_windows=chunks, progress=update)
     if as_json:
-        print(json.dumps(res.as_dict()))
+        d = res.as_dict()
+        st = eng.attention_stats() if hasattr(eng, "attention_stats") else {}
+        d.update(sparsity=st.get("sparsity", 0.0), kv_bytes_per_token=st.get("kv_bytes_per_token"),
+                 attn=st.get("attn", "dense"), kv=st.get("kv", "f32"))
+        if st.get("attn") == "delta":
+            d.update(window=st["window"], theta=st["theta"], sparsity_per_layer=st["prefill"]["per_layer"])
+        print(json.dumps(d))
     else:
-        print(f"perplexity {res.ppl:.4f} over {res.tokens_scored} tokens ({res.windows} windows of {ctx})")
+        print(f"perplexity {res.ppl:.4f} over {res.tokens_scored} tokens ({res.windows} windows of {ctx})"
+              f"{_attn_line(eng)}")
 
 
 @app.command()
