@@ -64,10 +64,6 @@ class OnnxKVCache:
         return c
 
 
-def is_onnx_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
-
-
 def _one_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__

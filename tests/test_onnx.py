@@ -423,8 +423,16 @@ def test_bad_inputs_give_one_line_and_leave_nothing(hf_llama, onnx_fp32, tmp_pat
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (other / "config.json").write_text(json.dumps(cfg))
     assert_clean_error(cli("convert", str(other), "-o", str(tmp_path / "x"), "--format", "onnx"), "GPT2LMHeadModel")
-    # a folder that is no ONNX export
+    # a folder that is no ONNX export; a corrupted graph; a missing tokenizer
     assert_clean_error(cli("run", str(hf_llama), "-p", "hi", "-n", "2"), "model.onnx")
+    bad = tmp_path / "bad-onnx"
+    shutil.copytree(onnx_fp32, bad)
+    data = (bad / "model.onnx").read_bytes()
+    (bad / "model.onnx").write_bytes(data[: len(data) // 3])
+    assert_clean_error(cli("run", str(bad), "-p", "hi", "-n", "2"), "onnxruntime")
+    (bad / "model.onnx").write_bytes(data)
+    (bad / "tokenizer.json").unlink()
+    assert_clean_error(cli("run", str(bad), "-p", "hi", "-n", "2"), "tokenizer.json")
     assert not (tmp_path / "x").exists()
     assert _leftovers(tmp_path) == [] and _leftovers(onnx_fp32.parent) == []
 
