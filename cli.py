@@ -327,7 +327,8 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
 def search(model: Optional[str] = ModelArg,
            prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The problem ('-' reads it from stdin)."),
            task: Optional[str] = typer.Option(None, "--task", help="A task of the built-in suite instead of a prompt "
-                                                                   "(e.g. arith-0, units-3, list-1); the verifier knows its answer."),
+                                                                   "(e.g. arith-0, units-3, list-1): a few-shot prompt "
+                                                                   "searched line by line; the verifier knows its answer."),
            strategy: str = typer.Option("astar", "--strategy", help="astar, best-of-n, particle or greedy."),
            budget: int = typer.Option(512, "--budget", "-b", help="Hard limit on generated tokens, all branches counted."),
            prm_budget: Optional[int] = typer.Option(None, "--prm-budget", help="Hard limit on PRM calls (default: none)."),
@@ -337,17 +338,31 @@ def search(model: Optional[str] = ModelArg,
            k: int = typer.Option(4, "-k", help="Children per expansion (astar), samples (best-of-n), particles (particle)."),
            seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (default: random)."),
            select: str = typer.Option("prm", "--select", help="best-of-n: pick by PRM score (prm) or majority vote (vote)."),
-           delimiter: str = typer.Option("\\n\\n", "--delimiter", help="Step delimiter (escapes such as \\n allowed)."),
+           delimiter: Optional[str] = typer.Option(None, "--delimiter", help="Step delimiter, escapes such as \\n "
+                                                   "allowed (default: a blank line; one line for --task)."),
+           stop: List[str] = typer.Option([], "--stop", help="A string that ends an answer as EOS does (repeatable; "
+                                                             "escapes allowed; default for --task: a blank line)."),
+           reopen: Optional[float] = typer.Option(None, "--reopen", help="astar: queue an expanded state again at "
+                                                  "f + C x (times expanded) so it can be sampled again (default: closed)."),
            temp: float = typer.Option(0.7, "--temp", help="Sampling temperature of the policy."),
            max_step_tokens: int = typer.Option(96, "--max-step-tokens", help="A step longer than this ends there."),
-           chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+           chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the model's chat "
+                                                                             "template (default: yes; no for --task)."),
            threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
            as_json: bool = typer.Option(False, "--json", help="Print one JSON line (answer, tokens_generated, "
                                                               "prm_calls, budget_exhausted, strategy, states_expanded, ...).")):
     """Search over reasoning steps under a hard token budget (A*-decoding, best-of-N, particle filtering, greedy)."""
     from .runtime.search import STRATEGIES, search as _search
+    from .runtime.tasks import SEARCH_SETTINGS, get_task
+
+    def unescape(opt, s):
+        try:
+            return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError:
+            _err(f"{opt} {s!r} has a bad escape")
+
+    t = None
     if task is not None:
-        from .runtime.tasks import get_task
         if prompt is not None:
             _err("give either --prompt or --task, not both")
         try:
@@ -355,8 +370,6 @@ def search(model: Optional[str] = ModelArg,
         except KeyError:
             _err(f"unknown --task {task!r} (ids look like arith-0, units-0, list-0)")
         prompt = t.prompt
-    else:
-        t = None
     if prompt is None:
         _err("--prompt (or --task) is required")
     if prompt == "-":
@@ -373,25 +386,30 @@ def search(model: Optional[str] = ModelArg,
         _err(f"--select must be prm or vote (got {select!r})")
     if temp < 0:
         _err(f"--temp must be >= 0 (got {temp})")
-    try:
-        delim = delimiter.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError:
-        _err(f"--delimiter {delimiter!r} has a bad escape")
+    if reopen is not None and reopen <= 0:
+        _err(f"--reopen must be > 0 (got {reopen})")
+    defaults = SEARCH_SETTINGS if t is not None else {"chat": True, "step_delimiter": "\n\n", "stop": ()}
+    delim = defaults["step_delimiter"] if delimiter is None else unescape("--delimiter", delimiter)
     if not delim:
         _err("--delimiter must not be empty")
+    stops = tuple(unescape("--stop", x) for x in stop) if stop else defaults["stop"]
+    if any(not x for x in stops):
+        _err("--stop must not be empty")
     eng = _load(model, threads, ctx)
     res = _search(eng, prompt, strategy=strategy, token_budget=budget, prm=prm, k=k, step_delimiter=delim,
-                  prm_budget=prm_budget, seed=seed, temp=temp, max_step_tokens=max_step_tokens, chat=chat,
-                  select=select, task=t)
+                  prm_budget=prm_budget, seed=seed, temp=temp, max_step_tokens=max_step_tokens,
+                  chat=defaults["chat"] if chat is None else chat, select=select, task=t, stop=stops, reopen=reopen)
     if as_json:
         d = res.as_dict()
         if t is not None:
-            d["task"], d["expected"], d["correct"] = t.id, t.answer, t.check(res.answer)
+            d["task"], d["expected"], d["correct"] = t.id, t.answer, bool(res.completed and t.check(res.answer))
         print(json.dumps(d))
         return
     print(res.answer)
     tr = res.trace
-    extra = f"; {t.id}: expected {t.answer}, {'correct' if t.check(res.answer) else 'wrong'}" if t is not None else ""
+    extra = ""
+    if t is not None:
+        extra = f"; {t.id}: expected {t.answer}, {'correct' if res.completed and t.check(res.answer) else 'wrong'}"
     print(f"edgellm: {tr.strategy} (prm {tr.prm}): {tr.tokens_generated}/{tr.token_budget} tokens, "
           f"{tr.prm_calls} PRM calls, {tr.states_expanded} states expanded, {'completed' if res.completed else 'partial'}"
           f"{', budget exhausted' if tr.budget_exhausted else ''}, {tr.prefill_tokens_recomputed} tokens recomputed, "

@@ -188,7 +188,8 @@ class Searcher:
     def __init__(self, engine, prompt: str, *, strategy: str, token_budget: int, prm, prm_budget: int | None,
                  k: int, step_delimiter: str | None, seed: int | None, temp: float, top_k: int, top_p: float,
                  min_p: float, max_step_tokens: int, max_answer_tokens: int, chat: bool, system: str | None,
-                 select: str, particle_temp: float, task=None):
+                 select: str, particle_temp: float, task=None, stop: Sequence[str] = (),
+                 reopen: float | None = None):
         if strategy not in STRATEGIES:
             raise EdgeLLMError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
         if not isinstance(token_budget, (int, np.integer)) or token_budget < 0:
@@ -205,6 +206,13 @@ class Searcher:
             raise EdgeLLMError(f"best-of-n selection must be 'prm' or 'vote' (got {select!r})")
         if not isinstance(prompt, str) or not prompt.strip():
             raise EdgeLLMError("the prompt is empty")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise EdgeLLMError("stop strings must be non-empty strings")
+        self.stop = stop
+        if reopen is not None and not reopen > 0:
+            raise EdgeLLMError(f"reopen must be > 0 (got {reopen})")
+        self.reopen = reopen
         if particle_temp <= 0:
             raise EdgeLLMError(f"the particle softmax temperature must be > 0 (got {particle_temp})")
         self.engine, self.prompt, self.strategy = engine, prompt, strategy
@@ -287,6 +295,24 @@ class Searcher:
         return cache, node.logits
 
     # ------------------------------------------------------------------ generation
+    def _stop_at(self, node: Node) -> int | None:
+        """Where the first stop string starts in `node`'s text (negative: it began in the text before), or
+        None. Whitespace before any answer text does not count (a stop string must end something)."""
+        text = self.tok.decode(node.tokens, special=False)
+        prior = "".join(n.text for n in node.path()[1:-1])
+        if prior.strip():
+            span = max(len(x) for x in self.stop) - 1
+            tail = prior[-span:] if span else ""
+            start = 0
+        else:
+            tail = ""
+            start = len(text) - len(text.lstrip())
+            if start == len(text):
+                return None
+        full = tail + text
+        hits = [i for i in (full.find(x, start) for x in self.stop) if i >= 0]
+        return min(hits) - len(tail) if hits else None
+
     def _ends_step(self, node: Node, delim: str | None) -> bool:
         if delim is None:
             return False
@@ -327,6 +353,8 @@ class Searcher:
                 tr.tokens_generated += 1
                 if self.tok.is_eog(t):
                     c.done = True
+                elif self.stop and self._stop_at(c) is not None:
+                    c.done = True  # a stop string ends the answer, as EOS does
                 elif self._ends_step(c, delim):
                     pass
                 elif c.pos0 + len(c.tokens) - root_len >= answer_cap or c.cache.n + 2 > self.cap:
@@ -346,8 +374,11 @@ class Searcher:
             c.cur = None
             if not c.tokens:
                 continue
-            body = c.tokens[:-1] if c.done else c.tokens
+            body = c.tokens[:-1] if c.done and self.tok.is_eog(c.tokens[-1]) else c.tokens
             c.text = self.tok.decode(body, special=False)
+            at = self._stop_at(c) if c.done and self.stop else None
+            if at is not None:
+                c.text = c.text[:max(at, 0)]
             self._snapshot(c, c.cache)
             out.append(c)
             self.nodes.append(c)
@@ -362,8 +393,7 @@ class Searcher:
         return [p.strip() for p in parts if p.strip()]
 
     def answer_of(self, node: Node) -> str:
-        toks = [t for n in node.path()[1:] for t in (n.tokens[:-1] if n.done else n.tokens)]
-        return self.tok.decode(toks, special=False).strip()
+        return "".join(n.text for n in node.path()[1:]).strip()
 
     def prm_left(self) -> bool:
         return self.prm_budget is None or self.trace.prm_calls < self.prm_budget
@@ -421,8 +451,12 @@ class Searcher:
         return max(pool, key=lambda n: (n.r is not None, n.r or 0.0, n.depth, len(n.tokens), -n.id))
 
     def _astar(self) -> None:
+        """Best-first on f = g + h; the first goal popped wins. With `reopen` = c, an expanded state goes back
+        into the queue at f + c·(times expanded), so that it can be sampled again (its successors are an
+        unbounded set of which one expansion draws k) when everything else looks worse."""
         root = self.root
         heap = [(0.0, 0, root.id, root)]
+        expanded: Counter = Counter()
         self.chosen = None
         while heap:
             f, _, _, node = heapq.heappop(heap)
@@ -437,12 +471,15 @@ class Searcher:
                 break
             kids = self.extend([(node, self.k)], self.delim)
             self.trace.states_expanded += 1
+            expanded[node.id] += 1
             for c in kids:
                 if not self.score(c):
                     continue
                 c.h = 1.0 - c.r
                 c.g = node.g + max(0.0, c.h - node.h)
                 heapq.heappush(heap, (c.g + c.h, -c.depth, c.id, c))
+            if self.reopen is not None and node.cut is None:
+                heapq.heappush(heap, (node.g + node.h + self.reopen * expanded[node.id], -node.depth, node.id, node))
         else:
             self.trace.stop_reason = "frontier-empty"
         self.chosen = self._best(self.nodes)
@@ -529,18 +566,22 @@ def search(model, prompt: str, strategy: str = "astar", token_budget: int = 512,
            step_delimiter: str | None = "\n\n", prm_budget: int | None = None, seed: int | None = None,
            temp: float = 0.7, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
            max_step_tokens: int = 96, max_answer_tokens: int = 512, chat: bool = True, system: str | None = None,
-           select: str = "prm", particle_temp: float = 1.0, task=None) -> SearchResult:
+           select: str = "prm", particle_temp: float = 1.0, task=None, stop: Sequence[str] = (),
+           reopen: float | None = None) -> SearchResult:
     """Search for an answer to `prompt` with at most `token_budget` generated tokens (all branches).
 
     model: an `Engine`, or a path / catalog name / None (the default model) to load.
     strategy: "astar", "best-of-n" (k samples; `select` "prm" or "vote"), "particle" (k particles), "greedy".
     prm: a PRM object or function `score(prompt, steps) -> [0, 1]`, or "self" (default), "verifier",
     "judge", or a model path / catalog name to load as judge.
+    reopen: None (A* as defined: an expanded state is closed) or c > 0: an expanded state is queued again
+    at f + c·(times expanded), so it can be sampled again when everything else looks worse.
+    stop: strings that end an answer as EOS does (a goal state), e.g. "\n\n" after a few-shot prompt.
     Returns a `SearchResult` (answer, steps, final_answer, score, completed, trace)."""
     from .engine import Engine, load
     engine = model if isinstance(model, Engine) or hasattr(model, "decode_batch") else load(model)
     s = Searcher(engine, prompt, strategy=strategy, token_budget=token_budget, prm=prm, prm_budget=prm_budget,
                  k=k, step_delimiter=step_delimiter, seed=seed, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                  max_step_tokens=max_step_tokens, max_answer_tokens=max_answer_tokens, chat=chat, system=system,
-                 select=select, particle_temp=particle_temp, task=task)
+                 select=select, particle_temp=particle_temp, task=task, stop=stop, reopen=reopen)
     return s.run()

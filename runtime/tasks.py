@@ -18,7 +18,18 @@ from functools import lru_cache
 
 import numpy as np
 
-INSTRUCTION = "Solve it step by step, one step per paragraph, then finish with: The answer is <number>."
+INSTRUCTION = "Solve the problem. Write one calculation per line, then the answer."
+EXAMPLES = {  # one worked example per kind, in the format the verifier reads (one equation per line)
+    "arith": ("What is (6 + 2) * 3?", "6 + 2 = 8\n8 * 3 = 24\nThe answer is 24."),
+    "units": ("One meter has 100 centimeters. How many centimeters are in 4 meters and 7 centimeters?",
+              "4 * 100 = 400\n400 + 7 = 407\nThe answer is 407."),
+    "list": ("What is the sum of the list [4, 1, 6]?", "4 + 1 = 5\n5 + 6 = 11\nThe answer is 11."),
+}
+STEP_DELIMITER = "\n"  # the suite's solutions are one calculation per line
+# How the suite is meant to be searched: the prompt is a few-shot completion (no chat template: the
+# 135M model follows the worked example far better that way), a step is a line, and the blank line
+# after the answer ends it (the model would go on to invent the next problem).
+SEARCH_SETTINGS = {"chat": False, "step_delimiter": STEP_DELIMITER, "stop": ("\n\n",)}
 
 
 @dataclass(frozen=True)
@@ -31,8 +42,9 @@ class Task:
 
     @property
     def prompt(self) -> str:
-        """What the policy model is asked (the user message)."""
-        return f"{self.question} {INSTRUCTION}"
+        """What the policy model continues: the instruction, a worked example, the problem (SEARCH_SETTINGS)."""
+        q, a = EXAMPLES[self.kind]
+        return f"{INSTRUCTION}\n\nExample:\nProblem: {q}\n{a}\n\nProblem: {self.question}\n"
 
     def check(self, text: str) -> bool:
         """Is the final answer in `text` exactly right?"""
@@ -41,10 +53,10 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------- generation
-_UNITS = [  # (big unit, small unit, factor)
-    ("kilometers", "meters", 1000), ("meters", "centimeters", 100), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("feet", "inches", 12),
-    ("dollars", "cents", 100), ("weeks", "days", 7), ("days", "hours", 24), ("liters", "milliliters", 1000),
+_UNITS = [  # (big unit, its singular, small unit, factor)
+    ("hours", "hour", "minutes", 60), ("minutes", "minute", "seconds", 60), ("meters", "meter", "centimeters", 100),
+    ("kilograms", "kilogram", "grams", 1000), ("feet", "foot", "inches", 12), ("dollars", "dollar", "cents", 100),
+    ("weeks", "week", "days", 7), ("days", "day", "hours", 24), ("kilometers", "kilometer", "meters", 1000),
 ]
 
 
@@ -52,34 +64,37 @@ def _arith(rng, i: int) -> Task:
     r = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731
     form = i % 4
     if form == 0:
-        a, b, c = r(2, 20), r(2, 20), r(1, 9)
+        a, b, c = r(2, 9), r(2, 9), r(1, 5)
         q, ans, vals = f"What is {a} + {b} - {c}?", a + b - c, (a + b, a - c, b - c)
     elif form == 1:
-        a, b, c = r(2, 9), r(2, 9), r(2, 6)
+        a, b, c = r(1, 6), r(1, 6), r(2, 4)
         q, ans, vals = f"What is ({a} + {b}) * {c}?", (a + b) * c, (a + b,)
     elif form == 2:
-        a, b, c = r(2, 9), r(2, 9), r(1, 20)
+        a, b, c = r(2, 5), r(2, 5), r(1, 9)
         q, ans, vals = f"What is {a} * {b} + {c}?", a * b + c, (a * b,)
     else:
-        a, b, c = r(10, 30), r(2, 9), r(2, 5)
+        a, b, c = r(6, 12), r(1, 5), r(2, 4)
         q, ans, vals = f"What is ({a} - {b}) * {c}?", (a - b) * c, (a - b,)
     return Task(f"arith-{i}", "arith", q, ans, tuple(sorted(set(vals) | {ans})))
 
 
 def _units(rng, i: int) -> Task:
-    big, small, f = _UNITS[int(rng.integers(len(_UNITS)))]
-    x = int(rng.integers(2, 10))
+    big, one, small, f = _UNITS[int(rng.integers(len(_UNITS)))]
+    x = int(rng.integers(2, 6))
+    head = f"One {one} has {f} {small}."
     if i % 2 == 0:
-        q, ans, vals = f"Convert {x} {big} to {small}.", x * f, (x * f,)
+        q, ans, vals = f"{head} How many {small} are in {x} {big}?", x * f, (x * f,)
     else:
-        y = int(rng.integers(1, min(f, 60)))
-        q, ans, vals = f"Convert {x} {big} and {y} {small} to {small}.", x * f + y, (x * f,)
+        y = int(rng.integers(1, min(f, 10)))
+        if (big, x, y) == ("meters", 4, 7):  # the worked example's own question
+            y = 8
+        q, ans, vals = f"{head} How many {small} are in {x} {big} and {y} {small}?", x * f + y, (x * f,)
     return Task(f"units-{i}", "units", q, ans, tuple(sorted(set(vals) | {ans})))
 
 
 def _list(rng, i: int) -> Task:
     n = int(rng.integers(3, 5))
-    xs = [int(v) for v in rng.integers(1, 20, n)]
+    xs = [int(v) for v in rng.integers(1, 10, n)]
     form = i % 3
     if form == 0:
         q, ans = f"What is the sum of the list {xs}?", sum(xs)
@@ -106,6 +121,11 @@ def make_suite(n: int = 30, seed: int = 0, kinds=("arith", "units", "list")) -> 
     return out
 
 
+@lru_cache(maxsize=4)
+def _default_suite(n: int = 300, seed: int = 0) -> tuple:
+    return tuple(make_suite(n, seed))
+
+
 def get_task(task_id: str, n: int = 300, seed: int = 0) -> Task:
     """A task of the default suite by id ("arith-3")."""
     for t in _default_suite(n, seed):
@@ -114,15 +134,11 @@ def get_task(task_id: str, n: int = 300, seed: int = 0) -> Task:
     raise KeyError(task_id)
 
 
-@lru_cache(maxsize=4)
-def _default_suite(n: int = 300, seed: int = 0) -> tuple:
-    return tuple(make_suite(n, seed))
-
-
 def find_task(prompt: str, suite: list[Task] | None = None) -> Task | None:
-    """The suite task whose question appears in `prompt`, if any (so `--prm verifier` knows the answer)."""
+    """The suite task whose question ends `prompt` (so `--prm verifier` knows the answer)."""
+    p = prompt.rstrip()
     for t in suite if suite is not None else _default_suite():
-        if t.question in prompt:
+        if p.endswith(t.question):
             return t
     return None
 
@@ -143,11 +159,12 @@ def _to_num(s: str):
 
 
 def extract_answer(text: str):
-    """The final answer of a solution: the number after the last "answer is", else the last number."""
+    """The final answer of a solution: the number after the first "answer is" (a small model may go on
+    to invent and answer a problem of its own), else the last number."""
     text = _clean(text)
     m = _ANSWER_RE.findall(text)
     if m:
-        return _to_num(m[-1])
+        return _to_num(m[0])
     m = _LAST_NUM_RE.findall(text)
     return _to_num(m[-1]) if m else None
 
