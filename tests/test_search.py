@@ -18,6 +18,17 @@ from edgellm.runtime.errors import EdgeLLMError
 PROMPT = "What is 3 + 4? Answer in one short sentence."
 
 
+@pytest.fixture(scope="module")
+def engine(model_path):
+    """The default model on one thread: these tests run many short batched steps, and on a 2-core machine
+    shared with other work one thread is both faster and steadier than two. Numba's thread count is put back."""
+    import numba
+    from edgellm.runtime.engine import Engine
+    before = numba.get_num_threads()
+    yield Engine(model_path, n_ctx=1024, threads=1)
+    numba.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- no model needed
 def test_suite_is_seeded_and_answers_are_exact():
     a, b = tasks.make_suite(30, seed=3), tasks.make_suite(30, seed=3)
@@ -80,7 +91,8 @@ def _run(engine, strategy, budget, k, seed, prm="self", prm_budget=None, **kw):
     s = Searcher(engine, PROMPT, strategy=strategy, token_budget=budget, prm=prm, prm_budget=prm_budget, k=k,
                  step_delimiter=kw.pop("step_delimiter", "\n"), seed=seed, temp=1.0, top_k=40, top_p=0.95,
                  min_p=0.0, max_step_tokens=kw.pop("max_step_tokens", 12), max_answer_tokens=256, chat=True,
-                 system=None, select=kw.pop("select", "prm"), particle_temp=1.0)
+                 system=None, select=kw.pop("select", "prm"), particle_temp=1.0, stop=kw.pop("stop", ()),
+                 reopen=kw.pop("reopen", None))
     sampled = []
     inner = s.sampler
 
@@ -93,11 +105,12 @@ def _run(engine, strategy, budget, k, seed, prm="self", prm_budget=None, **kw):
 
 
 # --------------------------------------------------------------------------- budgets
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(strategy=st.sampled_from(STRATEGIES), budget=st.integers(0, 40), k=st.integers(1, 4),
-       seed=st.integers(0, 2**16), prm_budget=st.one_of(st.none(), st.integers(0, 6)))
-def test_budget_is_never_exceeded(engine, strategy, budget, k, seed, prm_budget):
-    s, res, sampled = _run(engine, strategy, budget, k, seed, prm_budget=prm_budget)
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(strategy=st.sampled_from(STRATEGIES), budget=st.integers(0, 32), k=st.integers(1, 4),
+       seed=st.integers(0, 2**16), prm_budget=st.one_of(st.none(), st.integers(0, 6)),
+       stop=st.sampled_from([(), (".",)]), reopen=st.sampled_from([None, 0.5]))
+def test_budget_is_never_exceeded(engine, strategy, budget, k, seed, prm_budget, stop, reopen):
+    s, res, sampled = _run(engine, strategy, budget, k, seed, prm_budget=prm_budget, stop=stop, reopen=reopen)
     tr = res.trace
     # every sampled token is counted, on kept and discarded branches alike, and the count is within budget
     assert sampled == tr.tokens_generated == sum(len(n.tokens) for n in res.nodes) <= budget
@@ -140,9 +153,9 @@ def test_shared_prefixes_are_never_recomputed(engine, monkeypatch):
     assert tr.prefill_tokens_recomputed == 0
     fed = sum(n.nfed for n in res.nodes) + s.root.nfed
     assert fed == processed  # every processed token belongs to exactly one position of the tree
-    # what recomputing each expanded state's prefix would have cost
-    naive = sum(n.pos0 + len(n.tokens) for n in [s.root] + res.nodes if n.logits is not None)
-    assert naive > 2 * processed
+    # without sharing, every state would have run its whole path (prompt included) through the model
+    naive = sum(n.pos0 + len(n.tokens) for n in res.nodes)
+    assert naive > 3 * processed
     assert tr.kv_rows_restored > 0  # waiting states were rebuilt from snapshots (copies), not recomputed
 
 
@@ -163,20 +176,29 @@ def test_cache_layout_is_understood(engine):
 
 
 # --------------------------------------------------------------------------- A* vs greedy
-# Suite tasks of the default suite (seed 0) that greedy decoding gets wrong and A* with the verifier PRM
-# solves within the budget with this seed (found by running both; see bench/search.py).
-ASTAR_WINS = [("units-0", 256, 4, 0)]
+# A task of the default suite (seed 0) that greedy decoding gets wrong ("3 * 60 = 180 / 180 + 1 = 191 /
+# The answer is 191.") and A* with the verifier PRM solves within the budget with this seed (found by
+# running both on the suite: bench/search.py). Greedy is deterministic; A* is seeded.
+ASTAR_WINS = [("units-2", 256, 4, 0)]
 
 
 @pytest.mark.parametrize("task_id,budget,k,seed", ASTAR_WINS)
 def test_astar_with_verifier_solves_a_task_greedy_gets_wrong(engine, task_id, budget, k, seed):
     t = tasks.get_task(task_id)
-    g = search(engine, t.prompt, strategy="greedy", token_budget=budget)
+    g = search(engine, t.prompt, strategy="greedy", token_budget=budget, **tasks.SEARCH_SETTINGS)
     assert g.completed and not t.check(g.answer), g.answer
-    a = search(engine, t.prompt, strategy="astar", token_budget=budget, prm="verifier", k=k, seed=seed)
+    a = search(engine, t.prompt, strategy="astar", token_budget=budget, prm="verifier", k=k, seed=seed, task=t,
+               **tasks.SEARCH_SETTINGS)
     assert t.check(a.answer), a.answer
     assert a.completed and not a.trace.budget_exhausted and a.trace.stop_reason == "goal"
-    assert a.trace.tokens_generated <= budget
+    assert a.trace.tokens_generated <= budget and a.trace.prefill_tokens_recomputed == 0
+
+
+def test_stop_string_ends_an_answer(engine):
+    t = tasks.get_task("arith-0")
+    g = search(engine, t.prompt, strategy="greedy", token_budget=60, **tasks.SEARCH_SETTINGS)
+    assert g.completed and g.trace.stop_reason == "finished" and "\n\n" not in g.answer
+    assert g.steps == g.answer.split("\n") and len(g.steps) >= 2  # one calculation per line
 
 
 # --------------------------------------------------------------------------- PRMs, errors, CLI
@@ -192,10 +214,10 @@ def test_prm_specs(engine):
 
 
 def test_function_prm_and_vote(engine):
-    res = search(engine, PROMPT, strategy="best-of-n", token_budget=40, k=3, seed=1, select="vote")
+    res = search(engine, PROMPT, strategy="best-of-n", token_budget=24, k=3, seed=1, select="vote")
     assert res.trace.prm_calls == 0 and res.trace.prm == "vote"
     seen = []
-    res = search(engine, PROMPT, strategy="astar", token_budget=20, k=2, seed=1,
+    res = search(engine, PROMPT, strategy="astar", token_budget=12, k=2, seed=1,
                  prm=lambda p, steps: seen.append(steps) or 0.5)
     assert seen and res.trace.prm_calls == len(seen)
 
@@ -220,4 +242,3 @@ def test_cli_search_json_and_errors(model_path):
     assert_clean_error(cli("search", str(model_path), "-p", "hi", "--strategy", "beam"))
     assert_clean_error(cli("search", str(model_path), "-p", "hi", "--budget", "-3"))
     assert_clean_error(cli("search", str(model_path), "--task", "nope-1"))
-    assert_clean_error(cli("search", str(model_path), "-p", "hi", "--prm", "/nonexistent.gguf", "--budget", "4"))
