@@ -64,14 +64,23 @@ R = 64  # rows interleaved, as in kernels/matvec.py: the vector lanes run along 
 
 
 def _block_codes(qtype_bytes: int, raw: np.ndarray):
+    # raw (rows, nb * bytes) -> codes (rows, nb, 256) uint8 in {0, 1, 2}, d (rows, nb) f32; integer ops only
     rows = raw.shape[0]
     b = raw.reshape(rows, -1, qtype_bytes)
+    nb = b.shape[1]
     d = b[..., qtype_bytes - 2:].copy().view(np.float16).astype(np.float32)[..., 0]
-    ref = dequantize_tq2_0_ref if qtype_bytes == TQ2_BYTES else dequantize_tq1_0_ref
-    # codes in {0, 1, 2}: recover them from the reference decoder with d = 1
-    unit = b.copy()
-    unit[..., qtype_bytes - 2:] = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
-    codes = (ref(unit.reshape(rows, -1)) + 1).astype(np.uint8).reshape(rows, -1, QK)
+    codes = np.empty((rows, nb, QK), dtype=np.uint8)
+    if qtype_bytes == TQ2_BYTES:
+        qs = b[..., :64].reshape(rows, nb, 2, 32)
+        c = codes.reshape(rows, nb, 2, 4, 32)
+        for k in range(4):
+            c[:, :, :, k, :] = (qs >> (2 * k)) & 3
+    else:
+        for n in range(5):
+            codes[..., n * 32:(n + 1) * 32] = _trits(b[..., 0:32], n)
+            codes[..., 160 + n * 16:160 + (n + 1) * 16] = _trits(b[..., 32:48], n)
+        for n in range(4):
+            codes[..., 240 + n * 4:240 + (n + 1) * 4] = _trits(b[..., 48:52], n)
     return codes, d
 
 
