@@ -37,7 +37,7 @@ _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
 
 QK = 32  # values per quantization block
-TJ = 64  # tokens per dequantized tile in decode
+TJ = 512  # tokens per dequantized tile in decode
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 # f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`)
@@ -229,6 +229,7 @@ def tile(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
 
 @overload(tile, jit_options=_JIT)
 def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+    # (loops run over 0-based slices so that LLVM vectorizes them along tokens)
     dt = data.dtype
     if dt == types.float32:
         def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
@@ -237,16 +238,20 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
     if dt == types.uint16:
         def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             D = data.shape[1]
+            m = t1 - t0
             for i in range(D):
                 if all_rows or need[i]:
-                    for j in range(t0, t1):
-                        buf[i, j - t0] = tbl[data[kh, i, j]]
+                    src = data[kh, i, t0:t1]
+                    dst = buf[i, :m]
+                    for u in range(m):
+                        dst[u] = tbl[src[u]]
             return buf, 0
         return impl
     if dt == types.int8:
         def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             D = data.shape[1]
             nb = D // 32
+            m = t1 - t0
             for b in range(nb):
                 use = all_rows
                 if not use:
@@ -254,19 +259,23 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
                         use = use or need[i]
                 if not use:
                     continue
-                sc = buf[D + b]
-                for j in range(t0, t1):
-                    sc[j - t0] = tbl[scales[kh, b, j]]
+                sc = buf[D + b, :m]
+                ssrc = scales[kh, b, t0:t1]
+                for u in range(m):
+                    sc[u] = tbl[ssrc[u]]
                 for i in range(32 * b, 32 * b + 32):
                     if all_rows or need[i]:
-                        for j in range(t0, t1):
-                            buf[i, j - t0] = sc[j - t0] * np.float32(data[kh, i, j])
+                        src = data[kh, i, t0:t1]
+                        dst = buf[i, :m]
+                        for u in range(m):
+                            dst[u] = sc[u] * np.float32(src[u])
             return buf, 0
         return impl
     if dt == types.uint8:
         def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             D = data.shape[1] * 2
             nb = D // 32
+            m = t1 - t0
             for b in range(nb):
                 use = all_rows
                 if not use:
@@ -274,20 +283,23 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
                         use = use or need[i]
                 if not use:
                     continue
-                sc = buf[D + b]
-                for j in range(t0, t1):
-                    sc[j - t0] = tbl[scales[kh, b, j]]
+                sc = buf[D + b, :m]
+                ssrc = scales[kh, b, t0:t1]
+                for u in range(m):
+                    sc[u] = tbl[ssrc[u]]
                 for k in range(16):
                     i0 = 32 * b + k
                     i1 = i0 + 16
                     if all_rows or need[i0] or need[i1]:
-                        for j in range(t0, t1):
-                            x = np.float32(data[kh, 16 * b + k, j])
+                        src = data[kh, 16 * b + k, t0:t1]
+                        lo_out = buf[i0, :m]
+                        hi_out = buf[i1, :m]
+                        for u in range(m):
+                            x = np.float32(src[u])
                             hi = np.floor(x * np.float32(0.0625))
                             lo = x - np.float32(16.0) * hi
-                            s = sc[j - t0]
-                            buf[i0, j - t0] = (lo - np.float32(8.0)) * s
-                            buf[i1, j - t0] = (hi - np.float32(8.0)) * s
+                            lo_out[u] = (lo - np.float32(8.0)) * sc[u]
+                            hi_out[u] = (hi - np.float32(8.0)) * sc[u]
             return buf, 0
         return impl
     return None
@@ -501,7 +513,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
 # ================================================================ prefill
 @njit(parallel=True, **_JIT)
 def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total, S):
-    # q (T, H, hd) at positions start .. start + T - 1, K (Hkv, hd, >= start + T) f32 dim-major -> S (H, T, >= start + T)
+    # q (T, H, hd) at positions start .. start + T - 1, K (Hkv, hd, >= start + T) f32 dim-major -> S (Hkv, T, G, >= start + T)
     # raw scores (unscaled; entries after each query's position are left unset), one step of the delta recurrence per
     # token and head (updates qhat (H, hd), srow (H, n_ctx), skipped / total (H,)). Heads in parallel, tokens in order.
     T, H, D = q.shape
@@ -531,19 +543,18 @@ def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total,
                 sr[j] = 0
             axpy_rows(sr, n_old, Kh, n_old, n - n_old, allidx, q[t, h], D)
             for j in range(n):
-                S[h, t, j] = sr[j]
+                S[kh, t, h % G, j] = sr[j]
     return S
 
 
 @njit(parallel=True, **_JIT)
-def causal_softmax(s, start, scale):
-    # s (G, T, N) raw scores, query t at position start + t -> in place softmax(s * scale) over keys j <= start + t, 0 after
-    G, T, N = s.shape
-    for w in prange(G * T):
-        g = w // T
-        t = w % T
-        n = min(N, start + t + 1)
-        row = s[g, t]
+def causal_softmax(s, start, scale, G):
+    # s (T * G, N) raw scores, row r = query t = r // G at position start + t -> in place softmax(s * scale) over the
+    # keys j <= start + t, 0 after
+    R, N = s.shape
+    for r in prange(R):
+        n = min(N, start + r // G + 1)
+        row = s[r]
         m = np.float32(-np.inf)
         for j in range(n):
             m = max(m, row[j])
@@ -556,11 +567,10 @@ def causal_softmax(s, start, scale):
     return s
 
 
-def softmax_values(s, V, start, scale, out):
-    # s (G, T, N) raw causal scores of one kv head's query heads, V (hd, N) dim-major -> out (T, G, hd)
-    causal_softmax(s, start, np.float32(scale))
-    out[:] = (s @ V.T).transpose(1, 0, 2)
-    return out
+def softmax_values(s, V, start, scale, G):
+    # s (T * G, N) raw causal scores of one kv head's G query heads (row t * G + g), V (hd, N) dim-major -> (T, G, hd)
+    causal_softmax(s, start, np.float32(scale), G)
+    return (s @ V.T).reshape(-1, G, V.shape[0])  # one BLAS call per kv head (stacked calls thread badly)
 
 
 def attention_prefill(q, K, V, start, scale):
@@ -571,13 +581,12 @@ def attention_prefill(q, K, V, start, scale):
     N = start + T
     out = np.empty((T, H, D), dtype=np.float32)
     for kh in range(Hkv):
-        qh = np.ascontiguousarray(q[:, kh * G:(kh + 1) * G, :].transpose(1, 0, 2))  # (G, T, hd)
-        s = qh @ K[kh, :, :N]  # (G, T, N)
-        softmax_values(s, V[kh, :, :N], start, scale, out[:, kh * G:(kh + 1) * G, :])
+        qk = np.ascontiguousarray(q[:, kh * G:(kh + 1) * G, :]).reshape(T * G, D)
+        out[:, kh * G:(kh + 1) * G, :] = softmax_values(qk @ K[kh, :, :N], V[kh, :, :N], start, scale, G)
     return out
 
 
-SCORE_BLOCK = 1 << 25  # bytes of the (H, T, N) score block a delta prefill chunk may materialise
+SCORE_BLOCK = 1 << 25  # bytes of the score block (H, T, N) a delta prefill chunk may materialise
 
 
 def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, skipped, total):
@@ -591,11 +600,12 @@ def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, sk
     for c0 in range(0, T, step):
         c1 = min(T, c0 + step)
         n = start + c1
-        S = np.empty((H, c1 - c0, n), dtype=np.float32)
+        S = np.empty((Hkv, c1 - c0, G, n), dtype=np.float32)
         delta_scores_prefill(np.ascontiguousarray(q[c0:c1]), K, start + c0, qhat, srow, np.float32(theta), window,
                              skipped, total, S)
         for kh in range(Hkv):
-            softmax_values(S[kh * G:(kh + 1) * G], V[kh, :, :n], start + c0, scale, out[c0:c1, kh * G:(kh + 1) * G, :])
+            out[c0:c1, kh * G:(kh + 1) * G, :] = softmax_values(S[kh].reshape((c1 - c0) * G, n), V[kh, :, :n],
+                                                                start + c0, scale, G)
     return out
 
 
