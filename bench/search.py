@@ -2,7 +2,8 @@
 task suite (runtime/tasks.py), every strategy under the same hard budget and the same accounting.
 
     python -m edgellm.bench.search [--model M] [--tasks 12] [--budgets 64,128,256] [--prm verifier]
-        [-k 4] [--delimiter '\\n'] [--bon-len 100] [--seed 0] [--threads N] [--json out.json] [--plot out.png]
+        [-k 4] [--strategies greedy,best-of-n,particle,astar[,astar+reopen,best-of-n+vote]] [--bon-len 40]
+        [--seed 0] [--threads N] [--json out.json] [--plot out.png]
 
 Per budget B: astar expands k children per state; best-of-n samples N = max(1, B // bon_len) whole
 answers (so it can spend its budget) and keeps the PRM's best; particle runs k particles; greedy is one
@@ -18,21 +19,31 @@ import sys
 import time
 
 STRATS = ("greedy", "best-of-n", "particle", "astar")
+VARIANTS = {  # bench name -> (strategy, extra search arguments)
+    "greedy": ("greedy", {}), "best-of-n": ("best-of-n", {}), "best-of-n+vote": ("best-of-n", {"select": "vote"}),
+    "particle": ("particle", {}), "astar": ("astar", {}), "astar+reopen": ("astar", {"reopen": 1.0}),
+}
 
 
-def run(engine, suite, budgets, strategies=STRATS, prm="verifier", k=4, delimiter="\n", bon_len=100, seed=0,
-        temp=0.7, max_step_tokens=48, progress=None) -> list[dict]:
-    """One row per (strategy, budget): accuracy and mean cost over `suite`."""
+def run(engine, suite, budgets, strategies=STRATS, prm="verifier", k=4, bon_len=40, seed=0, temp=0.7,
+        max_step_tokens=48, settings=None, progress=None) -> list[dict]:
+    """One row per (strategy, budget): accuracy and mean cost over `suite` (searched with the suite's
+    settings: few-shot prompt, one line per step, a blank line ends the answer)."""
     from ..runtime.search import search
+    from ..runtime.tasks import SEARCH_SETTINGS
+    settings = dict(SEARCH_SETTINGS, **(settings or {}))
     rows = []
-    for strategy in strategies:
+    for name in strategies:
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown strategy {name!r} (choose from {', '.join(VARIANTS)})")
+        strategy, extra = VARIANTS[name]
         for B in budgets:
             n = max(1, B // bon_len) if strategy == "best-of-n" else k
             acc = tok = calls = wall = exh = 0.0
             per_task = []
             for i, t in enumerate(suite):
-                r = search(engine, t.prompt, strategy=strategy, token_budget=B, prm=prm, k=n, step_delimiter=delimiter,
-                           seed=seed + i, temp=temp, max_step_tokens=max_step_tokens, task=t)
+                r = search(engine, t.prompt, strategy=strategy, token_budget=B, prm=prm, k=n, seed=seed + i, temp=temp,
+                           max_step_tokens=max_step_tokens, task=t, **settings, **extra)
                 ok = t.check(r.answer) and r.completed
                 tr = r.trace
                 assert tr.tokens_generated <= B and tr.prefill_tokens_recomputed == 0
@@ -45,10 +56,10 @@ def run(engine, suite, budgets, strategies=STRATS, prm="verifier", k=4, delimite
                                  "tokens": tr.tokens_generated, "prm_calls": tr.prm_calls,
                                  "states_expanded": tr.states_expanded, "exhausted": tr.budget_exhausted})
                 if progress:
-                    progress(f"{strategy} B={B} {t.id}: {'ok' if ok else '--'} {tr.tokens_generated} tok "
+                    progress(f"{name} B={B} {t.id}: {'ok' if ok else '--'} {tr.tokens_generated} tok "
                              f"{tr.prm_calls} prm {tr.wall_seconds:.1f}s")
             m = len(suite)
-            rows.append({"strategy": strategy, "budget": B, "n": n if strategy != "greedy" else 1,
+            rows.append({"strategy": name, "budget": B, "n": 1 if strategy == "greedy" else n,
                          "accuracy": acc / m, "tokens": tok / m, "prm_calls": calls / m, "seconds": wall / m,
                          "exhausted": exh / m, "tasks": per_task})
     return rows
@@ -112,8 +123,8 @@ def main(argv=None):
     ap.add_argument("--strategies", default=",".join(STRATS))
     ap.add_argument("--prm", default="verifier")
     ap.add_argument("-k", type=int, default=4)
-    ap.add_argument("--delimiter", default="\\n")
-    ap.add_argument("--bon-len", type=int, default=100, help="best-of-n draws budget // bon-len samples")
+    ap.add_argument("--bon-len", type=int, default=40, help="best-of-n draws budget // bon-len samples (a suite "
+                                                          "answer is about 30 tokens)")
     ap.add_argument("--max-step-tokens", type=int, default=48)
     ap.add_argument("--temp", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
@@ -125,18 +136,17 @@ def main(argv=None):
     from ..runtime.tasks import make_suite
     budgets = [int(x) for x in a.budgets.split(",") if x]
     strategies = [s for s in a.strategies.split(",") if s]
-    delim = a.delimiter.encode("latin-1", "backslashreplace").decode("unicode_escape")
     engine = load(a.model, threads=a.threads, n_ctx=2048)
     suite = make_suite(a.tasks, a.suite_seed)
     t0 = time.time()
-    rows = run(engine, suite, budgets, strategies, prm=a.prm, k=a.k, delimiter=delim, bon_len=a.bon_len,
+    rows = run(engine, suite, budgets, strategies, prm=a.prm, k=a.k, bon_len=a.bon_len,
                seed=a.seed, temp=a.temp, max_step_tokens=a.max_step_tokens,
                progress=lambda s: print(s, file=sys.stderr, flush=True))
     g = goal(rows)
     print(table(rows))
     if g:
         print("\n" + json.dumps(g))
-    print(f"\n{len(suite)} tasks, prm {a.prm}, k {a.k}, delimiter {a.delimiter!r}, {time.time() - t0:.0f} s in all")
+    print(f"\n{len(suite)} tasks, prm {a.prm}, k {a.k}, {time.time() - t0:.0f} s in all")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"rows": rows, "goal": g, "args": vars(a)}, f, indent=1)

@@ -53,6 +53,7 @@ class SearchTrace:
     states_expanded: int = 0
     tokens_generated: int = 0            # sampled tokens, all branches
     prm_calls: int = 0
+    prm_tokens: int = 0                  # tokens a judge model ran for the PRM calls (0 for self / verifier)
     prompt_tokens: int = 0
     tokens_processed: int = 0            # tokens the policy ran (prompt + generated tokens fed back)
     prefill_tokens_recomputed: int = 0   # positions processed more than once (goal: 0)
@@ -419,12 +420,14 @@ class Searcher:
     # ------------------------------------------------------------------ strategies
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
+        judge0 = getattr(self.prm, "tokens_processed", 0)
         if self.budget > 0:
             getattr(self, "_" + self.strategy.replace("-", "_"))()
         else:
             self.trace.budget_exhausted, self.trace.stop_reason = True, "token-budget"
             self.chosen = None
         self.trace.wall_seconds = time.perf_counter() - t0
+        self.trace.prm_tokens = getattr(self.prm, "tokens_processed", 0) - judge0
         n = self.chosen
         if n is None:
             return SearchResult("", [], None, None, False, self.trace, self.nodes)
