@@ -414,7 +414,8 @@ def dot_rows(p, src, s0, m, out):
 def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, rot_k, rot_v,
                      out):
     # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd); caches in the layout above.
-    # delta: update q̂ (H, hd) and the score rows srow (H, n_ctx) as described at the top; add the outside-window
+    # delta: update q̂ (H, hd) and the score rows srow (H, n_ctx) as described at the top, with the threshold θ of
+    # each head and dimension theta (H, hd) f32 (the spec's single θ, or scaled per dimension); add the outside-window
     # multiply-adds skipped / possible per head to skipped, total (H,) f64. Dense: delta False (qhat, srow unused).
     # rot_k / rot_v: the cache holds Hadamard-rotated keys / values (q is rotated alike, the output rotated back).
     # Work is split over (kv head, token range) pairs, combined flash-decoding style.
@@ -434,7 +435,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
             cnt = 0
             for i in range(D):
                 x = q[h, i] - qhat[h, i]
-                if abs(x) >= theta and x != 0:
+                if abs(x) >= theta[h, i] and x != 0:
                     qhat[h, i] = q[h, i]
                     nzi[h, cnt] = i
                     nzc[h, cnt] = x
@@ -531,7 +532,7 @@ def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total,
             cnt = 0
             for i in range(D):
                 x = q[t, h, i] - qhat[h, i]
-                if abs(x) >= theta and x != 0:
+                if abs(x) >= theta[h, i] and x != 0:
                     qhat[h, i] = q[t, h, i]
                     nzi[cnt] = i
                     nzc[cnt] = x
@@ -590,18 +591,20 @@ SCORE_BLOCK = 1 << 25  # bytes of the score block (H, T, N) a delta prefill chun
 
 
 def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, skipped, total):
-    # as attention_prefill, with delta scores (state qhat, srow updated; skipped, total (H,) accumulated)
+    # as attention_prefill, with delta scores (thresholds theta: a number or (H, hd); state qhat, srow updated;
+    # skipped, total (H,) accumulated)
     T, H, D = q.shape
     N = start + T
     Hkv = K.shape[0]
     G = H // Hkv
     out = np.empty((T, H, D), dtype=np.float32)
+    theta = np.ascontiguousarray(np.broadcast_to(np.asarray(theta, dtype=np.float32), (H, D)))
     step = max(1, min(T, SCORE_BLOCK // (4 * H * N)))
     for c0 in range(0, T, step):
         c1 = min(T, c0 + step)
         n = start + c1
         S = np.empty((Hkv, c1 - c0, G, n), dtype=np.float32)
-        delta_scores_prefill(np.ascontiguousarray(q[c0:c1]), K, start + c0, qhat, srow, np.float32(theta), window,
+        delta_scores_prefill(np.ascontiguousarray(q[c0:c1]), K, start + c0, qhat, srow, theta, window,
                              skipped, total, S)
         for kh in range(Hkv):
             out[c0:c1, kh * G:(kh + 1) * G, :] = softmax_values(S[kh].reshape((c1 - c0) * G, n), V[kh, :, :n],
@@ -647,10 +650,11 @@ def dequantize_ref(codes, scales, kv: str) -> np.ndarray:
 
 def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
     """The delta algorithm, plainly (float64 scores; q̂ in float32 as the kernels keep it, so the thresholding
-    decisions agree): q (T, H, hd) at positions start.., k, v (Hkv, start+T, hd) token-major -> (out (T, H, hd),
+    decisions agree), thresholds θ (H, hd): q (T, H, hd) at positions start.., k, v (Hkv, start+T, hd) -> (out (T, H, hd),
     skipped (H,), total (H,)); qhat (H, hd) f32 and srow (H, >= start+T) f64 are updated in place."""
     T, H, D = q.shape
     G = H // k.shape[0]
+    theta = np.broadcast_to(np.asarray(theta, dtype=np.float32), (H, D))
     out = np.zeros((T, H, D))
     skipped, total = np.zeros(H), np.zeros(H)
     for t in range(T):
@@ -659,7 +663,7 @@ def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
         for h in range(H):
             kh = k[h // G].astype(np.float64)
             d = (q[t, h] - qhat[h]).astype(np.float32)
-            keep = (np.abs(d) >= theta) & (d != 0)
+            keep = (np.abs(d) >= theta[h]) & (d != 0)
             d = np.where(keep, d, np.float32(0))
             qhat[h] = np.where(keep, q[t, h], qhat[h])
             srow[h, :n_old] += kh[:n_old, keep] @ d[keep].astype(np.float64)
@@ -672,10 +676,12 @@ def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
     return out.astype(np.float32), skipped, total
 
 
-def simulate_sparsity(q, theta: float, window: int) -> float:
+def simulate_sparsity(q, theta, window: int) -> float:
     """Sparsity the delta recurrence reaches on the queries q (T, H, hd) of one layer (positions 0..T-1) at
-    threshold θ -- the fraction of outside-window multiply-adds skipped (used to calibrate θ)."""
-    return _simulate(np.ascontiguousarray(q, dtype=np.float32), np.float32(theta), window)
+    threshold θ (a number, or per head and dimension (H, hd)) -- the fraction of outside-window multiply-adds skipped."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    th = np.broadcast_to(np.asarray(theta, dtype=np.float32), q.shape[1:]).copy()
+    return _simulate(q, th, window)
 
 
 @njit(**_JIT)
@@ -690,7 +696,7 @@ def _simulate(q, theta, window):
             cnt = 0
             for i in range(D):
                 x = q[t, h, i] - qhat[h, i]
-                if abs(x) >= theta and x != 0:
+                if abs(x) >= theta[h, i] and x != 0:
                     qhat[h, i] = q[t, h, i]
                     cnt += 1
             skip += n_old * (D - cnt)
@@ -698,17 +704,18 @@ def _simulate(q, theta, window):
     return skip / tot if tot > 0 else 0.0
 
 
-def calibrate_threshold(q, target: float, window: int, iters: int = 40) -> float:
-    """Smallest θ (bisection) at which the delta recurrence on q (T, H, hd) skips >= target of the outside-window
-    multiply-adds (the sparsity grows with θ)."""
+def calibrate_threshold(q, target: float, window: int, dim_scale=None, iters: int = 40) -> float:
+    """Smallest θ (bisection) at which the delta recurrence on q (T, H, hd) with thresholds θ * dim_scale (H, hd)
+    (default 1) skips >= target of the outside-window multiply-adds (the sparsity grows with θ)."""
     if target <= 0:
         return 0.0
-    lo, hi = 0.0, float(np.abs(q).max()) * 2 + 1e-6
-    if simulate_sparsity(q, hi, window) < target:
+    sc = np.ones(q.shape[1:], np.float32) if dim_scale is None else np.asarray(dim_scale, np.float32)
+    lo, hi = 0.0, float(np.abs(q).max() / sc.min()) * 2 + 1e-6
+    if simulate_sparsity(q, hi * sc, window) < target:
         return hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if simulate_sparsity(q, mid, window) >= target:
+        if simulate_sparsity(q, mid * sc, window) >= target:
             hi = mid
         else:
             lo = mid

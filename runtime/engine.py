@@ -107,7 +107,9 @@ class Engine:
                         max_tokens: int = 1024) -> tuple:
         """Delta attention with a threshold θ per layer such that, on the calibration text (str or token ids;
         default: text sampled from the model itself), the delta rule skips `target` of each layer's
-        outside-window multiply-adds. The queries come from a dense pass; returns the thresholds."""
+        outside-window multiply-adds. Each dimension's threshold is θ scaled by the inverse RMS of that key
+        dimension (a change of q_i moves the scores by d_i k_i), so the skipped changes are the ones that matter
+        least. Queries and keys come from a dense pass; returns the per-layer θ."""
         from ..kernels.attention import calibrate_threshold
         toks = self._calibration_tokens(calib, max_tokens)
         c = self.cfg
@@ -117,8 +119,16 @@ class Engine:
                         stats=AttentionStats(c.n_layer, c.n_head))
         cache.recorder = [[] for _ in range(c.n_layer)]
         self.prefill(toks, cache)
-        th = tuple(calibrate_threshold(np.concatenate(r), target, window) for r in cache.recorder)
-        self.set_attention(AttentionConfig("delta", th, window))
+        G = c.n_head // c.n_head_kv
+        th, scales = [], []
+        for layer, rec in enumerate(cache.recorder):
+            k = cache.keys(layer)  # (Hkv, T, hd)
+            w = np.sqrt(((k - k[:, :1]) ** 2).mean(1))  # RMS of each key dimension around the sink's key
+            w = np.repeat(np.maximum(w, 1e-6 * w.mean() + 1e-12), G, axis=0)  # (H, hd)
+            sc = (w.mean() / w).astype(np.float32)
+            th.append(calibrate_threshold(np.concatenate(rec), target, window, sc))
+            scales.append(sc)
+        self.set_attention(AttentionConfig("delta", tuple(th), window, np.stack(scales)))
         self.delta_target = target
         return th
 

@@ -14,7 +14,7 @@ queries q̂ and one score row per query head) and counts the multiply-adds the d
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +42,9 @@ class AttentionConfig:
     kind: str = "dense"
     theta: tuple = ()  # per layer (delta)
     window: int = 64
+    # per layer, query head and dimension (n_layer, n_head, head_dim): the threshold of dimension i is θ * dim_scale[i]
+    # (calibration sets it to the inverse RMS of the keys' dimension: a change of q_i matters in proportion to k_i)
+    dim_scale: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.kind not in ATTN_KINDS:
@@ -131,7 +134,9 @@ class KVCache(Cache):
         if self.attn.kind == "delta":
             self.qhat = np.zeros((n_layer, self.n_head, head_dim), dtype=np.float32)
             self.srow = np.zeros((n_layer, self.n_head, n_ctx), dtype=np.float32)
-            self._theta = np.asarray(self.attn.theta, dtype=np.float32)
+            sc = (np.ones((n_layer, self.n_head, head_dim), np.float32) if self.attn.dim_scale is None
+                  else np.asarray(self.attn.dim_scale, np.float32).reshape(n_layer, self.n_head, head_dim))
+            self._theta = np.ascontiguousarray(np.asarray(self.attn.theta, np.float32)[:, None, None] * sc)
         else:
             self.qhat = self.srow = np.zeros((n_layer, 1, 1), dtype=np.float32)
         # quantized K / V are stored Hadamard-rotated (as llama.cpp does, `attn_rot_k/v`): the rotation spreads the
@@ -141,12 +146,14 @@ class KVCache(Cache):
         quant = ("q8_0", "q4_0")
         self.rot_k = bool(transform and self.type_k in quant and A.can_rotate(head_dim) and self.attn.kind != "delta")
         self.rot_v = bool(transform and self.type_v in quant and A.can_rotate(head_dim))
-        # ... and centred: every key is stored minus one offset per layer and kv head (the mean of the sequence's first
-        # stored tokens), which changes all of a query's scores by the same q . mu, so softmax ignores it exactly; the
-        # value offset is added back to the output. Keys lose their constant (slow rotary) part, which would otherwise
-        # set the block scales (q4_0 K: +5% -> +2% perplexity). Delta attention centres the keys too: its error bound
-        # (θ |k_j - mu|_1 per score) shrinks with them.
+        # ... and centred: every key is stored minus one offset mu per layer and kv head, which changes all of a
+        # query's scores by the same q . mu, so softmax ignores it exactly; the value offset is added back to the
+        # output. Quantized caches take the mean of the sequence's first stored tokens: keys lose their constant (slow
+        # rotary) part, which would otherwise set the block scales (q4_0 K: +5% -> +2% perplexity). Delta attention
+        # takes the first token's key (the attention sink): an old key's score is off by (q̂ - q) . (k_j - mu), so
+        # the sink, which holds most of the attention, is scored exactly.
         self.center_k = bool(transform and (self.type_k in quant or self.attn.kind == "delta"))
+        self.sink_center = self.attn.kind == "delta"
         self.center_v = bool(transform and self.type_v in quant)
         self.k_mean = np.zeros((n_layer, n_head_kv, head_dim), dtype=np.float32)
         self.v_mean = np.zeros((n_layer, n_head_kv, head_dim), dtype=np.float32)
@@ -201,7 +208,7 @@ class KVCache(Cache):
         v = np.ascontiguousarray(v, dtype=np.float32)
         if self.center_k or self.center_v:
             if self.n == 0:  # the first tokens of the sequence fix the offsets
-                self.k_mean[layer] = k.mean(0) if self.center_k else 0
+                self.k_mean[layer] = (k[0] if self.sink_center else k.mean(0)) if self.center_k else 0
                 self.v_mean[layer] = v.mean(0) if self.center_v else 0
             k = k - self.k_mean[layer] if self.center_k else k
             v = v - self.v_mean[layer] if self.center_v else v
@@ -220,7 +227,7 @@ class KVCache(Cache):
         delta = self.attn.kind == "delta"
         phase = DECODE if T == 1 else PREFILL
         skipped, total = self.stats.skipped[phase, layer], self.stats.total[phase, layer]
-        theta = self._theta[layer] if delta else np.float32(0)
+        theta = self._theta[layer] if delta else self.qhat[layer]  # (unused by dense attention)
         if T == 1:
             A.attention_decode(np.ascontiguousarray(q[0]), self.k[layer], self.k_scales[layer], self.v[layer],
                                self.v_scales[layer], N, np.float32(scale), A.F16_TABLE, delta, self.qhat[layer],

@@ -73,8 +73,8 @@ def test_decode_on_compressed_cache_matches_reference(kv, H, Hkv, n):
     kq = A.dequantize_ref(*A.quantize_ref(k, kv), kv).transpose(1, 0, 2)  # (Hkv, n, D): what the cache holds
     vq = A.dequantize_ref(*A.quantize_ref(v, kv), kv).transpose(1, 0, 2)
     z = np.zeros((1, 1), np.float32)
-    out = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, np.float32(0),
-                             1, np.zeros(H), np.zeros(H), False, False, np.empty((H, D), np.float32))
+    out = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, z, 1,
+                             np.zeros(H), np.zeros(H), False, False, np.empty((H, D), np.float32))
     ref = ops.attention_ref(q[None], kq, vq, n - 1, D ** -0.5)[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -106,7 +106,7 @@ def test_delta_prefill_and_decode_match_the_reference(theta, window):
     for t in range(T0, N):
         o = np.empty((H, D), np.float32)
         A.attention_decode(q[t], Kc, z, Vc, z, t + 1, np.float32(scale), A.F16_TABLE, True, qhat, srow,
-                           np.float32(theta), window, sk, tot, False, False, o)
+                           np.full((H, D), theta, np.float32), window, sk, tot, False, False, o)
         outs.append(o[None])
     out = np.concatenate(outs)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
@@ -115,6 +115,24 @@ def test_delta_prefill_and_decode_match_the_reference(theta, window):
     np.testing.assert_allclose(qhat, qh_ref, rtol=0, atol=0)
     if theta > 0 and window < N:
         assert sk.sum() > 0
+
+
+def test_per_dimension_thresholds_match_the_reference():
+    H, Hkv, D, N, W = 4, 2, 64, 120, 16
+    q, k, v = _queries(N, H, D, 19), r(N, Hkv, D, seed=20), r(N, Hkv, D, seed=21)
+    theta = (0.2 + np.random.default_rng(22).random((H, D))).astype(np.float32)
+    qh_ref, s_ref = np.zeros((H, D), np.float32), np.zeros((H, N))
+    ref, sk_ref, _ = A.delta_attention_ref(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0, D ** -0.5, qh_ref, s_ref,
+                                           theta, W)
+    Kc, Vc = k.transpose(1, 2, 0).copy(), v.transpose(1, 2, 0).copy()
+    qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)
+    out = A.delta_attention_prefill(q[:90], Kc, Vc, 0, D ** -0.5, qhat, srow, theta, W, sk, tot)
+    z = np.zeros((Hkv, 0, 1), np.uint16)
+    rest = [A.attention_decode(q[t], Kc, z, Vc, z, t + 1, np.float32(D ** -0.5), A.F16_TABLE, True, qhat, srow, theta,
+                               W, sk, tot, False, False, np.empty((H, D), np.float32))[None] for t in range(90, N)]
+    np.testing.assert_allclose(np.concatenate([out] + rest), ref, rtol=1e-4, atol=2e-5)
+    np.testing.assert_array_equal(sk, sk_ref)
+    assert abs(A.simulate_sparsity(q, theta, W) - sk.sum() / tot.sum()) < 1e-12
 
 
 def test_delta_with_theta_zero_is_dense():
@@ -144,7 +162,7 @@ def test_delta_decode_on_quantized_cache_skips_rows():
     ref, sk_ref, _ = A.delta_attention_ref(q, kq, vq, 0, D ** -0.5, qh_ref, s_ref, theta, W)
     qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)
     out = np.stack([A.attention_decode(q[t], kd, ks, vd, vs, t + 1, np.float32(D ** -0.5), A.F16_TABLE, True,
-                                       qhat, srow, np.float32(theta), W, sk, tot, False, False,
+                                       qhat, srow, np.full((H, D), theta, np.float32), W, sk, tot, False, False,
                                        np.empty((H, D), np.float32))
                     for t in range(N)])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
@@ -172,8 +190,8 @@ def test_hadamard_rotation_is_exact_on_f32_and_helps_q4_0():
         kd, ks = make_cache(kv, Hkv, D, n)
         vd, vs = make_cache(kv, Hkv, D, n)
         A.store_kv(kd, ks, vd, vs, k, v, 0, rot, rot)
-        outs[kv, rot] = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z,
-                                           np.float32(0), 1, np.zeros(H), np.zeros(H), rot, rot,
+        outs[kv, rot] = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, z,
+                                           1, np.zeros(H), np.zeros(H), rot, rot,
                                            np.empty((H, D), np.float32))
     ref = outs["f32", False]
     np.testing.assert_allclose(outs["f32", True], ref, rtol=1e-4, atol=1e-5)
