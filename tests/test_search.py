@@ -170,6 +170,17 @@ def test_restored_cache_gives_the_same_logits_as_recomputing(engine):
     assert np.abs(ref - n.logits).max() < 0.05 * np.abs(ref).max()
 
 
+def test_caches_that_cannot_be_snapshotted_are_forked(engine, monkeypatch):
+    """A cache type search cannot copy row-wise (e.g. the ONNX backend's) keeps a forked cache per waiting
+    state instead: same answers' accounting, still nothing recomputed."""
+    monkeypatch.setattr(CacheLayout, "__init__", lambda self, engine: setattr(self, "ok", False))
+    calls = _instrument(engine, monkeypatch)
+    s, res, _ = _run(engine, "astar", 24, 2, seed=5, max_step_tokens=4)
+    assert res.trace.prefill_tokens_recomputed == 0 and res.trace.kv_rows_restored == 0
+    assert sum(n for _, n in calls) == res.trace.tokens_processed <= res.trace.prompt_tokens + res.trace.tokens_generated
+    assert any(n.cache is not None for n in res.nodes)
+
+
 def test_cache_layout_is_understood(engine):
     lay = CacheLayout(engine)
     assert lay.ok and "k" in lay.pos and "v" in lay.pos
