@@ -251,5 +251,4 @@ def test_cli_search_json_and_errors(model_path):
     assert {"answer", "tokens_generated", "prm_calls", "budget_exhausted", "strategy", "states_expanded"} <= set(d)
     assert d["strategy"] == "astar" and d["tokens_generated"] <= 24 and d["prefill_tokens_recomputed"] == 0
     assert_clean_error(cli("search", str(model_path), "-p", "hi", "--strategy", "beam"))
-    assert_clean_error(cli("search", str(model_path), "-p", "hi", "--budget", "-3"))
     assert_clean_error(cli("search", str(model_path), "--task", "nope-1"))
