@@ -34,7 +34,8 @@ AttnOpt = typer.Option("dense", "--attn", help="Attention: dense, or delta (Delt
                                                "outside a window of recent ones updated from the previous token's).")
 DeltaThresholdOpt = typer.Option(None, "--delta-threshold", help="Delta: threshold θ on |q_t - q̂| (0 = exact).")
 DeltaSparsityOpt = typer.Option(None, "--delta-sparsity", help="Delta: calibrate θ per layer to skip this fraction of "
-                                                               "the outside-window multiply-adds (e.g. 0.5).")
+                                                               "the outside-window multiply-adds (default 0.5 when "
+                                                               "no --delta-threshold is given).")
 DeltaWindowOpt = typer.Option(64, "--delta-window", help="Delta: recent keys always scored exactly.")
 DeltaCalibOpt = typer.Option(None, "--delta-calib", help="Delta: text file to calibrate --delta-sparsity on.")
 KvOpt = typer.Option("f32", "--kv", help="KV cache type: f32, f16, q8_0, q4_0, or K,V types (as -ctk/-ctv).")
@@ -47,7 +48,7 @@ def _engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
         kw["kv"] = kv
     if attn != "dense" or delta_threshold is not None or delta_sparsity is not None:
         kw.update(attn=attn, delta_threshold=delta_threshold, delta_sparsity=delta_sparsity, delta_window=delta_window)
-        if delta_sparsity is not None:
+        if delta_threshold is None:  # calibrated (to --delta-sparsity, default 0.5)
             if delta_calib is not None:
                 try:
                     calib_text = open(delta_calib, encoding="utf-8").read()

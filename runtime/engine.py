@@ -16,6 +16,7 @@ from ..kernels.attention import bytes_per_token
 from .kv_cache import ATTN_KINDS, AttentionConfig, AttentionStats, KVCache, parse_kv
 
 DEFAULT_WINDOW = 64  # delta attention: keys nearest the query that are always scored exactly
+DEFAULT_SPARSITY = 0.5  # delta attention without a threshold: calibrated to skip this fraction
 from .weights import WeightSource
 
 
@@ -46,7 +47,8 @@ class Engine:
                  delta_window: int = DEFAULT_WINDOW, calib=None, kv_transform: bool = True):
         """kv: the KV cache type of new caches (f32, f16, q8_0, q4_0; or "K,V" types). attn: "dense" or "delta"; delta takes a
         threshold θ (one float, or one per layer) or a target sparsity, for which θ is calibrated per layer on
-        `calib` (text or token ids; default: text the model samples itself), and a window of exact keys.
+        `calib` (text or token ids; default: runtime/calibration.py's text), and a window of exact keys; --attn delta
+        alone calibrates to DEFAULT_SPARSITY.
         kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache)."""
         t0 = time.perf_counter()
         try:
@@ -85,10 +87,11 @@ class Engine:
         self.attn = AttentionConfig()
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if attn == "delta":
-            if delta_sparsity is not None:
-                self.calibrate_delta(delta_sparsity, calib, delta_window)
+            if delta_threshold is None:  # --attn delta alone: calibrated to DEFAULT_SPARSITY
+                self.calibrate_delta(DEFAULT_SPARSITY if delta_sparsity is None else delta_sparsity, calib,
+                                     delta_window)
             else:
-                th = 0.0 if delta_threshold is None else delta_threshold
+                th = delta_threshold
                 th = [float(th)] * self.cfg.n_layer if np.ndim(th) == 0 else [float(t) for t in th]
                 try:
                     self.attn = AttentionConfig("delta", tuple(th), delta_window)
@@ -106,7 +109,7 @@ class Engine:
     def calibrate_delta(self, target: float, calib=None, window: int = DEFAULT_WINDOW,
                         max_tokens: int = 1024) -> tuple:
         """Delta attention with a threshold θ per layer such that, on the calibration text (str or token ids;
-        default: text sampled from the model itself), the delta rule skips `target` of each layer's
+        default: runtime/calibration.py's text), the delta rule skips `target` of each layer's
         outside-window multiply-adds. Each dimension's threshold is θ scaled by the inverse RMS of that key
         dimension (a change of q_i moves the scores by d_i k_i), so the skipped changes are the ones that matter
         least. Queries and keys come from a dense pass; returns the per-layer θ."""
@@ -133,22 +136,12 @@ class Engine:
         return th
 
     def _calibration_tokens(self, calib, max_tokens: int) -> np.ndarray:
-        if calib is None:  # text the model samples itself (temperature 1, top-k 40, fixed seed)
-            from .sampling import Sampler, SamplerSettings
-            sampler = Sampler(SamplerSettings(temp=1.0, top_k=40, top_p=1.0, min_p=0.0, seed=0))
-            bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
-            n = min(max_tokens, 512, self.n_ctx)
-            cache = KVCache(self.cfg.n_layer, self.cfg.n_head_kv, n, self.cfg.head_dim)
-            toks = [bos]
-            logits = self.prefill(toks, cache)
-            while len(toks) < n:
-                toks.append(sampler(logits, toks))
-                if len(toks) < n:
-                    logits = self.decode(toks[-1], cache)
-            return np.array(toks, dtype=np.int64)
+        if calib is None:  # a few paragraphs of ordinary text (runtime/calibration.py)
+            from .calibration import CALIBRATION_TEXT
+            calib = CALIBRATION_TEXT
         if isinstance(calib, str):
             calib = self.tokenizer.encode(calib, add_bos=False, parse_special=False)
-        return np.asarray(calib, dtype=np.int64)[:max_tokens]
+        return np.asarray(calib, dtype=np.int64)[:min(max_tokens, self.n_ctx)]
 
     def attention_stats(self, per_head: bool = False) -> dict:
         """Delta sparsity (overall; per phase and layer, optionally per head) and attention seconds per phase,
