@@ -12,7 +12,8 @@ kv: perplexity and KV bytes per token of f32/f16/q8_0/q4_0 caches (with and with
 of llama.cpp's f16/q8_0/q4_0 caches (type_k = type_v, flash attention, its Hadamard rotation on and off).
 depth: the cache is filled to `depth` tokens of the text once (dense f32 prefill), copied into each configuration's
 cache (a delta state starts valid at any point: q̂ = 0 and zero score rows satisfy s = q̂ · k), then `gen` tokens of
-the text are decoded one at a time: decode tok/s and attention seconds per token (store + attend, all layers);
+the text are decoded one at a time, in rounds that interleave the configurations (medians reported): decode tok/s and
+attention seconds per token (store + attend, all layers);
 llama.cpp decodes at the same depth. Speed is noisy on a shared machine: compare within one run.
 """
 from __future__ import annotations
@@ -206,7 +207,7 @@ def _copy_cache(src, dst):
     return dst
 
 
-def depth(model, text_path, depth_tokens, n_gen, out, threads, targets, llama=True):
+def depth(model, text_path, depth_tokens, n_gen, out, threads, targets, llama=True, rounds=4):
     path = resolve_model(model)
     n_ctx = depth_tokens + n_gen + 8
     base = Engine(path, n_ctx=n_ctx, threads=threads)
@@ -221,20 +222,31 @@ def depth(model, text_path, depth_tokens, n_gen, out, threads, targets, llama=Tr
     for tg in targets:
         configs += [(f"delta {tg:.0%}", "f32", dict(attn="delta", delta_sparsity=tg, calib=calib)),
                     (f"delta {tg:.0%}", "q8_0", dict(attn="delta", delta_sparsity=tg, calib=calib))]
-    rows = []
+    runs = []
     for name, kv, kw in configs:
         eng = Engine(path, n_ctx=n_ctx, threads=threads, kv=kv, **kw)
         cache = _copy_cache(filled, eng.new_cache())
         eng.decode(int(gen_toks[0]), cache.fork())  # warm-up (JIT)
-        eng.attn_stats.reset()
-        t = time.perf_counter()
-        for tok in gen_toks:
-            eng.decode(int(tok), cache)
-        sec = time.perf_counter() - t
-        st = eng.attention_stats()
-        rows.append(dict(engine="edgellm", attn=name, kv=kv, depth=depth_tokens, n_gen=n_gen,
-                         decode_tps=n_gen / sec, attn_ms_per_token=1e3 * st["decode"]["attention_seconds"] / n_gen,
-                         sparsity=st["decode"]["sparsity"], kv_bytes_per_token=eng.kv_bytes_per_token))
+        runs.append((name, kv, eng, cache))
+    # rounds interleave the configurations, so that a machine that gets busier hits them alike; medians are reported
+    per = max(1, n_gen // rounds)
+    meas = {i: [] for i in range(len(runs))}
+    for r in range(rounds):
+        for i, (name, kv, eng, cache) in enumerate(runs):
+            c = cache.fork()
+            eng.attn_stats.reset()
+            t = time.perf_counter()
+            for tok in gen_toks[r * per:(r + 1) * per]:
+                eng.decode(int(tok), c)
+            sec = time.perf_counter() - t
+            st = eng.attention_stats()
+            meas[i].append((per / sec, 1e3 * st["decode"]["attention_seconds"] / per, st["decode"]["sparsity"]))
+    rows = []
+    for i, (name, kv, eng, cache) in enumerate(runs):
+        m = np.array(meas[i])
+        rows.append(dict(engine="edgellm", attn=name, kv=kv, depth=depth_tokens, n_gen=per * rounds,
+                         decode_tps=float(np.median(m[:, 0])), attn_ms_per_token=float(np.median(m[:, 1])),
+                         sparsity=float(m[:, 2].mean()), kv_bytes_per_token=eng.kv_bytes_per_token))
         print(rows[-1], flush=True)
     if llama:
         import llama_cpp

@@ -37,7 +37,7 @@ _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
 
 QK = 32  # values per quantization block
-TJ = 512  # tokens per dequantized tile in decode
+TJ = 256  # tokens per dequantized tile in decode
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 # f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`)
@@ -409,6 +409,71 @@ def dot_rows(p, src, s0, m, out):
         i += 1
 
 
+@njit(**_JIT)
+def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
+    # dst[g, d0 + u] += sum_i coef[h0 + g, i] * src[i, s0 + u] for g < G, u < m, every row i: rows four at a time with
+    # the G heads inside, so that each group of rows is read once (from L1) for all the heads that share it
+    D = coef.shape[1]
+    i = 0
+    while i + 4 <= D:
+        a0 = src[i, s0:s0 + m]
+        a1 = src[i + 1, s0:s0 + m]
+        a2 = src[i + 2, s0:s0 + m]
+        a3 = src[i + 3, s0:s0 + m]
+        for g in range(G):
+            c0, c1, c2, c3 = coef[h0 + g, i], coef[h0 + g, i + 1], coef[h0 + g, i + 2], coef[h0 + g, i + 3]
+            out = dst[g, d0:d0 + m]
+            for u in range(m):
+                out[u] += c0 * a0[u] + c1 * a1[u] + c2 * a2[u] + c3 * a3[u]
+        i += 4
+    while i < D:
+        a0 = src[i, s0:s0 + m]
+        for g in range(G):
+            c0 = coef[h0 + g, i]
+            out = dst[g, d0:d0 + m]
+            for u in range(m):
+                out[u] += c0 * a0[u]
+        i += 1
+
+
+@njit(**_JIT)
+def dot_rows_g(p, p0, src, s0, m, out, G):
+    # out[g, i] += sum_u p[g, p0 + u] * src[i, s0 + u] for g < G, every row i of src (rows four at a time, heads inside)
+    D = out.shape[1]
+    i = 0
+    while i + 4 <= D:
+        a0 = src[i, s0:s0 + m]
+        a1 = src[i + 1, s0:s0 + m]
+        a2 = src[i + 2, s0:s0 + m]
+        a3 = src[i + 3, s0:s0 + m]
+        for g in range(G):
+            pp = p[g, p0:p0 + m]
+            x0 = np.float32(0.0)
+            x1 = np.float32(0.0)
+            x2 = np.float32(0.0)
+            x3 = np.float32(0.0)
+            for u in range(m):
+                w = pp[u]
+                x0 += w * a0[u]
+                x1 += w * a1[u]
+                x2 += w * a2[u]
+                x3 += w * a3[u]
+            out[g, i] += x0
+            out[g, i + 1] += x1
+            out[g, i + 2] += x2
+            out[g, i + 3] += x3
+        i += 4
+    while i < D:
+        a0 = src[i, s0:s0 + m]
+        for g in range(G):
+            pp = p[g, p0:p0 + m]
+            x0 = np.float32(0.0)
+            for u in range(m):
+                x0 += pp[u] * a0[u]
+            out[g, i] += x0
+        i += 1
+
+
 # ================================================================ decode: one query per head, on the cache directly
 @njit(parallel=True, **_JIT)
 def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, rot_k, rot_v,
@@ -470,10 +535,10 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
             b = max(t0, n_old)
             if t1 > b:  # the window (dense: everything): exact scores
                 src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
-                for g in range(G):
-                    h = kh * G + g
-                    axpy_rows(sc[g], b - j0, src, off, t1 - b, allidx, q[h], D)
-                    if delta:
+                axpy_rows_g(sc, b - j0, src, off, t1 - b, q, kh * G, G)
+                if delta:
+                    for g in range(G):
+                        h = kh * G + g
                         for j in range(b, t1):
                             srow[h, j] = sc[g, j - j0]
         nj = j1 - j0
@@ -487,8 +552,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         for t0 in range(j0, j1, TJ):
             t1 = min(j1, t0 + TJ)
             src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
-            for g in range(G):
-                dot_rows(sc[g, t0 - j0:], src, off, t1 - t0, o_part[w, g])
+            dot_rows_g(sc, t0 - j0, src, off, t1 - t0, o_part[w], G)
     for h in range(H):
         kh = h // G
         g = h % G
