@@ -301,10 +301,40 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
             fmt: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder that onnxruntime, "
                                                              "optimum and `edgellm run` load)."),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or int4 (MatMulNBits)."),
-            force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")):
-    """Convert a Hugging Face checkpoint (LlamaForCausalLM, BitNetForCausalLM, ...) to GGUF or ONNX. The output
-    is written to a temporary name and renamed at the end: a failed conversion leaves nothing behind."""
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+            variant: Optional[str] = typer.Option(None, "--variant", help="An efficient variant of a Llama checkpoint: "
+                                                  "prune (Adapt-Pruner), mla (X-EcoMLA latent KV) or linear (LAWCAT "
+                                                  "linear attention)."),
+            target_params: Optional[float] = typer.Option(None, "--target-params", help="prune: fraction of the "
+                                                          "original parameter count to keep (e.g. 0.7)."),
+            kv_rank: Optional[int] = typer.Option(None, "--kv-rank", help="mla: rank of the shared latent KV."),
+            q_rank: Optional[int] = typer.Option(None, "--q-rank", help="mla: rank of the query factorisation "
+                                                 "(default: none, q stays full)."),
+            rope_dim: Optional[int] = typer.Option(None, "--rope-dim", help="mla: decoupled RoPE dimensions per head."),
+            conv_kernel: Optional[int] = typer.Option(None, "--conv-kernel", help="linear: causal conv kernel size."),
+            heal: int = typer.Option(0, "--heal", help="Variants: optimizer steps of distillation from the original "
+                                                        "model on the CPU (0: no healing)."),
+            calib: Optional[Path] = typer.Option(None, "--calib", help="Variants: calibration / healing text file "
+                                                 "(default: text the original model writes itself)."),
+            eval_file: Optional[Path] = typer.Option(None, "--eval", help="Variants: held-out text for the "
+                                                     "perplexity report (default: the last windows of --calib)."),
+            lr: float = typer.Option(1e-4, "--lr", help="Variants: learning rate of healing."),
+            seq_len: int = typer.Option(256, "--seq-len", help="Variants: tokens per calibration window."),
+            threads: Optional[int] = typer.Option(None, "--threads", "-t", help="Variants: torch threads "
+                                                  "(default: physical cores)."),
+            as_json: bool = typer.Option(False, "--json", help="Variants: print the report as one JSON line.")):
+    """Convert a Hugging Face checkpoint (LlamaForCausalLM, BitNetForCausalLM, ...) to GGUF or ONNX, optionally as
+    an efficient variant with a report (parameters, KV bytes per token, held-out perplexity before and after
+    healing). The output is written to a temporary name and renamed at the end: a failed conversion leaves nothing
+    behind."""
     from .runtime.progress import progress_bar
+    if variant is not None:
+        _convert_variant(src, out, variant, fmt, outtype, dtype, force, dict(
+            target_params=target_params, kv_rank=kv_rank, q_rank=q_rank, rope_dim=rope_dim, conv_kernel=conv_kernel),
+            heal, calib, eval_file, lr, seq_len, threads, as_json)
+        return
+    if any(o is not None for o in (target_params, kv_rank, q_rank, rope_dim, conv_kernel, calib, eval_file)) or heal:
+        _err("--target-params, --kv-rank, --q-rank, --rope-dim, --conv-kernel, --heal, --calib and --eval need --variant")
     if fmt == "onnx":
         if outtype is not None:
             _err("--outtype is for --format gguf (ONNX takes --dtype fp32|int4)")
@@ -322,6 +352,37 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
     else:
         _err(f"unknown --format {fmt!r} (choose gguf or onnx)")
     print(path)
+
+
+def _read_text(path: Optional[Path], what: str) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _err(f"cannot read {what} {path}: {e}")
+
+
+def _convert_variant(src, out, variant, fmt, outtype, dtype, force, opts, heal, calib, eval_file, lr, seq_len,
+                     threads, as_json):
+    from .converters.variant import convert_variant, format_report
+    from .runtime.progress import progress_bar
+    if fmt == "gguf" and dtype is not None:
+        _err("--dtype is for --format onnx (GGUF takes --outtype)")
+    if fmt == "onnx" and outtype is not None:
+        _err("--outtype is for --format gguf (ONNX takes --dtype fp32|int4)")
+    calib_text, eval_text = _read_text(calib, "--calib"), _read_text(eval_file, "--eval")
+    opts = {k: v for k, v in opts.items() if v is not None}
+    with progress_bar(f"{variant}", "steps") as update:
+        report = convert_variant(src, out, variant, opts, heal_steps=heal, calib=calib_text, eval_text=eval_text,
+                                 fmt=fmt, outtype=outtype or "f16", dtype=dtype or "fp32", force=force, lr=lr,
+                                 seq_len=seq_len, threads=threads, progress=lambda stage, i, n: update(i, n),
+                                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report), file=sys.stderr)
+        print(report["out"])
 
 
 @app.command()

@@ -3,7 +3,9 @@ ones with the same structure), for conversion tests and 1B-scale benchmarks: the
 downloaded here. The tokenizer is SmolLM2's (taken from the default GGUF through transformers), padded by the
 converter to the config's vocabulary size.
 
-    python -m edgellm.bench.make_checkpoints OUT_DIR --model {llama-3.2-1b,bitnet-2b4t,tiny-llama,tiny-bitnet}
+    python -m edgellm.bench.make_checkpoints OUT_DIR --model {llama-3.2-1b,bitnet-2b4t,tiny-llama,tiny-bitnet,smollm2-135m}
+
+smollm2-135m is the real SmolLM2-135M-Instruct, rebuilt from the default GGUF (Q4_1 weights, dequantized).
 
 Needs the `convert` extra (torch, transformers). BitNet checkpoints are written as transformers' BitNet
 quantizer stores them (`quantization_config.quant_method = bitnet`, packed uint8 ternary weights and a
@@ -67,12 +69,27 @@ def pack_ternary(t):
     return packed
 
 
+def make_smollm2(out: Path, gguf_path: str | None = None) -> Path:
+    """SmolLM2-135M-Instruct's real weights, rebuilt by transformers from the default GGUF (Q4_1 dequantized to
+    f32) and saved as a LlamaForCausalLM checkpoint: the real model for the variants' quality measurements."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from ..runtime.fetch import resolve_model
+    p = Path(gguf_path or resolve_model(None))
+    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    m.save_pretrained(str(out))
+    save_tokenizer(out, str(p))
+    return out
+
+
 def make(out: str | Path, model: str, seed: int = 0, dtype: str | None = None, tokenizer_gguf: str | None = None):
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if model == "smollm2-135m":
+        return make_smollm2(out, tokenizer_gguf)
     cfg = dict(MODELS[model])
     bitnet = cfg["model_type"] == "bitnet"
     torch_dtype = getattr(torch, dtype or cfg["torch_dtype"])
@@ -113,7 +130,7 @@ def make(out: str | Path, model: str, seed: int = 0, dtype: str | None = None, t
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
-    ap.add_argument("--model", choices=sorted(MODELS), required=True)
+    ap.add_argument("--model", choices=sorted(MODELS) + ["smollm2-135m"], required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     a = ap.parse_args(argv)
