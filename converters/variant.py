@@ -24,6 +24,19 @@ from .gguf_convert import FILE_TYPES, OUTTYPES, _quantize, check_output
 from .tokenizer import add_tokenizer
 
 VARIANTS: dict[str, type["Variant"]] = {}
+VARIANT_MODULES = ("prune", "mla", "linear")  # converters/<name>.py, each registers its Variant on import
+
+
+def variants() -> dict[str, type["Variant"]]:
+    """The registry, with every variant module imported."""
+    import importlib
+    for m in VARIANT_MODULES:
+        try:
+            importlib.import_module(f"{__package__}.{m}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{m}":
+                raise
+    return VARIANTS
 
 
 def register_variant(name: str):
@@ -114,7 +127,7 @@ def transform_model(model, variant: str, calib=None, heal_steps: int = 0, teache
     `calib` is a LongTensor (n_seq, seq_len) of token ids (needed by pruning and healing)."""
     import copy
     torch = _torch()
-    cls = VARIANTS.get(variant)
+    cls = variants().get(variant)
     if cls is None:
         raise ConversionError(f"unknown variant {variant!r} (choose from {', '.join(sorted(VARIANTS))})")
     if teacher is None:
@@ -293,7 +306,7 @@ def convert_variant(src, out, variant: str, opts: dict | None = None, heal_steps
     torch = _torch()
     from tokenizers import Tokenizer
     from ..runtime.engine import physical_cores
-    cls = VARIANTS.get(variant)
+    cls = variants().get(variant)
     if cls is None:
         raise ConversionError(f"unknown --variant {variant!r} (choose from {', '.join(sorted(VARIANTS))})")
     if fmt not in ("gguf", "onnx"):

@@ -7,9 +7,6 @@ from typing import Any, Mapping
 from gguf import Keys
 
 
-EXTRA_KEYS = ("hidden_act",)  # per-architecture keys kept in ModelConfig.extra (bitnet.hidden_act)
-
-
 class ConfigError(ValueError):
     """Metadata missing, of the wrong type or out of range (the runtime reports it as a GGUF error)."""
 
@@ -21,6 +18,19 @@ def _int(meta: Mapping[str, Any], key: str, default: int | None = None, lo: int 
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ConfigError(f"metadata {key!r} = {v!r} is not an integer in [{lo}, {hi}]")
     return v
+
+
+def _per_layer(meta: Mapping[str, Any], key: str, default: int | None = None, lo: int = 1) -> int:
+    """A count that may be one integer or one per layer (deci: head_count_kv, feed_forward_length): the largest
+    (every entry checked); the per-layer list stays in ModelConfig.extra under the key's name."""
+    v = meta.get(key, default)
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise ConfigError(f"metadata {key!r} is an empty array")
+        for x in v:
+            _int({key: x}, key, lo=lo)
+        return max(v)
+    return _int(meta, key, default, lo=lo)
 
 
 def _float(meta: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -67,7 +77,7 @@ class ModelConfig:
         if not isinstance(arch, str):
             raise ConfigError(f"missing metadata key {Keys.General.ARCHITECTURE!r}")
         k = lambda key: key.format(arch=arch)  # noqa: E731
-        n_head = _int(meta, k(Keys.Attention.HEAD_COUNT))
+        n_head = _per_layer(meta, k(Keys.Attention.HEAD_COUNT))
         n_embd = _int(meta, k(Keys.LLM.EMBEDDING_LENGTH))
         n_vocab = meta.get(k(Keys.LLM.VOCAB_SIZE))
         if n_vocab is None:
@@ -83,9 +93,9 @@ class ModelConfig:
             arch=arch,
             n_layer=_int(meta, k(Keys.LLM.BLOCK_COUNT), hi=4096),
             n_embd=n_embd,
-            n_ff=_int(meta, k(Keys.LLM.FEED_FORWARD_LENGTH)),
+            n_ff=_per_layer(meta, k(Keys.LLM.FEED_FORWARD_LENGTH)),
             n_head=n_head,
-            n_head_kv=_int(meta, k(Keys.Attention.HEAD_COUNT_KV), n_head),
+            n_head_kv=_per_layer(meta, k(Keys.Attention.HEAD_COUNT_KV), n_head),
             n_vocab=_int(meta, k(Keys.LLM.VOCAB_SIZE), n_vocab, hi=1 << 22),
             n_ctx_train=_int(meta, k(Keys.LLM.CONTEXT_LENGTH), 2048, hi=1 << 24),
             head_dim=_int(meta, k(Keys.Attention.KEY_LENGTH), n_embd // n_head if n_embd % n_head == 0 else None),
@@ -93,6 +103,7 @@ class ModelConfig:
             rope_theta=_float(meta, k(Keys.Rope.FREQ_BASE), 10000.0, 1.0, 1e12),
             rope_scale=rope_scale,
             norm_eps=_float(meta, k(Keys.Attention.LAYERNORM_RMS_EPS), 1e-5, 0.0, 1.0),
-            extra={key.split(".", 1)[1]: v for key, v in meta.items()
-                   if key.startswith(arch + ".") and key.split(".", 1)[1] in EXTRA_KEYS},
+            # every architecture key (e.g. bitnet.hidden_act, deci's per-layer arrays, deepseek2.attention.*),
+            # without the arch prefix: an architecture validates what it reads from here
+            extra={key.split(".", 1)[1]: v for key, v in meta.items() if key.startswith(arch + ".")},
         )

@@ -156,11 +156,15 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.cfg
+        if hasattr(self.model, "kv_bytes_per_token"):
+            return self.model.kv_bytes_per_token(self)
         return c.n_layer * sum(bytes_per_token(t, c.n_head_kv, c.head_dim) for t in parse_kv(self.kv))
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.cfg
+        if hasattr(self.model, "new_cache"):  # an architecture with its own cache (MLA latent, linear state)
+            return self.model.new_cache(n_ctx or self.n_ctx, self)
         return KVCache(c.n_layer, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, kv=self.kv, n_head=c.n_head,
                        attn=self.attn, stats=self.attn_stats, transform=self.kv_transform)
 
