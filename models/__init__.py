@@ -1,6 +1,7 @@
 """What a model is: configs, one file per architecture, the registry and the catalog of named models."""
 from .bitnet import BitNet
+from .linear import LinearLlama
 from .llama import Llama
 
 # runtime architectures, keyed on general.architecture
-ARCHITECTURES = {cls.arch: cls for cls in (Llama, BitNet)}
+ARCHITECTURES = {cls.arch: cls for cls in (Llama, BitNet, LinearLlama)}
