@@ -82,6 +82,11 @@ class WeightSource:
         t = self._info(name, (n,), VECTOR_TYPES)
         return np.ascontiguousarray(t.data, dtype=np.float32)
 
+    def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float (F32 / F16) tensor of any rank, as f32 (NumPy-order shape)."""
+        t = self._info(name, shape, VECTOR_TYPES)
+        return np.ascontiguousarray(t.data, dtype=np.float32)
+
     def matrix(self, name: str, shape: tuple[int, int]) -> QMatrix:
         t = self._info(name, shape, MATRIX_TYPES)
         return QMatrix(t.qtype, t.data, shape[0], shape[1], name)
