@@ -2,6 +2,7 @@
 from .bitnet import BitNet
 from .linear import LinearLlama
 from .llama import Llama
+from .mla import DeepSeek2
 
 # runtime architectures, keyed on general.architecture
-ARCHITECTURES = {cls.arch: cls for cls in (Llama, BitNet, LinearLlama)}
+ARCHITECTURES = {cls.arch: cls for cls in (Llama, BitNet, LinearLlama, DeepSeek2)}

@@ -1,0 +1,139 @@
+"""Dense multi-head latent attention (llama.cpp's `deepseek2` without experts): what `edgellm convert --variant mla`
+writes. The decoder block of Llama with MLA attention, as llama.cpp 0.3.36's deepseek2 graph computes it:
+
+  q     = attn_q_b · RMSNorm_{q_a_norm}(attn_q_a · h)                  per head [q_nope (dn) | q_pe (dr)]
+  [c | k_pe] = attn_kv_a_mqa · h;  c = RMSNorm_{kv_a_norm}(c)          cached per token: [c (r) | rope(k_pe) (dr)]
+  score_h = (q_nope_h · (attn_k_b[h]ᵀ c) + rope(q_pe_h) · rope(k_pe)) / sqrt(dn + dr)
+  out_h = attn_v_b[h] · Σ_j p_hj c_j;  x += attn_output · out
+RoPE: NORM type (adjacent pairs) over the dr rope dims, frequencies rope.freq_base^(-2i/dr), as llama.cpp ropes
+deepseek2. Mixture-of-experts blocks (leading_dense_block_count < block_count), the lite layout without q_lora_rank
+and YaRN scaling are not supported (clear errors).
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import MODEL_TENSOR as T
+
+from ..kernels import ops
+from .config import ConfigError, ModelConfig
+from .llama import tname
+
+
+def _key(extra, key: str, default=None, lo: int = 1, hi: int = 1 << 20) -> int:
+    v = extra.get(key, default)
+    if v is None:
+        raise ConfigError(f"missing metadata key 'deepseek2.{key}'")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"metadata 'deepseek2.{key}' = {v!r} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+class DeepSeek2:
+    arch = "deepseek2"
+
+    def __init__(self, cfg: ModelConfig, w):
+        self.cfg = cfg
+        e = cfg.extra
+        d, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+        dense = _key(e, "leading_dense_block_count", 0, lo=0, hi=L)
+        if dense != L or e.get("expert_count", 0) not in (0, None):
+            raise ConfigError("deepseek2 with mixture-of-experts blocks is not supported (only dense MLA models: "
+                              "leading_dense_block_count = block_count)")
+        if any(isinstance(e.get(k), list) for k in ("attention.head_count", "attention.head_count_kv",
+                                                    "feed_forward_length")):
+            raise ConfigError("deepseek2 with per-layer head counts or widths is not supported")
+        self.r_q = _key(e, "attention.q_lora_rank")
+        self.r = _key(e, "attention.kv_lora_rank")
+        self.dk = _key(e, "attention.key_length_mla")
+        self.dv = _key(e, "attention.value_length_mla")
+        self.dr = cfg.rope_dim
+        self.dn = self.dk - self.dr
+        if cfg.n_head_kv != 1:
+            raise ConfigError(f"deepseek2 (MLA) needs head_count_kv = 1 (got {cfg.n_head_kv})")
+        if self.dn < 1 or self.dr < 2 or cfg.head_dim != self.r + self.dr:
+            raise ConfigError(f"inconsistent MLA sizes: key_length {cfg.head_dim}, kv_lora_rank {self.r}, rope "
+                              f"{self.dr}, key_length_mla {self.dk}")
+        if _key(e, "attention.value_length", self.r) != self.r:
+            raise ConfigError("deepseek2 (MLA) needs attention.value_length = kv_lora_rank")
+        r, dr, dn, dk, dv = self.r, self.dr, self.dn, self.dk, self.dv
+        self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
+        self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
+        self.output = w.matrix(tname(T.OUTPUT), (cfg.n_vocab, d)) if w.has(tname(T.OUTPUT)) else self.tok_embd
+        self.layers = []
+        for i in range(L):
+            self.layers.append(dict(
+                attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
+                # the q and kv latent projections share their input: one matrix when their types agree
+                a=w.fused([(tname(T.ATTN_Q_A, i), (self.r_q, d)), (tname(T.ATTN_KV_A_MQA, i), (r + dr, d))]),
+                q_a_norm=w.vector(tname(T.ATTN_Q_A_NORM, i), self.r_q),
+                q_b=w.matrix(tname(T.ATTN_Q_B, i), (H * dk, self.r_q)),
+                kv_a_norm=w.vector(tname(T.ATTN_KV_A_NORM, i), r),
+                k_b=w.array(tname(T.ATTN_K_B, i), (H, r, dn)),
+                v_b=w.array(tname(T.ATTN_V_B, i), (H, dv, r)),
+                wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * dv)),
+                ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
+                gate_up=w.fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d)), (tname(T.FFN_UP, i), (cfg.n_ff, d))]),
+                down=w.matrix(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
+            ))
+        self.rope_cos, self.rope_sin = None, None
+
+    # ------------------------------------------------------------------ the latent cache
+    def new_cache(self, n_ctx: int, engine=None):
+        from ..runtime.errors import EdgeLLMError
+        from ..runtime.latent_cache import LatentCache
+        if engine is not None and (engine.kv != "f32" or engine.attn.kind != "dense"):
+            raise EdgeLLMError("MLA models keep an f32 latent cache with dense attention (no --kv / --attn delta)")
+        return LatentCache(self.cfg.n_layer, n_ctx, self.r, self.dr, self.cfg.n_head,
+                           stats=engine.attn_stats if engine is not None else None)
+
+    def kv_bytes_per_token(self, engine=None) -> int:
+        return 4 * self.cfg.n_layer * (self.r + self.dr)
+
+    def ensure_rope(self, n_ctx: int) -> None:
+        if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
+            c = self.cfg
+            self.rope_cos, self.rope_sin = ops.rope_tables(n_ctx, self.dr, c.rope_theta, None, 1.0 / c.rope_scale)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:
+        """As Llama.forward: `seqs` = [(cache, n_new)], caches are LatentCache."""
+        c = self.cfg
+        N = tokens.shape[0]
+        H, r, dr, dn, dk, dv, rq = c.n_head, self.r, self.dr, self.dn, self.dk, self.dv, self.r_q
+        pos = np.concatenate([np.arange(cache.n, cache.n + n, dtype=np.int64) for cache, n in seqs])
+        self.ensure_rope(int(pos.max()) + 1)
+        x = self.tok_embd.embed(tokens)
+        h = np.empty_like(x)
+        scale = np.float32(1.0 / np.sqrt(dk))
+        for li, L in enumerate(self.layers):
+            ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
+            a = L["a"].matmul(h)  # (N, r_q + r + dr)
+            qa = np.ascontiguousarray(a[:, :rq])
+            ops.rmsnorm(qa, L["q_a_norm"], c.norm_eps, qa)
+            q = L["q_b"].matmul(qa).reshape(N, H, dk)
+            q_pe = np.ascontiguousarray(q[:, :, dn:])
+            ops.rope_inplace(q_pe, pos, self.rope_cos, self.rope_sin, dr)
+            q[:, :, dn:] = q_pe
+            lat = np.ascontiguousarray(a[:, rq:rq + r])
+            ops.rmsnorm(lat, L["kv_a_norm"], c.norm_eps, lat)
+            k_pe = np.ascontiguousarray(a[:, rq + r:]).reshape(N, 1, dr)
+            ops.rope_inplace(k_pe, pos, self.rope_cos, self.rope_sin, dr)
+            att = np.empty((N, H, dv), dtype=np.float32)
+            i = 0
+            for cache, n in seqs:
+                cache.store(li, lat[i:i + n], k_pe[i:i + n, 0])
+                cache.attend(li, q[i:i + n], scale, L["k_b"], L["v_b"], att[i:i + n])
+                i += n
+            x += L["wo"].matmul(att.reshape(N, H * dv))
+            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
+            gu = L["gate_up"].matmul(h)
+            act = ops.swiglu(np.ascontiguousarray(gu[:, :c.n_ff]), np.ascontiguousarray(gu[:, c.n_ff:]),
+                             np.empty((N, c.n_ff), dtype=np.float32))
+            x += L["down"].matmul(act)
+        for cache, n in seqs:
+            cache.n += n
+        if logits == "last":
+            last = np.cumsum([n for _, n in seqs]) - 1
+            x = np.ascontiguousarray(x[last])
+        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
+        return self.output.matmul(x)
