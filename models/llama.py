@@ -36,7 +36,7 @@ class Llama:
 
     def __init__(self, cfg: ModelConfig, w):
         self.cfg = cfg
-        d, dkv, hd = cfg.n_embd, cfg.n_embd_kv, cfg.head_dim
+        d, hd = cfg.n_embd, cfg.head_dim
         self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
         self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
         # tied embeddings: no output.weight, the token embedding is the output head
@@ -45,20 +45,26 @@ class Llama:
         if w.has(TENSOR_NAMES[T.ROPE_FREQS] + ".weight"):  # llama3 rope scaling, as a per-dimension divisor
             freq_factors = w.vector(TENSOR_NAMES[T.ROPE_FREQS] + ".weight", cfg.rope_dim // 2)
         self.freq_factors = freq_factors
+        self.widths = self.layer_widths()
         self.layers = []
-        for i in range(cfg.n_layer):
+        for i, (H, Hkv, n_ff) in enumerate(self.widths):
             self.layers.append(dict(
                 attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
                 # q, k, v share their input: one fused matrix when their types agree
-                qkv=w.fused([(tname(T.ATTN_Q, i), (cfg.n_head * hd, d)),
-                             (tname(T.ATTN_K, i), (dkv, d)),
-                             (tname(T.ATTN_V, i), (dkv, d))]),
-                wo=w.matrix(tname(T.ATTN_OUT, i), (d, cfg.n_head * hd)),
+                qkv=w.fused([(tname(T.ATTN_Q, i), (H * hd, d)),
+                             (tname(T.ATTN_K, i), (Hkv * hd, d)),
+                             (tname(T.ATTN_V, i), (Hkv * hd, d))]),
+                wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * hd)),
                 ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
-                gate_up=w.fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d)), (tname(T.FFN_UP, i), (cfg.n_ff, d))]),
-                down=w.matrix(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
+                gate_up=w.fused([(tname(T.FFN_GATE, i), (n_ff, d)), (tname(T.FFN_UP, i), (n_ff, d))]),
+                down=w.matrix(tname(T.FFN_DOWN, i), (d, n_ff)),
             ))
         self.rope_cos, self.rope_sin = None, None
+
+    def layer_widths(self) -> list[tuple[int, int, int]]:
+        """(n_head, n_head_kv, n_ff) of each layer: all alike here; per layer in a pruned model (models/deci.py)."""
+        c = self.cfg
+        return [(c.n_head, c.n_head_kv, c.n_ff)] * c.n_layer
 
     # ------------------------------------------------------------------ rotary tables
     def ensure_rope(self, n_ctx: int) -> None:
@@ -78,13 +84,13 @@ class Llama:
         """
         c = self.cfg
         N = tokens.shape[0]
-        H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
+        hd = c.head_dim
         pos = np.concatenate([np.arange(cache.n, cache.n + n, dtype=np.int64) for cache, n in seqs])
         self.ensure_rope(int(pos.max()) + 1)
         x = self.tok_embd.embed(tokens)  # (N, d)
         h = np.empty_like(x)
         scale = np.float32(1.0 / np.sqrt(hd))
-        for li, L in enumerate(self.layers):
+        for li, (L, (H, Hkv, n_ff)) in enumerate(zip(self.layers, self.widths)):
             ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
             qkv = L["qkv"].matmul(h)  # (N, (H + 2 Hkv) hd)
             q = np.ascontiguousarray(qkv[:, :H * hd]).reshape(N, H, hd)
@@ -96,8 +102,8 @@ class Llama:
             x += L["wo"].matmul(att.reshape(N, H * hd))
             ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
             gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)
-            act = ops.swiglu(np.ascontiguousarray(gu[:, :c.n_ff]), np.ascontiguousarray(gu[:, c.n_ff:]),
-                             np.empty((N, c.n_ff), dtype=np.float32))
+            act = ops.swiglu(np.ascontiguousarray(gu[:, :n_ff]), np.ascontiguousarray(gu[:, n_ff:]),
+                             np.empty((N, n_ff), dtype=np.float32))
             x += L["down"].matmul(act)
         for cache, n in seqs:
             cache.n += n

@@ -78,7 +78,10 @@ class Engine:
             raise UnsupportedError(f"architecture {self.cfg.arch!r} is not supported "
                                    f"(supported: {', '.join(ARCHITECTURES)})")
         self.weights = WeightSource(self.file)
-        self.model = arch(self.cfg, self.weights)
+        try:
+            self.model = arch(self.cfg, self.weights)
+        except ConfigError as e:  # metadata an architecture checks itself (e.g. deci's per-layer arrays)
+            raise GGUFError(f"{path}: {e}") from None
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)

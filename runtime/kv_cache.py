@@ -112,25 +112,37 @@ class Cache:
 
 class KVCache(Cache):
     """Per-head keys and values of every layer. k[l] / v[l] hold one layer in the layout of `kernels/attention.py`
-    (dim-major: f32 k[l] is (n_head_kv, head_dim, n_ctx)); k_scales / v_scales the f16 block scales of q8_0 / q4_0."""
+    (dim-major: f32 k[l] is (n_head_kv, head_dim, n_ctx)); k_scales / v_scales the f16 block scales of q8_0 / q4_0.
+    Layers may differ in head counts (a pruned model: `layer_heads` = [(n_head, n_head_kv)] per layer); then k, v,
+    k_scales, v_scales are lists holding each layer's own size, and n_head / n_head_kv are the largest counts."""
 
     def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, kv: str = "f32",
                  n_head: int | None = None, attn: AttentionConfig | None = None, stats: AttentionStats | None = None,
-                 transform: bool = True):
+                 transform: bool = True, layer_heads: list | None = None):
         self.type_k, self.type_v = parse_kv(kv)
         self.kv, self.n_ctx, self.n = kv, n_ctx, 0
+        if layer_heads is not None:
+            layer_heads = tuple((int(h), int(hkv)) for h, hkv in layer_heads)
+            if len(layer_heads) != n_layer or any(hkv < 1 or h % hkv for h, hkv in layer_heads):
+                raise ValueError(f"layer_heads needs {n_layer} (n_head, n_head_kv) pairs with n_head a multiple of "
+                                 "n_head_kv >= 1")
+            n_head, n_head_kv = max(h for h, _ in layer_heads), max(k for _, k in layer_heads)
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.n_head = n_head or n_head_kv
+        self.layer_heads = layer_heads or ((self.n_head, n_head_kv),) * n_layer
         self.attn = attn or AttentionConfig()
         if self.attn.kind == "delta" and len(self.attn.theta) != n_layer:
             raise ValueError(f"delta attention needs one threshold per layer ({n_layer}), got {len(self.attn.theta)}")
         self.stats = stats if stats is not None else AttentionStats(n_layer, self.n_head)
-        shape, dtype, sshape = A.layout(self.type_k, n_head_kv, head_dim, n_ctx)
-        self.k = np.zeros((n_layer,) + shape, dtype=dtype)
-        self.k_scales = np.zeros((n_layer,) + sshape, dtype=np.uint16)
-        shape, dtype, sshape = A.layout(self.type_v, n_head_kv, head_dim, n_ctx)
-        self.v = np.zeros((n_layer,) + shape, dtype=dtype)
-        self.v_scales = np.zeros((n_layer,) + sshape, dtype=np.uint16)
+        for name, t in (("k", self.type_k), ("v", self.type_v)):
+            if layer_heads is None:
+                shape, dtype, sshape = A.layout(t, n_head_kv, head_dim, n_ctx)
+                setattr(self, name, np.zeros((n_layer,) + shape, dtype=dtype))
+                setattr(self, name + "_scales", np.zeros((n_layer,) + sshape, dtype=np.uint16))
+            else:  # one array per layer, of that layer's size
+                lay = [A.layout(t, hkv, head_dim, n_ctx) for _, hkv in layer_heads]
+                setattr(self, name, [np.zeros(shape, dtype=dtype) for shape, dtype, _ in lay])
+                setattr(self, name + "_scales", [np.zeros(sshape, dtype=np.uint16) for _, _, sshape in lay])
         if self.attn.kind == "delta":
             self.qhat = np.zeros((n_layer, self.n_head, head_dim), dtype=np.float32)
             self.srow = np.zeros((n_layer, self.n_head, n_ctx), dtype=np.float32)
@@ -163,13 +175,13 @@ class KVCache(Cache):
     @property
     def nbytes_per_token(self) -> int:
         """Bytes of keys and values per token (all layers), at ggml's type sizes."""
-        return self.n_layer * (A.bytes_per_token(self.type_k, self.n_head_kv, self.head_dim) +
-                               A.bytes_per_token(self.type_v, self.n_head_kv, self.head_dim))
+        return sum(A.bytes_per_token(self.type_k, hkv, self.head_dim) + A.bytes_per_token(self.type_v, hkv, self.head_dim)
+                   for _, hkv in self.layer_heads)
 
     @property
     def state_bytes_per_token(self) -> int:
         """Bytes per token of the delta state (one f32 score per layer and query head); 0 for dense attention."""
-        return 4 * self.n_layer * self.n_head if self.attn.kind == "delta" else 0
+        return 4 * sum(h for h, _ in self.layer_heads) if self.attn.kind == "delta" else 0
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (for reusing a common prefix). Delta attention keeps its
@@ -186,12 +198,14 @@ class KVCache(Cache):
         c = KVCache.__new__(KVCache)
         c.__dict__.update(self.__dict__)
         n = self.n
-        for name in ("k", "v", "k_scales", "v_scales"):
-            a = getattr(self, name)
+        def copy(a):
             b = np.zeros_like(a)
             if a.shape[-1] == self.n_ctx:
                 b[..., :n] = a[..., :n]
-            setattr(c, name, b)
+            return b
+        for name in ("k", "v", "k_scales", "v_scales"):
+            a = getattr(self, name)
+            setattr(c, name, [copy(x) for x in a] if isinstance(a, list) else copy(a))
         c.k_mean, c.v_mean = self.k_mean.copy(), self.v_mean.copy()
         if self.attn.kind == "delta":
             c.qhat = self.qhat.copy()
@@ -207,11 +221,13 @@ class KVCache(Cache):
         k = np.ascontiguousarray(k, dtype=np.float32)
         v = np.ascontiguousarray(v, dtype=np.float32)
         if self.center_k or self.center_v:
+            hkv = self.layer_heads[layer][1]
+            km, vm = self.k_mean[layer, :hkv], self.v_mean[layer, :hkv]
             if self.n == 0:  # the first tokens of the sequence fix the offsets
-                self.k_mean[layer] = (k[0] if self.sink_center else k.mean(0)) if self.center_k else 0
-                self.v_mean[layer] = v.mean(0) if self.center_v else 0
-            k = k - self.k_mean[layer] if self.center_k else k
-            v = v - self.v_mean[layer] if self.center_v else v
+                km[:] = (k[0] if self.sink_center else k.mean(0)) if self.center_k else 0
+                vm[:] = v.mean(0) if self.center_v else 0
+            k = k - km if self.center_k else k
+            v = v - vm if self.center_v else v
         A.store_kv(self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], k, v, self.n,
                    self.rot_k, self.rot_v)
         self.stats.seconds[DECODE if len(k) == 1 else PREFILL] += time.perf_counter() - t
@@ -226,26 +242,28 @@ class KVCache(Cache):
             self.recorder[layer].append(np.array(q, dtype=np.float32))
         delta = self.attn.kind == "delta"
         phase = DECODE if T == 1 else PREFILL
-        skipped, total = self.stats.skipped[phase, layer], self.stats.total[phase, layer]
-        theta = self._theta[layer] if delta else self.qhat[layer]  # (unused by dense attention)
+        H, hkv = self.layer_heads[layer]
+        skipped, total = self.stats.skipped[phase, layer, :H], self.stats.total[phase, layer, :H]
+        qhat, srow = self.qhat[layer, :H] if delta else self.qhat[layer], self.srow[layer, :H] if delta else self.srow[layer]
+        theta = self._theta[layer, :H] if delta else qhat  # (unused by dense attention)
         if T == 1:
             A.attention_decode(np.ascontiguousarray(q[0]), self.k[layer], self.k_scales[layer], self.v[layer],
-                               self.v_scales[layer], N, np.float32(scale), A.F16_TABLE, delta, self.qhat[layer],
-                               self.srow[layer], theta, self.attn.window, skipped, total, self.rot_k, self.rot_v,
+                               self.v_scales[layer], N, np.float32(scale), A.F16_TABLE, delta, qhat,
+                               srow, theta, self.attn.window, skipped, total, self.rot_k, self.rot_v,
                                out[0])
         else:
             K, V = self.keys_dm(layer, N), self.values_dm(layer, N)
             if self.rot_k:
                 q = A.fwht_rows(np.array(q, dtype=np.float32).reshape(-1, self.head_dim)).reshape(q.shape)
             if delta:
-                out[:] = A.delta_attention_prefill(np.ascontiguousarray(q), K, V, p0, scale, self.qhat[layer],
-                                                   self.srow[layer], theta, self.attn.window, skipped, total)
+                out[:] = A.delta_attention_prefill(np.ascontiguousarray(q), K, V, p0, scale, qhat,
+                                                   srow, theta, self.attn.window, skipped, total)
             else:
                 out[:] = A.attention_prefill(q, K, V, p0, scale)
             if self.rot_v:
                 A.fwht_rows(out.reshape(-1, self.head_dim))
         if self.center_v:  # softmax weights sum to 1: the value offset comes back whole
-            out += np.repeat(self.v_mean[layer], self.n_head // self.n_head_kv, axis=0)
+            out += np.repeat(self.v_mean[layer, :hkv], H // hkv, axis=0)
         self.stats.seconds[phase] += time.perf_counter() - t0
         self.stats.calls[phase] += 1
         return out
@@ -259,9 +277,9 @@ class KVCache(Cache):
         return self._dm(self.v, self.v_scales, layer, self.n if n is None else n)
 
     def _dm(self, data, scales, layer, n):
-        if data.dtype == np.float32:
+        if data[layer].dtype == np.float32:
             return data[layer]
-        out = np.empty((self.n_head_kv, self.head_dim, n), dtype=np.float32)
+        out = np.empty((self.layer_heads[layer][1], self.head_dim, n), dtype=np.float32)
         return A.dequantize_cache(data[layer], scales[layer], n, A.F16_TABLE, out)
 
     def keys(self, layer: int) -> np.ndarray:
@@ -269,10 +287,10 @@ class KVCache(Cache):
         k = np.ascontiguousarray(self.keys_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
         if self.rot_k:
             A.fwht_rows(k.reshape(-1, self.head_dim))
-        return k + self.k_mean[layer][:, None, :] if self.center_k else k
+        return k + self.k_mean[layer, :len(k)][:, None, :] if self.center_k else k
 
     def values(self, layer: int) -> np.ndarray:
         v = np.ascontiguousarray(self.values_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
         if self.rot_v:
             A.fwht_rows(v.reshape(-1, self.head_dim))
-        return v + self.v_mean[layer][:, None, :] if self.center_v else v
+        return v + self.v_mean[layer, :len(v)][:, None, :] if self.center_v else v
