@@ -66,6 +66,8 @@ def generate_step(engine: Engine, prompt: Sequence[int], sampler: Sampler, max_t
     keep = common_prefix(history[:cache.n], prompt)
     if keep == len(prompt):  # must feed at least one token to get logits
         keep -= 1
+    if not getattr(cache, "can_truncate", lambda n: True)(keep):
+        keep = 0  # a recurrent state (linear attention) goes back only to the start: run the whole prompt again
     cache.truncate(keep)
     del history[keep:]
     if len(prompt) >= cache.n_ctx:
