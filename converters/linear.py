@@ -116,6 +116,27 @@ def gla_chunked(fq, fk, v, la, eps: float = EPS, chunk: int = DEFAULT_CHUNK, sta
     return o, (S, z)
 
 
+def gla_parallel(fq, fk, v, la, eps: float = EPS, state=None):
+    """The whole input as one chunk (same arguments and result as gla_recurrent, state required): no Python loop
+    and no size-dependent constants, so a traced graph (ONNX) takes any length T; memory O(T² d) per call."""
+    torch = _torch()
+    S, z = state
+    B, H, T, d = fq.shape
+    Hkv, dv = fk.shape[1], v.shape[-1]
+    q = fq.reshape(B, Hkv, H // Hkv, T, d)
+    b = la.cumsum(-2)  # (B, Hkv, T, d)
+    mask = torch.ones_like(b[0, 0, :, :1]).expand(b.shape[-2], b.shape[-2]).tril().bool()[:, :, None]
+    D = torch.where(mask, b[..., :, None, :] - b[..., None, :, :], torch.full_like(b[0, 0, :1, :1], -1e30)[:, :, None])
+    A = torch.einsum("bhgtd,bhtsd->bhgts", q, D.exp() * fk[..., None, :, :])
+    qd = q * b.exp()[:, :, None]
+    num = A @ v[:, :, None] + qd @ S[:, :, None]
+    den = A.sum(-1) + (qd * z[:, :, None, None, :]).sum(-1)
+    o = (num / (den[..., None] + eps)).reshape(B, H, T, dv)
+    last = b[:, :, -1]
+    kd = fk * (last[:, :, None, :] - b).exp()
+    return o, (last.exp()[..., None] * S + kd.transpose(-1, -2) @ v, last.exp() * z + kd.sum(-2))
+
+
 def causal_conv(x, w, buf=None):
     """x (B, T, C), w (C, K), buf (B, K-1, C) the inputs before x (None: zeros) -> (out (B, T, C), new buf)."""
     torch = _torch()
@@ -168,13 +189,16 @@ def _make_attention_class():
             fk = phi(k.view(B, T, Hkv, d), self.feature_map).transpose(1, 2)
             return (fq, fk, v.view(B, T, Hkv, d).transpose(1, 2), la.view(B, T, Hkv, d).transpose(1, 2), bq, bk)
 
-        def step(self, x, state=None, recurrent=False):
-            """x (B, T, n_embd), state (S, z, conv_q buffer, conv_k buffer) or None -> (out, new state)."""
+        def step(self, x, state=None, recurrent=False, parallel=False):
+            """x (B, T, n_embd), state (S, z, conv_q buffer, conv_k buffer) or None -> (out, new state).
+            Chunked parallel form by default; `recurrent` token by token; `parallel` one chunk (for ONNX)."""
             B, T, _ = x.shape
             fq, fk, v, la, bq, bk = self.features(x, state)
             st = None if state is None else state[:2]
             if recurrent:
                 o, (S, z) = gla_recurrent(fq, fk, v, la, self.eps, st)
+            elif parallel:
+                o, (S, z) = gla_parallel(fq, fk, v, la, self.eps, st)
             else:
                 o, (S, z) = gla_chunked(fq, fk, v, la, self.eps, self.chunk, st)
             out = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
@@ -253,8 +277,7 @@ class Linear(Variant):
         write_linear_gguf(student, ckpt, out, outtype, progress)
 
     def write_onnx(self, student, ckpt: HFCheckpoint, out: Path, dtype: str, progress) -> None:
-        from .linear_onnx import export
-        export(student, ckpt, out, dtype, progress)
+        write_linear_onnx(student, ckpt, out, dtype)
 
 
 # ---------------------------------------------------------------- healing stage 1
@@ -378,3 +401,82 @@ def write_linear_gguf(student, ckpt: HFCheckpoint, out: Path, outtype: str, prog
 
     n = 3 - bool(getattr(c, "tie_word_embeddings", False)) + 13 * c.num_hidden_layers
     write_gguf(out, ARCH, ckpt, n_vocab, set_params, gguf_tensors(student), outtype, quant_type, n, progress)
+
+
+# ---------------------------------------------------------------- ONNX
+def state_shapes(student, batch: int) -> list[tuple[str, tuple]]:
+    """Names and shapes of the recurrent state inputs (`state.{i}.S|z|conv_q|conv_k`); outputs are `new_state.*`."""
+    lc = student.linear_config
+    H, Hkv, d, K = lc["n_head"], lc["n_head_kv"], lc["head_dim"], lc["conv_kernel"]
+    out = []
+    for i in range(lc["n_layer"]):
+        out += [(f"state.{i}.S", (batch, Hkv, d, d)), (f"state.{i}.z", (batch, Hkv, d)),
+                (f"state.{i}.conv_q", (batch, K - 1, H * d)), (f"state.{i}.conv_k", (batch, K - 1, Hkv * d))]
+    return out
+
+
+def onnx_step_module(student):
+    """A torch module (input_ids (B, T), *state) -> (logits (B, T, V), *new state): the student with an explicit
+    state, every call one chunk (gla_parallel), so one graph serves prefill (any T) and decode (T = 1)."""
+    torch = _torch()
+
+    class Step(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, *state):
+            m = self.m.model
+            h = m.embed_tokens(input_ids)
+            new = []
+            for i, layer in enumerate(m.layers):
+                out, st = layer.self_attn.step(layer.input_layernorm(h), tuple(state[4 * i:4 * i + 4]), parallel=True)
+                h = h + out
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                new += list(st)
+            return (self.m.lm_head(m.norm(h)), *new)
+
+    return Step(student).eval()
+
+
+def write_linear_onnx(student, ckpt: HFCheckpoint, out: Path, dtype: str = "fp32") -> None:
+    """`--format onnx`: OUT/model.onnx (inputs input_ids + the state, outputs logits + the new state, see
+    state_shapes), OUT/linear_config.json, and the checkpoint's tokenizer / config files. fp32 only."""
+    import json
+    import os
+    import shutil
+    import warnings
+    torch = _torch()
+    if dtype != "fp32":
+        raise ConversionError(f"--variant linear exports ONNX in fp32 only (got --dtype {dtype})")
+    if student.linear_config["conv_kernel"] < 2:
+        raise ConversionError("ONNX export needs --conv-kernel >= 2 (the conv buffer is a state input)")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        B, T = 2, 3
+        shapes = state_shapes(student, B)
+        state = [torch.rand(s) for _, s in shapes]
+        ins = ["input_ids"] + [n for n, _ in shapes]
+        outs = ["logits"] + ["new_" + n for n, _ in shapes]
+        dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "logits": {0: "batch_size", 1: "sequence_length"}}
+        for n in ins[1:] + outs[1:]:
+            dyn[n] = {0: "batch_size"}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(onnx_step_module(student), (torch.zeros((B, T), dtype=torch.long), *state),
+                              str(tmp / "model.onnx"), input_names=ins, output_names=outs, dynamic_axes=dyn,
+                              opset_version=17, do_constant_folding=True, dynamo=False)
+        (tmp / "linear_config.json").write_text(json.dumps(dict(student.linear_config, architecture=ARCH,
+                                                                inputs=ins, outputs=outs), indent=1))
+        for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json"):
+            if (ckpt.path / f).exists():
+                shutil.copy(ckpt.path / f, tmp / f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,11 @@ def test_torch_chunked_equals_recurrent(fmap):
         torch.testing.assert_close(o2, o1, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(S2, S1, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(z2, z1, rtol=1e-4, atol=1e-4)
+    S0, z0 = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8) + 1  # the one-chunk form (ONNX) from a given state
+    o3, (S3, _) = L.gla_parallel(fq, fk, v, la, state=(S0, z0))
+    o4, (S4, _) = L.gla_recurrent(fq, fk, v, la, state=(S0, z0))
+    torch.testing.assert_close(o3, o4, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(S3, S4, rtol=1e-4, atol=1e-4)
     # the state carries across calls: two pieces == one
     a, st = L.gla_chunked(*(x[:, :, :20] for x in (fq, fk, v, la)), chunk=8)
     b, _ = L.gla_chunked(*(x[:, :, 20:] for x in (fq, fk, v, la)), chunk=8, state=st)
@@ -215,3 +220,24 @@ def test_pipeline_heals_both_stages_and_options(tiny, tmp_path):
     for bad in ({"conv_kernel": 0}, {"kv_rank": 8}, {"feature_map": "relu"}):
         with pytest.raises(ConversionError):
             L.Linear(**bad)
+
+
+def test_onnx_with_state_matches_torch_reference(tiny, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, _, ckpt, teacher = tiny
+    st = perturbed_student(teacher)
+    ids = np.random.default_rng(0).integers(3, teacher.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        ref = st(input_ids=torch.tensor(ids)).logits.numpy()
+    L.write_linear_onnx(st, ckpt, tmp_path / "onnx")
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [n for n, _ in L.state_shapes(st, 2)]
+    state = {n: np.zeros(s, np.float32) for n, s in L.state_shapes(st, 2)}
+    logits = []
+    for a, b in ((0, 17), (17, 18), (18, 30)):  # a prompt, one decode step, more: the state goes round
+        res = sess.run(None, {"input_ids": ids[:, a:b], **state})
+        logits.append(res[0])
+        state = dict(zip(names, res[1:]))
+    np.testing.assert_allclose(np.concatenate(logits, 1), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConversionError, match="fp32"):
+        L.write_linear_onnx(st, ckpt, tmp_path / "onnx4", "int4")
