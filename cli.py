@@ -228,7 +228,10 @@ def perplexity(model: Optional[str] = ModelArg,
 
 
 @app.command()
-def bench(model: Optional[str] = ModelArg,
+def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="One or more .gguf paths or "
+                                                      "catalog names (default: the default model); several are "
+                                                      "measured in turn and compared in one table (a variant beside "
+                                                      "its original)."),
           n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for the pp test (0 = skip)."),
           n_gen: int = typer.Option(128, "--n-gen", "-n", help="Generated tokens for the tg test (0 = skip)."),
           depth: Optional[str] = typer.Option(None, "--depth", "-d",
@@ -251,6 +254,10 @@ def bench(model: Optional[str] = ModelArg,
           machine: bool = typer.Option(False, "--machine", help="Only the machine: cores, SIMD flags, read bandwidth, sgemm GFLOPS."),
           ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Measure the machine's read bandwidth first "
                                                                            "(for the fraction of it a decode reaches)."),
+          ppl_file: Optional[str] = typer.Option(None, "--ppl-file", help="Also each model's perplexity "
+                                                 "(edgellm) on this text, in the models table."),
+          ppl_ctx: int = typer.Option(512, "--ppl-ctx", help="Window of --ppl-file's perplexity."),
+          ppl_chunks: int = typer.Option(8, "--ppl-chunks", help="Windows of --ppl-file's perplexity."),
           startup: bool = typer.Option(False, "--startup", help="Also time a fresh `edgellm run` process to its first "
                                                                 "token, warm and cold JIT cache.")):
     """Prompt processing (pp) and generation (tg) speed after llama-bench, edgellm beside llama.cpp (and
@@ -271,7 +278,8 @@ def bench(model: Optional[str] = ModelArg,
         return
     s = suite.Settings(model=model, backends=suite.parse_list(backends, "--backends"), n_prompt=n_prompt, n_gen=n_gen,
                        depths=suite.parse_depths(depth) if depth is not None else [0], reps=reps, threads=threads,
-                       n_batch=batch, onnx=onnx, sweep=sweep, ceiling=ceiling)
+                       n_batch=batch, onnx=onnx, sweep=sweep, ceiling=ceiling, ppl_file=ppl_file, ppl_ctx=ppl_ctx,
+                       ppl_chunks=ppl_chunks)
     if sweep and not plot:
         plot = str(Path(report or ".") / f"bench-{sweep}.png")
     suite.check(s)

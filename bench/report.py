@@ -48,15 +48,31 @@ def _f(x, fmt: str, none: str = "-") -> str:
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
-    lines = ["| backend | test | t/s | vs llama.cpp | first logits ms | peak RSS MiB | KV MiB | GB/s read | of ceiling |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    many = len({r.model_filename for r in rows}) > 1  # several models: a model column
+    lines = [("| model " if many else "") + "| backend | test | t/s | vs llama.cpp | first logits ms | peak RSS MiB | "
+             "KV MiB | GB/s read | of ceiling |", ("|---" if many else "") + "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r.backend} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {_f(r.ratio_vs_llama_cpp, '.2f')}"
+            (f"| {Path(r.model_filename).name} " if many else "") + f"| {r.backend} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {_f(r.ratio_vs_llama_cpp, '.2f')}"
             f"{'x' if r.ratio_vs_llama_cpp is not None else ''} | {r.ttft_ms:.1f} | {r.peak_rss_bytes / 2**20:.0f} | "
             f"{r.kv_bytes / 2**20:.1f} | {_f(r.bandwidth_gbs, '.2f')} | "
             f"{_f(None if r.bandwidth_frac is None else 100 * r.bandwidth_frac, '.0f')}"
             f"{'%' if r.bandwidth_frac is not None else ''} |")
+    return "\n".join(lines)
+
+
+def models_table(models: list[dict]) -> str:
+    """One row per model (variant vs original): architecture, file size, parameters, KV bytes per token, perplexity."""
+    ppl = any("ppl" in m for m in models)
+    lines = ["| model | arch | file MiB | parameters | weights read / token MiB | KV bytes / token |"
+             + (" perplexity |" if ppl else ""), "|---|---|---:|---:|---:|---:|" + ("---:|" if ppl else "")]
+    for m in models:
+        lines.append(f"| {Path(m['model']).name} | {m['arch']} | {m['file_bytes'] / 2**20:.1f} | {m['n_params']:,} | "
+                     f"{m['weight_bytes_per_token'] / 2**20:.1f} | {m['kv_bytes_per_token']:,} |"
+                     + (f" {m['ppl']:.3f} |" if 'ppl' in m else (" - |" if ppl else "")))
+    if ppl:
+        m = next(m for m in models if "ppl" in m)
+        lines.append(f"\nperplexity: edgellm, {m['ppl_tokens']} tokens scored in windows of {m['ppl_ctx']}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ SWEEPS = {"ctx": (0, 512, 1024, 2048, 4096)}  # later: delta-attention sparsity,
 
 @dataclass
 class Settings:
-    model: str | None = None
+    model: str | list | None = None   # one model, or several compared in one table (e.g. a variant and its original)
     backends: list = field(default_factory=lambda: ["edgellm", "llama.cpp"])
     n_prompt: int = 512
     n_gen: int = 128
@@ -27,6 +27,9 @@ class Settings:
     seed: int = 0
     sweep: str | None = None
     ceiling: bool = True      # measure the machine (bandwidth) to state the fraction reached
+    ppl_file: str | None = None   # also each model's edgellm perplexity on this text (ctx ppl_ctx, ppl_chunks windows)
+    ppl_ctx: int = 512
+    ppl_chunks: int = 8
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Result:
     interrupted: bool
     machine: dict | None
     meta: dict
+    models: list = field(default_factory=list)  # per model: file, architecture, size, params, KV bytes, perplexity
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -67,11 +71,48 @@ def check(s: Settings) -> None:
         raise EdgeLLMError(f"--threads must be >= 1 (got {s.threads})")
     if s.n_batch < 1:
         raise EdgeLLMError("--batch-size must be >= 1")
+    if s.ppl_file is not None:
+        if not Path(s.ppl_file).is_file():
+            raise EdgeLLMError(f"--ppl-file {s.ppl_file}: no such file")
+        if s.ppl_ctx < 4 or s.ppl_ctx % 2 or s.ppl_chunks < 1:
+            raise EdgeLLMError("--ppl-ctx must be an even number >= 4 and --ppl-chunks >= 1")
     if s.sweep is not None and s.sweep not in SWEEPS:
         raise EdgeLLMError(f"unknown sweep {s.sweep!r} (available: {', '.join(SWEEPS)})")
     if len(set(s.backends)) != len(s.backends):
         raise EdgeLLMError("--backends lists a backend twice")
     check_backends(s.backends, s.onnx)
+
+
+def model_list(model) -> list:
+    """Settings.model -> the models to measure ([None]: the default model)."""
+    if isinstance(model, (list, tuple)):
+        return list(model) or [None]
+    return [model]
+
+
+def llama_cpp_knows(path) -> bool:
+    """Whether llama.cpp has the file's architecture (gguf-py mirrors llama.cpp's list)."""
+    import gguf
+
+    from ..runtime.gguf_file import GGUFFile
+    if Path(path).is_dir():
+        return False
+    arch = GGUFFile(path).metadata.get(gguf.Keys.General.ARCHITECTURE)
+    return arch in gguf.MODEL_ARCH_NAMES.values()
+
+
+def model_summary(path, ppl_text: str | None, ctx: int, chunks: int, threads: int) -> dict:
+    """File, architecture, size, parameters and KV bytes per token of a model in edgellm (and its perplexity)."""
+    from ..runtime.engine import Engine
+    eng = Engine(path, n_ctx=max(ctx, 64), threads=threads)
+    info = {"model": str(path), "arch": eng.cfg.arch, "file_bytes": Path(path).stat().st_size,
+            "weight_bytes_per_token": eng.weight_bytes_per_token, "kv_bytes_per_token": eng.kv_bytes_per_token,
+            "n_params": int(sum(t.n_elements for t in eng.file.tensors.values()))}
+    if ppl_text is not None:
+        from .perplexity import edgellm_perplexity
+        r = edgellm_perplexity(eng, ppl_text, ctx=ctx, max_windows=chunks)
+        info.update(ppl=r.ppl, ppl_tokens=r.tokens_scored, ppl_ctx=ctx)
+    return info
 
 
 def run_suite(s: Settings, progress=None) -> Result:
@@ -80,24 +121,44 @@ def run_suite(s: Settings, progress=None) -> Result:
     from .machine import machine_info
     from .report import run_meta
     check(s)
-    path = resolve_model(s.model)
+    paths = [resolve_model(m) for m in model_list(s.model)]
+    ppl_text = None
+    if s.ppl_file is not None:
+        try:
+            ppl_text = Path(s.ppl_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"cannot read --ppl-file {s.ppl_file}: {e}") from None
     s.threads = set_threads(s.threads or physical_cores())
     if s.sweep and s.depths == [0]:
         s.depths = list(SWEEPS[s.sweep])
     machine = machine_info(s.threads) if s.ceiling else None
-    rows, interrupted = run_bench(path, s.backends, s.n_prompt, s.n_gen, s.depths, s.reps, s.threads, s.n_batch,
-                                  s.onnx, s.seed, machine["bandwidth_gbs"] if machine else None, progress=progress)
-    add_ratios(rows)
+    rows, interrupted, models = [], False, []
+    for path in paths:
+        backends = [b for b in s.backends if b != "llama.cpp" or llama_cpp_knows(path)]
+        if backends != s.backends:
+            print(f"edgellm: llama.cpp does not know the architecture of {Path(path).name}: edgellm only",
+                  file=sys.stderr)
+        if s.ppl_file is not None or len(paths) > 1:
+            models.append(model_summary(path, ppl_text, s.ppl_ctx, s.ppl_chunks, s.threads))
+        r, interrupted = run_bench(path, backends, s.n_prompt, s.n_gen, s.depths, s.reps, s.threads, s.n_batch,
+                                   s.onnx, s.seed, machine["bandwidth_gbs"] if machine else None, progress=progress)
+        add_ratios(r)
+        rows += r
+        if interrupted:
+            break
     if machine is not None:
         import os
         machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]  # was the machine busy meanwhile?
     settings = {k: v for k, v in asdict(s).items() if k != "model"}
-    return Result(rows, interrupted, machine, run_meta(path, settings, machine, interrupted))
+    meta = run_meta(paths[0], settings, machine, interrupted)
+    if len(paths) > 1:
+        meta["models"] = [str(p) for p in paths]
+    return Result(rows, interrupted, machine, meta, models)
 
 
 def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) -> list[Path]:
     """Print the rows (fmt: table, json, csv) and write the report and plot; the paths written."""
-    from .report import ceiling_line, machine_line, markdown_table, to_csv, to_json, write_report
+    from .report import ceiling_line, machine_line, markdown_table, models_table, to_csv, to_json, write_report
     out = out or sys.stdout
     written = []
     if fmt == "json":
@@ -111,10 +172,12 @@ def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) 
         if res.machine:
             out.write(f"machine: {machine_line(res.machine)}\n")
         out.write("\n" + markdown_table(res.rows) + "\n")
+        if res.models:
+            out.write("\n" + models_table(res.models) + "\n")
         if ceiling_line(res.rows, res.machine):
             out.write("\n" + ceiling_line(res.rows, res.machine) + "\n")
     if report_dir:
-        written += list(write_report(report_dir, res.rows, res.meta))
+        written += list(write_report(report_dir, res.rows, res.meta, {"models": res.models} if res.models else None))
     if plot and res.rows:
         from .plot import plot_bars, plot_depth_sweep
         title = f"{Path(res.meta['model']).name}, {res.meta['settings']['threads']} threads"

@@ -170,6 +170,24 @@ def test_cli_csv_and_table(model_path, tmp_path):
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.jsonl").exists()
 
 
+def test_two_models_in_one_table_with_perplexity(tmp_path, text):
+    # a variant beside its original: one table with a model column, and the models table (arch, KV bytes, perplexity)
+    from conftest import write_tiny_llama
+    a = write_tiny_llama(tmp_path / "a.gguf", n_embd=64, n_ff=96, n_ctx=256)
+    b = write_tiny_llama(tmp_path / "b.gguf", n_embd=64, n_ff=48, n_ctx=256, seed=1)
+    (tmp_path / "t.txt").write_text(text[:4000])
+    r = cli("bench", str(a), str(b), "-p", "4", "-n", "2", "-r", "1", "--backends", "edgellm", "--no-ceiling",
+            "--ppl-file", str(tmp_path / "t.txt"), "--ppl-ctx", "64", "--ppl-chunks", "1", "--report", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "| a.gguf | edgellm | pp4 |" in r.stdout and "| b.gguf | edgellm | tg2 |" in r.stdout
+    models = [line for line in r.stdout.splitlines() if line.startswith("| a.gguf | llama |")
+              or line.startswith("| b.gguf | llama |")]
+    assert len(models) == 2 and all(float(m.rstrip(" |").split("|")[-1]) > 1 for m in models)  # perplexities
+    meta = json.loads((tmp_path / "bench.jsonl").read_text().splitlines()[0])
+    assert len(meta["models"]) == 2 and meta["models"][0]["kv_bytes_per_token"] > 0
+    assert_clean_error(cli("bench", str(a), "--ppl-file", str(tmp_path / "none.txt")))
+
+
 @pytest.mark.parametrize("args", [
     ("-r", "0"), ("--depth", "1,x"), ("--depth", "-5"), ("-p", "0", "-n", "0"), ("--threads", "0"),
     ("--backends", "edgellm,nope"), ("--backends", "onnxruntime"), ("--backends", "onnxruntime", "--onnx", "/"),
