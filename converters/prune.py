@@ -232,6 +232,8 @@ def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=pri
     stage = 0
     while n_params(model) > target * total0 * (1 + 1e-3) and stage < n_stages + 3:
         budget = max(target, 1 - stage_size * (stage + 1)) * total0
+        # units are coarse (a KV group, ALIGN_FF rounding): aim lower by what the model holds beyond the plan
+        budget -= max(0, n_params(model) - (fixed + float(((1 - s) * base).sum()))) if stage >= n_stages - 1 else 0
         I, kv_scores, ff_scores = importance(model, windows, ctx.batch)
         I_hat = normalise(I)
         s = plan_sparsity(s, I_hat, base, fixed, budget)
