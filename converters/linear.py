@@ -6,7 +6,7 @@ only edgellm runs: llama.cpp has no such graph).
 
 Per layer, with x the normed hidden state, q/k/v/o the teacher's projections and K the conv kernel size:
     q̃ = conv_q(W_q x), k̃ = conv_k(W_k x)          causal depthwise Conv1D over tokens, per channel (no bias)
-    α_t = σ(W_α x_t + b_α) ∈ (0, 1)^d                 data-dependent decay, one per kv head and key dimension
+    α_t = max(σ(W_α x_t + b_α), e^-4) ∈ (0, 1)^d      data-dependent decay, one per kv head and key dimension
     S_t = diag(α_t) S_{t-1} + φ(k̃_t)ᵀ v_t,  z_t = diag(α_t) z_{t-1} + φ(k̃_t)
     o_t = φ(q̃_t) S_t / (φ(q̃_t) · z_t + eps),  out = W_o o
 Choices (the paper's gate and φ are not public in code; measured in the README):
@@ -36,7 +36,10 @@ from .variant import Context, Variant, distill, register_variant, write_gguf
 ARCH = "edgellm-linear"
 FEATURE_MAPS = ("elu1", "softmax")
 DEFAULT_CONV = 4
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 16  # torch's chunk (training); the runtime's chunk is its own (metadata chunk_size)
+MAX_TRAIN_CHUNK = 16
+LOG_DECAY_MIN = -4.0  # log α_t is clamped here (α ≥ 0.018: forgetting at once); keeps torch's chunked form finite
+RUNTIME_CHUNK = 32
 EPS = 1e-6
 GATE_MIN, GATE_MAX = 1 / 16, 1 / 1024  # initial 1 - α over the key dimensions (log-uniform)
 
@@ -78,10 +81,14 @@ def gla_recurrent(fq, fk, v, la, eps: float = EPS, state=None):
 
 
 def gla_chunked(fq, fk, v, la, eps: float = EPS, chunk: int = DEFAULT_CHUNK, state=None):
-    """The chunked parallel form (same arguments and result as gla_recurrent): inside a chunk every pair (t, s ≤ t)
-    is weighed with the exact decay e^{b_t - b_s} (all exponents ≤ 0), the state crosses chunk boundaries."""
+    """The chunked parallel form (same arguments and result as gla_recurrent). Inside a chunk the pair (t, s ≤ t)
+    weighs (φq_t e^{b_t}) · (φk_s e^{-b_s}) with b the cumulative log decay from the chunk start: two matmuls.
+    e^{-b_s} stays finite because every log decay is ≥ LOG_DECAY_MIN and a chunk is at most MAX_TRAIN_CHUNK
+    tokens (|b| ≤ 64); the state crosses chunk boundaries with exponents ≤ 0."""
     torch = _torch()
     F = torch.nn.functional
+    if chunk * -LOG_DECAY_MIN > 64:
+        raise ConversionError(f"chunk {chunk} is too long for the exact factorised form (at most {MAX_TRAIN_CHUNK})")
     B, H, T, d = fq.shape
     Hkv, dv = fk.shape[1], v.shape[-1]
     G = H // Hkv
@@ -90,30 +97,34 @@ def gla_chunked(fq, fk, v, la, eps: float = EPS, chunk: int = DEFAULT_CHUNK, sta
     if pad:  # padded tokens: φk = 0 and no decay, so they leave the state as it is
         fq, fk, v, la = (F.pad(a, (0, 0, 0, pad)) for a in (fq, fk, v, la))
     n = (T + pad) // C
-    q = fq.reshape(B, Hkv, G, n, C, d)
     k = fk.reshape(B, Hkv, n, C, d)
     vv = v.reshape(B, Hkv, n, C, dv)
     b = la.reshape(B, Hkv, n, C, d).cumsum(-2)
-    mask = torch.ones(C, C, dtype=torch.bool).tril()[:, :, None]  # (t, s, 1)
-    D = torch.where(mask, b[..., :, None, :] - b[..., None, :, :], float("-inf"))
-    Kt = D.exp() * k[..., None, :, :]  # (B, Hkv, n, t, s, d)
-    A = torch.einsum("bhgntd,bhntsd->bhgnts", q, Kt)
+    qe = fq.reshape(B, Hkv, G, n, C, d) * b.exp()[:, :, None]
+    ke = k * (-b).exp()
+    mask = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
+    A = (qe @ ke[:, :, None].transpose(-1, -2)).masked_fill(~mask, 0.0)  # (B, Hkv, G, n, C, C)
     num = A @ vv[:, :, None]  # (B, Hkv, G, n, C, dv)
     den = A.sum(-1)  # (B, Hkv, G, n, C)
-    S, z = state if state is not None else (fq.new_zeros(B, Hkv, d, dv), fq.new_zeros(B, Hkv, d))
-    outs = []
-    for j in range(n):
-        bj = b[:, :, j]  # (B, Hkv, C, d)
-        qd = q[:, :, :, j] * bj.exp()[:, :, None]  # (B, Hkv, G, C, d)
-        nj = num[:, :, :, j] + qd @ S[:, :, None]
-        dj = den[:, :, :, j] + (qd * z[:, :, None, None, :]).sum(-1)
-        outs.append(nj / (dj[..., None] + eps))
-        last = bj[:, :, -1]  # (B, Hkv, d)
-        kd = k[:, :, j] * (last[:, :, None, :] - bj).exp()
-        S = last.exp()[..., None] * S + kd.transpose(-1, -2) @ vv[:, :, j]
-        z = last.exp() * z + kd.sum(-2)
-    o = torch.stack(outs, 3).reshape(B, H, n * C, dv)[:, :, :T]
-    return o, (S, z)
+    S0, z0 = state if state is not None else (fq.new_zeros(B, Hkv, d, dv), fq.new_zeros(B, Hkv, d))
+    # the state at each chunk start, all chunks at once: S_j = e^{P_j} S0 + Σ_{j'<j} e^{P_j - Q_j'} U_j', with U_j'
+    # chunk j''s own contribution at its end, Q the cumulative log decay through a chunk, P = Q - the chunk's own
+    last = b[:, :, :, -1]  # (B, Hkv, n, d)
+    kd = k * (last[:, :, :, None, :] - b).exp()
+    U, u = kd.transpose(-1, -2) @ vv, kd.sum(-2)  # (B, Hkv, n, d, dv), (B, Hkv, n, d)
+    Q = last.cumsum(2)
+    P = Q - last
+    before = torch.ones(n, n, dtype=torch.bool, device=fq.device).tril(-1)[:, :, None]  # j' < j
+    W = torch.where(before, P[:, :, :, None, :] - Q[:, :, None, :, :], float("-inf")).exp()  # (B, Hkv, j, j', d)
+    S = torch.einsum("bhjki,bhkie->bhjie", W, U) + P.exp()[..., None] * S0[:, :, None]
+    z = torch.einsum("bhjki,bhki->bhji", W, u) + P.exp() * z0[:, :, None]
+    num = num + qe @ S[:, :, None]
+    den = den + (qe * z[:, :, None, :, None, :]).sum(-1)
+    o = (num / (den[..., None] + eps)).reshape(B, H, n * C, dv)[:, :, :T]
+    wl = (Q[:, :, -1:] - Q).exp()  # (B, Hkv, n, d): decay from each chunk's end to the last
+    S_end = Q[:, :, -1].exp()[..., None] * S0 + (wl[..., None] * U).sum(2)
+    z_end = Q[:, :, -1].exp() * z0 + (wl * u).sum(2)
+    return o, (S_end, z_end)
 
 
 def gla_parallel(fq, fk, v, la, eps: float = EPS, state=None):
@@ -184,7 +195,7 @@ def _make_attention_class():
             q, bq = causal_conv(self.q_proj(x), self.q_conv, bq)
             k, bk = causal_conv(self.k_proj(x), self.k_conv, bk)
             v = self.v_proj(x)
-            la = torch.nn.functional.logsigmoid(self.gate(x))
+            la = torch.nn.functional.logsigmoid(self.gate(x)).clamp_min(LOG_DECAY_MIN)
             fq = phi(q.view(B, T, H, d), self.feature_map).transpose(1, 2)
             fk = phi(k.view(B, T, Hkv, d), self.feature_map).transpose(1, 2)
             return (fq, fk, v.view(B, T, Hkv, d).transpose(1, 2), la.view(B, T, Hkv, d).transpose(1, 2), bq, bk)
@@ -241,8 +252,8 @@ class Linear(Variant):
         if self.feature_map not in FEATURE_MAPS:
             raise ConversionError(f"unknown feature map {self.feature_map!r} (choose from {', '.join(FEATURE_MAPS)})")
         self.chunk = int(opts.get("chunk") or DEFAULT_CHUNK)
-        if not 1 <= self.chunk <= 1024:
-            raise ConversionError(f"chunk must be in [1, 1024] (got {self.chunk})")
+        if not 1 <= self.chunk <= MAX_TRAIN_CHUNK:
+            raise ConversionError(f"chunk must be in [1, {MAX_TRAIN_CHUNK}] (got {self.chunk})")
         for o in ("target_params", "kv_rank", "q_rank", "rope_dim"):
             if opts.get(o) is not None:
                 raise ConversionError(f"--{o.replace('_', '-')} is not an option of --variant linear")
@@ -389,8 +400,9 @@ def write_linear_gguf(student, ckpt: HFCheckpoint, out: Path, outtype: str, prog
         w.add_vocab_size(n_vocab)
         w.add_uint32(f"{ARCH}.conv_kernel", lc["conv_kernel"])
         w.add_string(f"{ARCH}.feature_map", lc["feature_map"])
-        w.add_uint32(f"{ARCH}.chunk_size", lc["chunk"])
+        w.add_uint32(f"{ARCH}.chunk_size", RUNTIME_CHUNK)
         w.add_float32(f"{ARCH}.attention.eps", float(lc["eps"]))
+        w.add_float32(f"{ARCH}.attention.log_decay_min", LOG_DECAY_MIN)
 
     qt = OUTTYPES[outtype] if outtype in OUTTYPES else QT.F32
 

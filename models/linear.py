@@ -2,7 +2,8 @@
 over q and k (written by `edgellm convert --variant linear`, converters/linear.py; llama.cpp has no such
 architecture, so only edgellm runs these files). Tensors: the Llama ones (q/k/v rows in HF order: there is no RoPE)
 plus per layer `attn_q_conv` (H·d, K), `attn_k_conv` (Hkv·d, K), `attn_gate` (Hkv·d, n_embd) and `attn_gate.bias`.
-Metadata: `conv_kernel`, `feature_map`, `chunk_size`, `attention.eps`. The cache is a constant-size state
+Metadata: `conv_kernel`, `feature_map`, `chunk_size`, `attention.eps`, `attention.log_decay_min` (log α is
+clamped there). The cache is a constant-size state
 (runtime/linear_state.py); decode runs the recurrence, prefill the chunked parallel form."""
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class LinearLlama:
         self.fmap = _extra(cfg, "feature_map", str, lambda v: v in LA.FEATURE_MAPS, f"one of {LA.FEATURE_MAPS}")
         self.chunk = int(_extra(cfg, "chunk_size", int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"))
         self.eps = np.float32(_extra(cfg, "attention.eps", (int, float), lambda v: 0 < v < 1, "a number in (0, 1)"))
+        self.la_min = np.float32(_extra(cfg, "attention.log_decay_min", (int, float), lambda v: -100 <= v <= 0,
+                                        "a number in [-100, 0]"))
         d, hd, H, Hkv = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_head_kv
         self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
         self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
@@ -77,7 +80,7 @@ class LinearLlama:
         H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
         out = np.empty((q.shape[0], H, hd), dtype=np.float32)
         qc, kc = np.empty_like(q), np.empty_like(k)
-        la = LA.log_sigmoid(g + L["gate_b"]).reshape(-1, Hkv, hd)
+        la = np.maximum(LA.log_sigmoid(g + L["gate_b"]), self.la_min).reshape(-1, Hkv, hd)
         r = 0
         for cache, n in seqs:
             s = slice(r, r + n)
