@@ -2,7 +2,7 @@
 softmax model (same outtype), both in edgellm, and held-out perplexity of each GGUF in edgellm.
 
     python -m edgellm.bench.linear LINEAR.gguf ORIGINAL.gguf [--depths 0,4096] [--gen 32] [--rounds 3] [--text F]
-        [--ppl-windows 8] [--out DIR]
+        [--ppl-windows 8] [--fill prefill|skip] [--out DIR]
 
 For each depth the cache of each model is filled once with `depth` tokens of the text (prefill), then decode steps
 are timed from forks of it, the two models interleaved in rounds (the machine is shared: compare within one run).
@@ -42,7 +42,7 @@ def _ppl(eng, toks, n_windows, L=256):
     return math.exp(nll / cnt)
 
 
-def run(linear, original, depths, n_gen, rounds, text, out, threads, ppl_windows):
+def run(linear, original, depths, n_gen, rounds, text, out, threads, ppl_windows, fill="prefill"):
     engs = {"linear": Engine(linear, n_ctx=max(depths) + n_gen * rounds + 16, threads=threads),
             "softmax": Engine(original, n_ctx=max(depths) + n_gen * rounds + 16, threads=threads)}
     toks = np.asarray(engs["softmax"].tokenizer.encode(Path(text).read_text(encoding="utf-8"), add_bos=False,
@@ -54,7 +54,10 @@ def run(linear, original, depths, n_gen, rounds, text, out, threads, ppl_windows
         for name, eng in engs.items():
             c = eng.new_cache()
             t = time.perf_counter()
-            eng.prefill(toks[:max(depth, 1)], c)
+            if fill == "prefill" or depth == 0:
+                eng.prefill(toks[:max(depth, 1)], c)
+            else:  # "skip": only the position moves (zero K/V rows, or the empty state): decode reads the same bytes
+                c.n = depth
             base[name] = c
             print(f"{name}: filled {max(depth, 1)} tokens in {time.perf_counter() - t:.1f} s", flush=True)
         secs = {n: 0.0 for n in engs}
@@ -102,9 +105,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ppl-windows", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fill", choices=["prefill", "skip"], default="prefill",
+                    help="how the cache reaches the depth: a real prefill of the text, or (for large models, where only "
+                         "speed is measured) by setting its length (zero K/V rows; the linear state stays empty)")
     a = ap.parse_args(argv)
     run(a.linear, a.original, [int(x) for x in a.depths.split(",")], a.gen, a.rounds, a.text, a.out, a.threads,
-        a.ppl_windows)
+        a.ppl_windows, a.fill)
 
 
 if __name__ == "__main__":
