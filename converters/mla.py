@@ -38,6 +38,7 @@ from .llama import rope_params
 from .variant import Variant, _torch, register_variant, write_gguf as _write_gguf
 
 DEFAULT_ROPE_DIM = 32
+DEFAULT_ROPE_SHARE = "mean"
 LATENT_RMS_BOUND = 1024.0  # the norm trick keeps a latent of RMS up to this within 1e-6 (relative) of linear
 
 
@@ -128,26 +129,36 @@ def _build_classes():
 
 
 # ---------------------------------------------------------------- the SVD transform
-def rope_layout(hd: int, dr: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dims of an HF (half-split rotary) head: (nope dims, rope dims). Rope dims are the dr/2 highest-frequency pairs
-    j < dr/2, as adjacent pairs [j, j + hd/2]; nope dims are the rest, in order."""
+def rope_layout(hd: int, dr: int, n_head_kv: int = 1, share: str = "mean", group: int = 0):
+    """Dims of an HF (half-split rotary) head of KV group `group`: (nope dims, rope dims, rope slots). The cached rope
+    key has dr dims = dr/2 slots, slot i holding HF pair i (dims (i, i + hd/2), frequency theta^(-2i/hd)) as an
+    adjacent pair, i.e. the dr/2 highest-frequency pairs. share="mean": every group rotates every slot (the shared
+    key is the mean over KV groups); share="split": slot i belongs to group i mod n_head_kv only (the key is that
+    group's, exact; the other groups' heads see zeros there). Nope dims: the rest of the head, in order."""
     h = hd // 2
-    rope = np.stack([np.arange(dr // 2), h + np.arange(dr // 2)], 1).reshape(-1)
-    nope = np.concatenate([np.arange(dr // 2, h), h + np.arange(dr // 2, h)])
-    return nope, rope
+    slots = np.arange(dr // 2) if share == "mean" else np.arange(group, dr // 2, n_head_kv)
+    rope = np.stack([slots, h + slots], 1).reshape(-1)
+    nope = np.setdiff1d(np.arange(hd), rope)
+    return nope, rope, slots
 
 
 def mla_shapes(cfg, opts: dict) -> dict:
-    """Validated MLA sizes from a LlamaConfig and the options (kv_rank, q_rank, rope_dim; None = default)."""
+    """Validated MLA sizes from a LlamaConfig and the options (kv_rank, q_rank, rope_dim, rope_share; None =
+    default)."""
     d, H = cfg.hidden_size, cfg.num_attention_heads
     Hkv = cfg.num_key_value_heads or H
     hd = getattr(cfg, "head_dim", None) or d // H
+    share = opts.get("rope_share") or DEFAULT_ROPE_SHARE
+    if share not in ("mean", "split"):
+        raise ConversionError(f"rope_share must be mean or split (got {share!r})")
     dr = opts.get("rope_dim")
-    dr = min(DEFAULT_ROPE_DIM, hd // 2) if dr is None else int(dr)
-    if dr < 2 or dr % 2 or dr >= hd:
-        raise ConversionError(f"--rope-dim must be even, >= 2 and < the head size {hd} (got {dr})")
-    dn = hd - dr
-    max_kv, max_q = min(d, Hkv * (dn + hd)), min(d, H * hd)
+    step = 2 if share == "mean" else 2 * Hkv
+    dr = max(step, min(DEFAULT_ROPE_DIM, hd // 2) // step * step) if dr is None else int(dr)
+    dn = hd - (dr if share == "mean" else dr // Hkv)  # nope dims per head
+    if dr < 2 or dr % step or dr > hd or dn < 1:
+        raise ConversionError(f"--rope-dim must be a multiple of {step} in [2, {hd}] leaving nope dims (rope_share "
+                              f"{share}) for this model (got {dr})")
+    max_kv, max_q = min(d, Hkv * (dn + hd)), min(d, H * (dn + dr))
     r_kv = opts.get("kv_rank")
     r_kv = max(1, Hkv * hd // 4) if r_kv is None else int(r_kv)
     if not 1 <= r_kv <= max_kv:
@@ -160,7 +171,8 @@ def mla_shapes(cfg, opts: dict) -> dict:
     if scaling and scaling.get("rope_type") not in ("llama3",):
         raise ConversionError(f"the mla variant does not support rope scaling {scaling.get('rope_type')!r}")
     return dict(d=d, n_head=H, n_head_kv=Hkv, head_dim=hd, dn=dn, dr=dr, dv=hd, r_q=r_q, r_kv=r_kv,
-                rope_theta=theta, rope_base=theta ** (dr / hd), max_q_rank=max_q, max_kv_rank=max_kv)
+                rope_share=share, rope_theta=theta, rope_base=theta ** (dr / hd), max_q_rank=max_q,
+                max_kv_rank=max_kv)
 
 
 def _svd(m: np.ndarray, r: int):
@@ -176,21 +188,31 @@ def _svd(m: np.ndarray, r: int):
 def mla_from_llama_attention(attn_hf, s: dict, MLAAttention):
     """One LlamaAttention (q/k/v/o_proj) -> an MLAAttention initialised by SVD (see the module docstring)."""
     torch = _torch()
-    H, Hkv, hd, dn, dr = s["n_head"], s["n_head_kv"], s["head_dim"], s["dn"], s["dr"]
+    H, Hkv, hd, dn, dr, share = s["n_head"], s["n_head_kv"], s["head_dim"], s["dn"], s["dr"], s["rope_share"]
     G = H // Hkv
-    nope, rope = rope_layout(hd, dr)
-    order = np.concatenate([nope, rope])
     Wq = attn_hf.q_proj.weight.detach().double().numpy()
-    Wk = attn_hf.k_proj.weight.detach().double().numpy().reshape(Hkv, hd, -1)
-    Wv = attn_hf.v_proj.weight.detach().double().numpy().reshape(Hkv, hd, -1)
     d = Wq.shape[1]
-    Wq = Wq.reshape(H, hd, d)[:, order].reshape(H * hd, d)  # per head [nope | rope (adjacent pairs)]
-    q_b, q_a = _svd(Wq, s["r_q"])
-    heads = np.arange(H) // G
-    k_nope = Wk[heads][:, nope].reshape(H * dn, d)
-    v = Wv[heads].reshape(H * hd, d)
-    U, c = _svd(np.concatenate([k_nope, v]), s["r_kv"])
-    k_pe = Wk[:, rope].mean(0)  # (dr, d): the shared rope key, mean over KV heads
+    Wq = Wq.reshape(H, hd, d) * math.sqrt((dn + dr) / hd)  # the score scale becomes 1/sqrt(dn + dr)
+    Wk = attn_hf.k_proj.weight.detach().double().numpy().reshape(Hkv, hd, d)
+    Wv = attn_hf.v_proj.weight.detach().double().numpy().reshape(Hkv, hd, d)
+    q = np.zeros((H, dn + dr, d))  # per head [nope | rope slots (adjacent pairs)]
+    k_nope = np.zeros((H, dn, d))
+    k_pe = np.zeros((Hkv, dr // 2, 2, d))
+    for g in range(Hkv):
+        nope, rope, slots = rope_layout(hd, dr, Hkv, share, g)
+        hs = slice(g * G, (g + 1) * G)
+        q[hs, :dn] = Wq[hs][:, nope]
+        q[hs, dn:] = 0
+        qs = q[hs, dn:].reshape(G, dr // 2, 2, d)
+        qs[:, slots] = Wq[hs][:, rope].reshape(G, len(slots), 2, d)
+        q[hs, dn:] = qs.reshape(G, dr, d)
+        k_nope[hs] = Wk[g, nope]
+        k_pe[g, slots] = Wk[g, rope].reshape(len(slots), 2, d)
+    # mean: every group fills every slot, the shared key is their mean; split: each slot has one owner
+    k_pe = (k_pe.mean(0) if share == "mean" else k_pe.sum(0)).reshape(dr, d)
+    q_b, q_a = _svd(q.reshape(H * (dn + dr), d), s["r_q"])
+    v = Wv[np.arange(H) // G].reshape(H * hd, d)
+    U, c = _svd(np.concatenate([k_nope.reshape(H * dn, d), v]), s["r_kv"])
     m = MLAAttention(d, H, dn, dr, hd, s["r_q"], s["r_kv"], s["rope_base"])
     f32 = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
     with torch.no_grad():
@@ -286,6 +308,15 @@ def set_deepseek2_params(w, student, n_vocab: int) -> None:
 class MLA(Variant):
     """Options: kv_rank (default n_head_kv * head_dim / 4), q_rank (default full: exact queries), rope_dim
     (default min(32, head_dim / 2))."""
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        dr, r_kv, r_q = opts.get("rope_dim"), opts.get("kv_rank"), opts.get("q_rank")
+        if dr is not None and (dr < 2 or dr % 2):  # what needs the model's sizes is checked by the transform
+            raise ConversionError(f"--rope-dim must be even and >= 2 (got {dr})")
+        for name, v in (("--kv-rank", r_kv), ("--q-rank", r_q)):
+            if v is not None and v < 1:
+                raise ConversionError(f"{name} must be >= 1 (got {v})")
 
     def transform(self, model, ctx):
         student = to_mla(model, **self.opts)
