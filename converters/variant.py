@@ -354,7 +354,9 @@ def convert_variant(src, out, variant: str, opts: dict | None = None, heal_steps
     report["params"] = n_params(student)
     report["params_fraction"] = report["params"] / report["params_original"]
     report["kv_bytes_per_token"] = v.kv_bytes_per_token(student)
-    report["ppl_before_heal"] = perplexity(student, eval_w)
+    in_transform = bool(heal_steps and getattr(v, "heals_in_transform", False))
+    # a variant that heals between its stages has no unhealed student to score (None: prune it with --heal 0)
+    report["ppl_before_heal"] = None if in_transform else perplexity(student, eval_w)
     if heal_steps and not getattr(v, "heals_in_transform", False):  # pruning heals between its stages
         t = time.time()
         losses = v.heal(student, ctx)
@@ -376,7 +378,8 @@ def format_report(r: dict) -> str:
              f"{r['kv_bytes_per_token']:,}" + (f" ({r['kv_bytes_per_token_original'] / r['kv_bytes_per_token']:.1f}x "
                                               "smaller)" if r['kv_bytes_per_token'] else " (constant state)")),
             ("perplexity (held-out)", f"{r['ppl_original']:.3f}",
-             f"{r['ppl_before_heal']:.3f} before healing, {r['ppl_after_heal']:.3f} after {r['heal_steps']} steps")]
+             ("n/a before healing (healed between stages)" if r['ppl_before_heal'] is None else
+              f"{r['ppl_before_heal']:.3f} before healing") + f", {r['ppl_after_heal']:.3f} after {r['heal_steps']} steps")]
     lines = [f"variant {r['variant']} {r['options']} -> {r['out']} ({r['seconds']:.0f} s)", "",
              "| | original | variant |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
