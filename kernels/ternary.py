@@ -60,6 +60,8 @@ def dequantize_tq1_0_ref(raw: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- repacking at load
+BATCH_MAX = 8  # tokens up to which the fused kernel runs; above, dequantized tiles + BLAS (as kernels/matvec.py)
+TILE_BYTES = 1 << 22  # f32 bytes of a dequantized tile
 R = 64  # rows interleaved, as in kernels/matvec.py: the vector lanes run along rows
 
 
@@ -210,6 +212,16 @@ class TernaryMatrix:
         return xq, quantize_act_absmax(X, xq)
 
     def matmul_q(self, xq: np.ndarray, xscale: np.ndarray) -> np.ndarray:
+        if xq.shape[0] > BATCH_MAX:  # prefill: dequantized tiles and BLAS (integer-valued xq: the same products)
+            out = np.empty((xq.shape[0], self.rows), dtype=np.float32)
+            tile = max(R, TILE_BYTES // (4 * self.cols) // R * R)
+            buf = np.empty((min(tile, self.rows), self.cols), dtype=np.float32)
+            for r0 in range(0, self.rows, tile):
+                r1 = min(self.rows, r0 + tile)
+                w = dequantize_ternary(self.planes, self.d, r0, r1, buf[:r1 - r0])
+                out[:, r0:r1] = xq @ w.T
+            out *= (self.scale / xscale)[:, None]
+            return out
         xsum = _block_sums(xq, self.cols // QK)
         G = self.planes.shape[0]
         out = np.empty((xq.shape[0], G * R), dtype=np.float32)

@@ -38,7 +38,7 @@ def test_dequantize_equals_gguf(qtype, nbytes, ref):
 
 
 @pytest.mark.parametrize("qtype,nbytes,ref", CASES)
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 20])  # 20: the prefill path (dequantized tiles + BLAS)
 def test_fused_matvec_is_bitnets_integer_arithmetic(qtype, nbytes, ref, B):
     w = ternary_weights(70, 512, 2)
     raw = gguf.quants.quantize(w, qtype)
