@@ -38,7 +38,7 @@ from .llama import rope_params
 from .variant import Variant, _torch, register_variant, write_gguf as _write_gguf
 
 DEFAULT_ROPE_DIM = 32
-DEFAULT_ROPE_SHARE = "mean"
+DEFAULT_ROPE_SHARE = "split"  # "mean" (one key averaged over KV heads) ruins GQA models: see the README
 LATENT_RMS_BOUND = 1024.0  # the norm trick keeps a latent of RMS up to this within 1e-6 (relative) of linear
 
 
@@ -321,8 +321,18 @@ class MLA(Variant):
     def transform(self, model, ctx):
         student = to_mla(model, **self.opts)
         s = student.mla
-        ctx.log(f"mla: r_kv {s['r_kv']} + rope {s['dr']} cached per token and layer, r_q {s['r_q']}")
+        if ctx is not None:
+            ctx.log(f"mla: r_kv {s['r_kv']} + rope {s['dr']} ({s['rope_share']}) cached per token and layer, "
+                    f"r_q {s['r_q']}")
         return student
+
+    def heal(self, student, ctx) -> list[float]:
+        """Distillation (KL to the teacher's logits) of the attention weights only (latent projections, up-projections,
+        o_proj); embeddings, norms and MLPs stay the teacher's."""
+        from .variant import distill
+        student.requires_grad_(False)
+        params = [p.requires_grad_(True) for blk in student.layers for p in blk.self_attn.parameters()]
+        return distill(student, ctx, ctx.heal_steps, params=params)
 
     def kv_bytes_per_token(self, model) -> int:
         """f16 bytes of [c_kv | k_pe] per token, all layers."""
