@@ -2,20 +2,27 @@
 
     edgellm convert HF_DIR -o OUT --variant mla --kv-rank 128 [--q-rank R] [--rope-dim 32] [--heal STEPS]
 
-Per layer, with H query heads of size hd, dr = --rope-dim, dn = hd - dr ("nope" dims), r_q, r_kv the ranks:
+Per layer, with H query heads of size hd in Hkv KV groups, dr = --rope-dim (the cached rope dims), r_q, r_kv:
   q      = q_b (q_a x)                          q_a (r_q, d) = diag(S[:r_q]) Vᵀ[:r_q],  q_b = U[:, :r_q]  (SVD of W_q)
            per head [q_nope (dn) | q_pe (dr)]
   c_kv   = kv_a[:r_kv] x   (the cached latent)  from the SVD of [W_k; W_v] (KV heads repeated to all H heads, nope
   k_pe   = kv_a[r_kv:] x   (cached, shared)     rows of W_k only): kv_a = diag(S[:r_kv]) Vᵀ[:r_kv], k_b / v_b = U_K / U_V
-           the shared RoPE key rows are the mean over KV heads of W_k's rope rows
   k_nope = k_b[h] c_kv,  v = v_b[h] c_kv        per head (k_b (H, dn, r_kv), v_b (H, hd, r_kv))
-  score  = (q_nope · k_nope + rope(q_pe) · rope(k_pe)) / sqrt(hd);  o_proj, MLP and norms are copied.
-Which dims are the rope dims: the dr/2 highest-frequency rotary pairs of each head (HF pair j = dims (j, j + hd/2),
-frequency theta^(-2j/hd), j < dr/2), laid out as adjacent pairs (llama.cpp's `deepseek2` ropes with the NORM
-type, adjacent pairs, frequency base'^(-2i/dr)): base' = theta^(dr/hd) gives exactly the original frequencies of
-those pairs. The nope dims (the low-frequency pairs) lose their rotation: that is the approximation; with full
-ranks it is the only one (plus, for Llama-3 rope scaling, the scaling factors of the kept pairs, which deepseek2
-cannot express; factor 1 for the highest frequencies of Llama-3.2 up to 14 of its 16 pairs kept).
+  score  = (q_nope · k_nope + rope(q_pe) · rope(k_pe)) / sqrt(dn + dr);  o_proj, MLP and norms are copied.
+Which dims are rope dims: the cached rope key has dr/2 slots; slot i holds HF pair i (dims (i, i + hd/2), frequency
+theta^(-2i/hd)) as an adjacent pair -- the highest-frequency pairs. llama.cpp's `deepseek2` ropes with the NORM type
+(adjacent pairs) at frequency base'^(-2i/dr): base' = theta^(dr/hd) gives exactly the original frequencies.
+One rope key is shared by all heads, but a GQA model has Hkv different keys. Two ways (rope_share):
+  "mean" (X-EcoMLA's description): every head rotates all dr/2 slots against the mean over KV heads of W_k's rope
+         rows; dn = hd - dr. With Hkv > 1 this is a large error (SmolLM2-135M, Hkv = 3, even with 31 of 32 pairs
+         rotated and full ranks: held-out perplexity 54 -> 568).
+  "split" (default): slot i belongs to KV group i mod Hkv, whose key it holds exactly; the heads of the other groups
+         have zeros there (their q_b rows are zero), so each head rotates dr / (2 Hkv) pairs and dn = hd - dr / Hkv.
+         dr must be a multiple of 2 Hkv. q is scaled by sqrt((dn + dr) / hd) so that llama.cpp's score scale
+         1/sqrt(dn + dr) is the original 1/sqrt(hd).
+The nope dims (the pairs a head does not rotate) lose their rotation: that is the approximation; with full ranks and
+rope_share=split it is the only one (plus, for Llama-3 rope scaling, the scaling factors of the kept pairs, which
+deepseek2 cannot express: factor 1 for Llama-3.2's 14 highest-frequency pairs).
 The cache holds [c_kv (r_kv) | k_pe (dr)] per token and layer.
 
 GGUF: llama.cpp's `deepseek2`, dense (leading_dense_block_count = block_count), with q_lora_rank, split attn_k_b /
