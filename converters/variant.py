@@ -286,7 +286,7 @@ def load_teacher(src: Path):
     ckpt = HFCheckpoint(src)
     if ckpt.architecture != "LlamaForCausalLM":
         raise ConversionError(f"variants take a LlamaForCausalLM checkpoint (got {ckpt.architecture!r})")
-    model = AutoModelForCausalLM.from_pretrained(str(src), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     model.config._attn_implementation = "eager"
     return ckpt, model.eval()
 
