@@ -132,14 +132,12 @@ def test_prefill_kernel_and_absorbed_decode_match_reference():
 # ---------------------------------------------------------------- GGUF: edgellm and llama.cpp
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, model_path):
-    """A tiny Llama-3.2-structured checkpoint (GQA 4:1, llama3 rope, tied), queries sharpened, as an MLA GGUF."""
+    """A tiny random GQA 2:1 Llama, queries sharpened (attention far from uniform), as an MLA GGUF with split rope
+    slots (dn + dr != hd: the score-scale fold is exercised); the tokenizer comes from a tiny-llama checkpoint."""
     d = tmp_path_factory.mktemp("mla")
     src = mk.make(d / "tiny-llama", "tiny-llama", tokenizer_gguf=str(model_path))
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for L in m.model.layers:
-            L.self_attn.q_proj.weight.mul_(4.0)
-    st = to_mla(m, kv_rank=16, rope_dim=8)
+    st = to_mla(llama(n_kv=2, sharpen=4.0), kv_rank=16, rope_dim=8, rope_share="split")
+    assert st.mla["dn"] + st.mla["dr"] != st.mla["head_dim"]
     out = d / "mla.gguf"
     MLA().write_gguf(st, HFCheckpoint(src), out, "f32", None)
     return st, src, out
