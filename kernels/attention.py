@@ -375,41 +375,6 @@ def axpy_rows(dst, d0, src, s0, m, idx, coef, cnt):
 
 
 @njit(**_JIT)
-def dot_rows(p, src, s0, m, out):
-    # out[i] += sum_u p[u] * src[i, s0 + u] for every row i of src, u < m
-    D = out.shape[0]
-    pp = p[:m]
-    i = 0
-    while i + 4 <= D:
-        a0 = src[i, s0:s0 + m]
-        a1 = src[i + 1, s0:s0 + m]
-        a2 = src[i + 2, s0:s0 + m]
-        a3 = src[i + 3, s0:s0 + m]
-        x0 = np.float32(0.0)
-        x1 = np.float32(0.0)
-        x2 = np.float32(0.0)
-        x3 = np.float32(0.0)
-        for u in range(m):
-            w = pp[u]
-            x0 += w * a0[u]
-            x1 += w * a1[u]
-            x2 += w * a2[u]
-            x3 += w * a3[u]
-        out[i] += x0
-        out[i + 1] += x1
-        out[i + 2] += x2
-        out[i + 3] += x3
-        i += 4
-    while i < D:
-        a0 = src[i, s0:s0 + m]
-        x0 = np.float32(0.0)
-        for u in range(m):
-            x0 += pp[u] * a0[u]
-        out[i] += x0
-        i += 1
-
-
-@njit(**_JIT)
 def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
     # dst[g, d0 + u] += sum_i coef[h0 + g, i] * src[i, s0 + u] for g < G, u < m, every row i: rows four at a time with
     # the G heads inside, so that each group of rows is read once (from L1) for all the heads that share it

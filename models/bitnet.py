@@ -15,7 +15,7 @@ from gguf import MODEL_TENSOR as T
 
 from ..kernels import ops
 from .config import ModelConfig
-from .llama import Llama, attend, tname
+from .llama import Llama, attend, output_logits, tname
 
 
 def neox_to_pairs(n_head: int, head_dim: int) -> np.ndarray:
@@ -86,10 +86,4 @@ class BitNet(Llama):
                 g = ops.swiglu(g, u, np.empty_like(g))
             ops.rmsnorm(g, L["ffn_sub_norm"], c.norm_eps, g)
             x += L["down"].matmul(g)
-        for cache, n in seqs:
-            cache.n += n
-        if logits == "last":
-            last = np.cumsum([n for _, n in seqs]) - 1
-            x = np.ascontiguousarray(x[last])
-        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
-        return self.output.matmul(x)
+        return output_logits(self, x, seqs, logits)

@@ -14,7 +14,7 @@ from ..kernels import linear_attention as LA
 from ..kernels import ops
 from ..runtime.errors import GGUFError  # a leaf module: the one thing models take from runtime
 from .config import ModelConfig
-from .llama import tname
+from .llama import output_logits, swiglu_ffn, tname
 
 
 def _extra(cfg: ModelConfig, key: str, types, check, what: str):
@@ -113,15 +113,5 @@ class LinearLlama:
             att = self.attend(li, L, np.ascontiguousarray(p[:, :a]), np.ascontiguousarray(p[:, a:b]),
                               p[:, b:b + Hkv * hd], p[:, b + Hkv * hd:], seqs)
             x += L["wo"].matmul(att.reshape(N, H * hd))
-            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
-            gu = L["gate_up"].matmul(h)
-            act = ops.swiglu(np.ascontiguousarray(gu[:, :c.n_ff]), np.ascontiguousarray(gu[:, c.n_ff:]),
-                             np.empty((N, c.n_ff), dtype=np.float32))
-            x += L["down"].matmul(act)
-        for cache, n in seqs:
-            cache.n += n
-        if logits == "last":
-            last = np.cumsum([n for _, n in seqs]) - 1
-            x = np.ascontiguousarray(x[last])
-        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
-        return self.output.matmul(x)
+            swiglu_ffn(x, L, h, c.n_ff, c.norm_eps)
+        return output_logits(self, x, seqs, logits)

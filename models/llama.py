@@ -26,6 +26,28 @@ def attend(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, seqs: list, sca
     return att
 
 
+def swiglu_ffn(x: np.ndarray, L: dict, h: np.ndarray, n_ff: int, eps: float) -> None:
+    """x += down(silu(gate(n)) * up(n)), n = rmsnorm(x) (into the buffer h): the Llama feed-forward, in place."""
+    N = x.shape[0]
+    ops.rmsnorm(x, L["ffn_norm"], eps, h)
+    gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)
+    act = ops.swiglu(np.ascontiguousarray(gu[:, :n_ff]), np.ascontiguousarray(gu[:, n_ff:]),
+                     np.empty((N, n_ff), dtype=np.float32))
+    x += L["down"].matmul(act)
+
+
+def output_logits(model, x: np.ndarray, seqs: list, logits: str) -> np.ndarray:
+    """The end of every forward: advance each cache by its new tokens, keep the last row of each sequence unless
+    logits == "all", final norm and output head -> logits."""
+    for cache, n in seqs:
+        cache.n += n
+    if logits == "last":
+        last = np.cumsum([n for _, n in seqs]) - 1
+        x = np.ascontiguousarray(x[last])
+    ops.rmsnorm(x, model.output_norm, model.cfg.norm_eps, x)
+    return model.output.matmul(x)
+
+
 def tname(t: T, bid: int | None = None) -> str:
     """GGUF name of a weight: tname(T.ATTN_Q, 3) -> 'blk.3.attn_q.weight'."""
     return TENSOR_NAMES[t].format(bid=bid) + ".weight"
@@ -100,15 +122,5 @@ class Llama:
             ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
             att = attend(li, q, k, v, seqs, scale)
             x += L["wo"].matmul(att.reshape(N, H * hd))
-            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
-            gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)
-            act = ops.swiglu(np.ascontiguousarray(gu[:, :n_ff]), np.ascontiguousarray(gu[:, n_ff:]),
-                             np.empty((N, n_ff), dtype=np.float32))
-            x += L["down"].matmul(act)
-        for cache, n in seqs:
-            cache.n += n
-        if logits == "last":
-            last = np.cumsum([n for _, n in seqs]) - 1
-            x = np.ascontiguousarray(x[last])
-        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
-        return self.output.matmul(x)
+            swiglu_ffn(x, L, h, n_ff, c.norm_eps)
+        return output_logits(self, x, seqs, logits)

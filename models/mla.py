@@ -16,7 +16,7 @@ from gguf import MODEL_TENSOR as T
 
 from ..kernels import ops
 from .config import ConfigError, ModelConfig
-from .llama import tname
+from .llama import output_logits, swiglu_ffn, tname
 
 
 def _key(extra, key: str, default=None, lo: int = 1, hi: int = 1 << 20) -> int:
@@ -125,15 +125,5 @@ class DeepSeek2:
                 cache.attend(li, q[i:i + n], scale, L["k_b"], L["v_b"], att[i:i + n])
                 i += n
             x += L["wo"].matmul(att.reshape(N, H * dv))
-            ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
-            gu = L["gate_up"].matmul(h)
-            act = ops.swiglu(np.ascontiguousarray(gu[:, :c.n_ff]), np.ascontiguousarray(gu[:, c.n_ff:]),
-                             np.empty((N, c.n_ff), dtype=np.float32))
-            x += L["down"].matmul(act)
-        for cache, n in seqs:
-            cache.n += n
-        if logits == "last":
-            last = np.cumsum([n for _, n in seqs]) - 1
-            x = np.ascontiguousarray(x[last])
-        ops.rmsnorm(x, self.output_norm, c.norm_eps, x)
-        return self.output.matmul(x)
+            swiglu_ffn(x, L, h, c.n_ff, c.norm_eps)
+        return output_logits(self, x, seqs, logits)
