@@ -9,9 +9,9 @@ Layouts (GGML):
          240..255 from qh (e = 240 + n*4 + j).
 
 For the fused kernels both are repacked once at load into one layout: per row, 2-bit codes t+1 in
-"planes" (byte i of a 64-byte group holds values i, i+64, i+128, i+192 of the block, two bits each) and
-the block scales as f32. Activations are quantized per token to int8 with BitNet b1.58's absmax rule
-(scale = 127 / max|x|), so y = sum_b d_b * sum_i t_i * xq_i / scale, all-integer inside a block.
+"planes" (byte i of a 64-byte group holds values i, i+64, i+128, i+192 of the block, two bits each; bytes paired
+into 16-bit words) and the block scales as f32. Activations are quantized per token to int8 with BitNet b1.58's absmax rule
+(scale = 127 / max|x|), so y = sum_b d_b * sum_i t_i * xq_i / scale, all-integer inside a block (int16 SIMD lanes, one per row).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def dequantize_tq1_0_ref(raw: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- repacking at load
 BATCH_MAX = 8  # tokens up to which the fused kernel runs; above, dequantized tiles + BLAS (as kernels/matvec.py)
 TILE_BYTES = 1 << 22  # f32 bytes of a dequantized tile
-R = 64  # rows interleaved, as in kernels/matvec.py: the vector lanes run along rows
+R = 128  # rows interleaved: the vector lanes run along rows (16 int16 lanes per AVX2 register)
 
 
 def _block_codes(qtype_bytes: int, raw: np.ndarray):
@@ -96,14 +96,19 @@ def _interleave(a: np.ndarray) -> np.ndarray:
 
 
 def pack_ternary(raw: np.ndarray, bytes_per_block: int) -> tuple[np.ndarray, np.ndarray]:
-    # raw (rows, nb * bytes) -> planes (G, nb, 64, R) uint8, d (G, nb, R) f32
+    """raw (rows, nb * bytes) -> planes (G, nb, 32, R) uint16, d (G, nb, R) f32.
+
+    Per row and block, code c_e (value e of 256) sits in bits 2s..2s+1 (s < 4) of byte i (i < 64) of a 64-byte
+    plane with e = s*64 + i, and bytes 2j, 2j+1 form the uint16 j: one 16-bit lane holds eight codes."""
     if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % bytes_per_block:
         raise ValueError(f"ternary weights need (rows, n * {bytes_per_block}) uint8 blocks, got {raw.shape} {raw.dtype}")
     codes, d = _block_codes(bytes_per_block, raw)
     if not np.isfinite(d).all():
         raise ValueError("ternary block scale is not finite")
     planes = (codes[..., 0:64] | (codes[..., 64:128] << 2) | (codes[..., 128:192] << 4) | (codes[..., 192:256] << 6))
-    return _interleave(planes), _interleave(d)
+    words = planes.reshape(planes.shape[:2] + (32, 2)).astype(np.uint16)
+    words = words[..., 0] | (words[..., 1] << 8)
+    return _interleave(words), _interleave(d)
 
 
 # ---------------------------------------------------------------- activations
@@ -124,83 +129,90 @@ def quantize_act_absmax(x, xq):
     return scales
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _block_sums(xq, nb):
-    # xq (B, nb*256) -> (B, nb) sums per block (for the -1 offset of the codes); exact: integers < 2^24
+@njit(cache=True, nogil=True)
+def _int16_and_block_sums(xq, nb):
+    # xq (B, nb*256) f32 integer-valued -> (B, nb*256) int16 and (B, nb) int16 sums per block taken mod 2^16
     B = xq.shape[0]
-    s = np.zeros((B, nb), dtype=np.float32)
+    x16 = np.empty(xq.shape, dtype=np.int16)
+    s = np.zeros((B, nb), dtype=np.int16)
     for b in range(B):
         for k in range(nb):
-            acc = np.float32(0.0)
+            acc = 0
             for i in range(QK):
-                acc += xq[b, k * QK + i]
-            s[b, k] = acc
-    return s
+                v = int(xq[b, k * QK + i])
+                x16[b, k * QK + i] = v
+                acc += v
+            s[b, k] = np.int16(acc)
+    return x16, s
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def matvec_ternary_q(P, D, xq, xsum, out):
-    # P (G, nb, 64, R) u8 codes, D (G, nb, R) f32, xq (B, nb*256) f32 integer-valued, xsum (B, nb) -> out (B, G*R)
-    # out[b, r] = sum_k D[r, k] * (sum_i code_i * xq_i - xsum[b, k]); the integer sums are exact in f32 (< 2^24).
-    # The 2-bit fields are split with float arithmetic (floor of q/4, ...): it vectorizes along the R rows.
+    # P (G, nb, 32, R) u16 codes, D (G, nb, R) f32, xq (B, nb*256) int16 in [-127, 127], xsum (B, nb) int16
+    # -> out (B, G*R): out[b, r] = sum_k D[r, k] * (sum_e c_e * xq_e - xsum[b, k]).
+    # The block sum runs in int16 lanes with wrap-around: the true value sum_e (c_e - 1) xq_e lies within
+    # 256 * 127 < 2^15, so taking the difference mod 2^16 recovers it exactly.
     G, nb, _, RR = P.shape
     B = xq.shape[0]
     for g in prange(G):
         acc = np.zeros((B, RR), dtype=np.float32)
-        tmp = np.empty(RR, dtype=np.float32)
+        tmp = np.empty(RR, dtype=np.int16)
         for k in range(nb):
             d = D[g, k]
             for b in range(B):
                 for l in range(RR):
-                    tmp[l] = 0.0
-                base = k * QK
-                for i in range(64):
-                    x0 = xq[b, base + i]
-                    x1 = xq[b, base + 64 + i]
-                    x2 = xq[b, base + 128 + i]
-                    x3 = xq[b, base + 192 + i]
-                    w = P[g, k, i]
+                    tmp[l] = 0
+                for j in range(32):
+                    i = k * QK + 2 * j
+                    x0, x1, x2, x3 = xq[b, i], xq[b, i + 64], xq[b, i + 128], xq[b, i + 192]
+                    y0, y1, y2, y3 = xq[b, i + 1], xq[b, i + 65], xq[b, i + 129], xq[b, i + 193]
+                    w = P[g, k, j]
                     for l in range(RR):
-                        q = np.float32(w[l])
-                        a = np.floor(q * np.float32(0.25))
-                        c = np.floor(a * np.float32(0.25))
-                        e = np.floor(c * np.float32(0.25))
-                        tmp[l] += (q - np.float32(4.0) * a) * x0 + (a - np.float32(4.0) * c) * x1 \
-                            + (c - np.float32(4.0) * e) * x2 + e * x3
+                        q = np.int16(w[l])
+                        tmp[l] = np.int16(tmp[l] + (q & 3) * x0 + ((q >> 2) & 3) * x1 + ((q >> 4) & 3) * x2
+                                          + ((q >> 6) & 3) * x3 + ((q >> 8) & 3) * y0 + ((q >> 10) & 3) * y1
+                                          + ((q >> 12) & 3) * y2 + ((q >> 14) & 3) * y3)
                 xs = xsum[b, k]
                 ab = acc[b]
                 for l in range(RR):
-                    ab[l] += d[l] * (tmp[l] - xs)
+                    ab[l] += d[l] * np.float32(np.int16(tmp[l] - xs))
         for b in range(B):
             for l in range(RR):
                 out[b, g * RR + l] = acc[b, l]
     return out
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def dequantize_ternary(P, D, r0, r1, out):
-    # rows r0..r1 of planes (G, nb, 64, R), d (G, nb, R) -> out (r1-r0, nb*256) f32
+@njit(cache=True, nogil=True)
+def dequantize_ternary_t(P, D, g0, g1, out):
+    # row groups g0..g1 of planes (G, nb, 32, R), d (G, nb, R) -> out (nb*256, (g1-g0)*R) f32, transposed:
+    # out[e, r] = (c - 1) * d of row g0*R + r, value e; the inner loop runs along rows (vectorized)
     G, nb, _, RR = P.shape
-    for r in prange(r0, r1):
-        g, l = r // RR, r % RR
-        for k in range(nb):
-            for i in range(64):
-                p = P[g, k, i, l]
-                for s in range(4):
-                    out[r - r0, k * QK + s * 64 + i] = (np.float32((p >> (2 * s)) & 3) - 1) * D[g, k, l]
+    for k in range(nb):
+        for g in range(g0, g1):
+            c0 = (g - g0) * RR
+            d = D[g, k]
+            for j in range(32):
+                w = P[g, k, j]
+                for s in range(8):  # the word's 8 codes are values e, e+64, e+128, e+192, e+1, e+65, ...
+                    row = out[k * QK + (s % 4) * 64 + 2 * j + s // 4, c0:c0 + RR]
+                    sh = 2 * s
+                    for l in range(RR):  # one store stream per loop: vectorizes without aliasing checks
+                        row[l] = np.float32(((np.int32(w[l]) >> sh) & 3) - 1) * d[l]
     return out
 
 
 class TernaryMatrix:
     """A TQ1_0 / TQ2_0 (rows, cols) matrix for BitNet: y = W @ x with x quantized per token to int8 (absmax).
 
-    `scale` is the tensor's extra factor (BitNet's per-tensor weight scale, GGUF `*.scale`), applied to the output."""
+    `scale` is the tensor's extra factor (BitNet's per-tensor weight scale, GGUF `*.scale`), applied to the output:
+    one number, or one per row when several tensors are stacked into one matrix."""
 
     def __init__(self, raw: np.ndarray, rows: int, cols: int, bytes_per_block: int, name: str = "",
-                 scale: float = 1.0):
+                 scale: float | np.ndarray = 1.0):
         if cols % QK or raw.shape != (rows, cols // QK * bytes_per_block):
             raise ValueError(f"{name}: ternary tensor bytes {raw.shape} do not match shape ({rows}, {cols})")
-        self.rows, self.cols, self.name, self.scale = rows, cols, name, np.float32(scale)
+        self.rows, self.cols, self.name = rows, cols, name
+        self.scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), (rows,)).copy()
         self.planes, self.d = pack_ternary(raw, bytes_per_block)
         self.nbytes = int(raw.nbytes)
 
@@ -212,22 +224,23 @@ class TernaryMatrix:
         return xq, quantize_act_absmax(X, xq)
 
     def matmul_q(self, xq: np.ndarray, xscale: np.ndarray) -> np.ndarray:
-        if xq.shape[0] > BATCH_MAX:  # prefill: dequantized tiles and BLAS (integer-valued xq: the same products)
-            out = np.empty((xq.shape[0], self.rows), dtype=np.float32)
-            tile = max(R, TILE_BYTES // (4 * self.cols) // R * R)
-            buf = np.empty((min(tile, self.rows), self.cols), dtype=np.float32)
-            for r0 in range(0, self.rows, tile):
-                r1 = min(self.rows, r0 + tile)
-                w = dequantize_ternary(self.planes, self.d, r0, r1, buf[:r1 - r0])
-                out[:, r0:r1] = xq @ w.T
-            out *= (self.scale / xscale)[:, None]
-            return out
-        xsum = _block_sums(xq, self.cols // QK)
         G = self.planes.shape[0]
+        if xq.shape[0] > BATCH_MAX:  # prefill: dequantized tiles and BLAS (integer-valued xq: the same products)
+            out = np.empty((xq.shape[0], G * R), dtype=np.float32)
+            tile = max(1, TILE_BYTES // (4 * self.cols * R))  # groups of R rows per tile
+            buf = np.empty((self.cols, min(tile, G) * R), dtype=np.float32)
+            for g0 in range(0, G, tile):
+                g1 = min(G, g0 + tile)
+                w = dequantize_ternary_t(self.planes, self.d, g0, g1, buf[:, :(g1 - g0) * R])
+                np.matmul(xq, w, out=out[:, g0 * R:g1 * R])
+            out = out[:, :self.rows] if G * R != self.rows else out
+            out *= self.scale / xscale[:, None]
+            return out
+        x16, xsum = _int16_and_block_sums(xq, self.cols // QK)
         out = np.empty((xq.shape[0], G * R), dtype=np.float32)
-        matvec_ternary_q(self.planes, self.d, xq, xsum, out)
+        matvec_ternary_q(self.planes, self.d, x16, xsum, out)
         out = out[:, :self.rows] if G * R != self.rows else out
-        out *= (self.scale / xscale)[:, None]
+        out *= self.scale / xscale[:, None]
         return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
@@ -235,6 +248,7 @@ class TernaryMatrix:
         return self.matmul_q(*self.quantize(X))
 
     def dequantize(self) -> np.ndarray:
-        out = np.empty((self.rows, self.cols), dtype=np.float32)
-        dequantize_ternary(self.planes, self.d, 0, self.rows, out)
-        return out * self.scale
+        G = self.planes.shape[0]
+        out = np.empty((self.cols, G * R), dtype=np.float32)
+        dequantize_ternary_t(self.planes, self.d, 0, G, out)
+        return out.T[:self.rows] * self.scale[:, None]

@@ -40,14 +40,15 @@ class BitNet(Llama):
         for i in range(cfg.n_layer):
             self.layers.append(dict(
                 attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
-                wq=w.bitlinear(tname(T.ATTN_Q, i), (H * hd, d), neox_to_pairs(H, hd)),
-                wk=w.bitlinear(tname(T.ATTN_K, i), (dkv, d), neox_to_pairs(Hkv, hd)),
-                wv=w.bitlinear(tname(T.ATTN_V, i), (dkv, d)),
+                # q, k, v share their input: one stacked matrix when their types agree (as gate and up)
+                qkv=w.bitlinear_fused([(tname(T.ATTN_Q, i), (H * hd, d), neox_to_pairs(H, hd)),
+                                       (tname(T.ATTN_K, i), (dkv, d), neox_to_pairs(Hkv, hd)),
+                                       (tname(T.ATTN_V, i), (dkv, d), None)]),
                 attn_sub_norm=w.vector(tname(T.ATTN_SUB_NORM, i), H * hd),
                 wo=w.bitlinear(tname(T.ATTN_OUT, i), (d, H * hd)),
                 ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
-                gate=w.bitlinear(tname(T.FFN_GATE, i), (cfg.n_ff, d)),
-                up=w.bitlinear(tname(T.FFN_UP, i), (cfg.n_ff, d)),
+                gate_up=w.bitlinear_fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d), None),
+                                           (tname(T.FFN_UP, i), (cfg.n_ff, d), None)]),
                 ffn_sub_norm=w.vector(tname(T.FFN_SUB_NORM, i), cfg.n_ff),
                 down=w.bitlinear(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
             ))
@@ -65,19 +66,18 @@ class BitNet(Llama):
         scale = np.float32(1.0 / np.sqrt(hd))
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
-            xq, xs = L["wq"].quantize(h)  # q, k, v share one quantized input
-            q = L["wq"].matmul_q(xq, xs).reshape(N, H, hd)
-            k = L["wk"].matmul_q(xq, xs).reshape(N, Hkv, hd)
-            v = L["wv"].matmul_q(xq, xs).reshape(N, Hkv, hd)
+            qkv = L["qkv"].matmul(h)  # one int8 quantization of h for q, k and v
+            q = np.ascontiguousarray(qkv[:, :H * hd]).reshape(N, H, hd)
+            k = np.ascontiguousarray(qkv[:, H * hd:(H + Hkv) * hd]).reshape(N, Hkv, hd)
+            v = np.ascontiguousarray(qkv[:, (H + Hkv) * hd:]).reshape(N, Hkv, hd)
             ops.rope_inplace(q, pos, self.rope_cos, self.rope_sin, c.rope_dim)
             ops.rope_inplace(k, pos, self.rope_cos, self.rope_sin, c.rope_dim)
             att = attend(li, q, k, v, seqs, scale).reshape(N, H * hd)
             ops.rmsnorm(att, L["attn_sub_norm"], c.norm_eps, att)
             x += L["wo"].matmul(att)
             ops.rmsnorm(x, L["ffn_norm"], c.norm_eps, h)
-            xq, xs = L["gate"].quantize(h)
-            g = L["gate"].matmul_q(xq, xs)
-            u = L["up"].matmul_q(xq, xs)
+            gu = L["gate_up"].matmul(h)
+            g, u = np.ascontiguousarray(gu[:, :c.n_ff]), gu[:, c.n_ff:]
             if self.act == "relu2":
                 np.maximum(g, 0, out=g)
                 g *= g

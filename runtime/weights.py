@@ -102,18 +102,53 @@ class WeightSource:
 
     def bitlinear(self, name: str, shape: tuple[int, int], row_perm: np.ndarray | None = None):
         """A BitNet projection: ternary (TQ1_0 / TQ2_0) or any matrix type, times its optional `<name>.scale`."""
-        t = self._info(name, shape, tuple(TERNARY_TYPES) + MATRIX_TYPES)
-        scale = 1.0
+        return self.bitlinear_fused([(name, shape, row_perm)])
+
+    def _scale(self, name: str) -> float:
         sname = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else name + ".scale"
-        if self.has(sname):
-            s = self._info(sname, (1,), VECTOR_TYPES)
-            scale = float(np.asarray(s.data, dtype=np.float32).reshape(-1)[0])
-            if not np.isfinite(scale):
-                raise GGUFError(f"{self.f.path}: {sname} is not finite")
-        raw = t.data if row_perm is None else np.ascontiguousarray(t.data[row_perm])
-        if t.qtype in TERNARY_TYPES:
-            return tern.TernaryMatrix(raw, shape[0], shape[1], TERNARY_TYPES[t.qtype], name, scale)
-        return ScaledMatrix(QMatrix(t.qtype, raw, shape[0], shape[1], name), scale)
+        if not self.has(sname):
+            return 1.0
+        scale = float(np.asarray(self._info(sname, (1,), VECTOR_TYPES).data, dtype=np.float32).reshape(-1)[0])
+        if not np.isfinite(scale):
+            raise GGUFError(f"{self.f.path}: {sname} is not finite")
+        return scale
+
+    def bitlinear_fused(self, specs: list[tuple[str, tuple[int, int], np.ndarray | None]]):
+        """BitNet projections sharing one input, (name, shape, row permutation or None) each: stacked by rows
+        into one ternary matrix (per-row scales) when all are ternary of one type, else outputs concatenated."""
+        infos = [self._info(name, shape, tuple(TERNARY_TYPES) + MATRIX_TYPES) for name, shape, _ in specs]
+        raws = [t.data if perm is None else np.ascontiguousarray(t.data[perm]) for t, (_, _, perm) in zip(infos, specs)]
+        scales = [self._scale(name) for name, _, _ in specs]
+        names = "+".join(name for name, _, _ in specs)
+        if len({t.qtype for t in infos}) == 1 and infos[0].qtype in TERNARY_TYPES:
+            rows = [shape[0] for _, shape, _ in specs]
+            row_scale = np.repeat(np.array(scales, dtype=np.float32), rows)
+            raw = raws[0] if len(raws) == 1 else np.concatenate(raws, axis=0)
+            return tern.TernaryMatrix(raw, sum(rows), specs[0][1][1], TERNARY_TYPES[infos[0].qtype], names, row_scale)
+        parts = []
+        for t, raw, scale, (name, shape, _) in zip(infos, raws, scales, specs):
+            if t.qtype in TERNARY_TYPES:
+                parts.append(tern.TernaryMatrix(raw, shape[0], shape[1], TERNARY_TYPES[t.qtype], name, scale))
+            else:
+                parts.append(ScaledMatrix(QMatrix(t.qtype, raw, shape[0], shape[1], name), scale))
+        return parts[0] if len(parts) == 1 else ConcatBitLinear(parts)
+
+
+class ConcatBitLinear:
+    """BitNet projections sharing an input whose types differ: one quantized input, outputs concatenated."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.rows, self.cols = sum(p.rows for p in parts), parts[0].cols
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    quantize = staticmethod(tern.TernaryMatrix.quantize)
+
+    def matmul_q(self, xq: np.ndarray, xscale: np.ndarray) -> np.ndarray:
+        return np.concatenate([p.matmul_q(xq, xscale) for p in self.parts], axis=1)
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        return self.matmul_q(*self.quantize(X))
 
 
 class ScaledMatrix:

@@ -54,3 +54,25 @@ def test_fused_matvec_is_bitnets_integer_arithmetic(qtype, nbytes, ref, B):
 def test_pack_rejects_bad_sizes():
     with pytest.raises(ValueError):
         T.TernaryMatrix(np.zeros((4, 65), np.uint8), 4, 256, T.TQ2_BYTES)
+
+
+@pytest.mark.parametrize("B", [1, 20])
+def test_fused_matvec_many_groups_tiles_and_extreme_sums(monkeypatch, B):
+    # rows over several interleaved groups (with padding), the prefill split into several tiles, and block
+    # sums at the int16 limit: all weights +1 (or -1) against activations of +-127 (256 * 127 = 32512)
+    monkeypatch.setattr(T, "TILE_BYTES", 4 * 512 * T.R)  # one group of rows per tile
+    rows, cols = 2 * T.R + 37, 512
+    w = ternary_weights(rows, cols, 5)
+    w[:3] = 1.0
+    w[3:6] = -1.0
+    raw = gguf.quants.quantize(w, QT.TQ2_0)
+    m = T.TernaryMatrix(raw, rows, cols, T.TQ2_BYTES, scale=np.linspace(0.5, 2.0, rows, dtype=np.float32))
+    x = np.random.default_rng(4).standard_normal((B, cols)).astype(np.float32)
+    x[0] = np.where(np.arange(cols) % 3 == 0, -1.0, 1.0)  # every activation quantizes to +-127
+    x[0, :256] = 1.0
+    y = m.matmul(x)
+    s = 127 / np.maximum(np.abs(x).max(-1, keepdims=True), 1e-5)
+    xq = np.clip(np.round(x * s), -128, 127)
+    ref = (xq @ gguf.quants.dequantize(raw, QT.TQ2_0).T) / s * m.scale
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.dequantize(), gguf.quants.dequantize(raw, QT.TQ2_0) * m.scale[:, None], rtol=1e-6)
