@@ -234,6 +234,17 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         import importlib.util
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters") is None:
             exporter = BUILDER_EXPORTERS[arch]  # the same interface without optimum installed
+    write_onnx_folder(out, src, lambda tmp: exporter(src, tmp), dtype, progress)
+    return out
+
+
+def write_onnx_folder(out: Path, src: Path, export: Callable[[Path], None], dtype: str = "fp32",
+                      progress: Callable[[int, int, str], None] | None = None) -> None:
+    """The one way an ONNX folder is written: `export(tmp)` writes model.onnx (and anything else) into a temporary
+    folder, int4 weight-only quantization if asked, the checkpoint `src`'s tokenizer and config files beside it,
+    then the folder is renamed into place (nothing partial is left behind on failure)."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown --dtype {dtype!r} for --format onnx (choose from {', '.join(DTYPES)})")
     steps = ["export", "quantize int4", "tokenizer and config"] if dtype == "int4" else ["export", "tokenizer and config"]
     done = 0
 
@@ -248,7 +259,7 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        exporter(src, tmp)
+        export(tmp)
         if not (tmp / MODEL_FILE).exists():
             raise ConversionError(f"the exporter wrote no {MODEL_FILE}")
         step("export")
@@ -263,7 +274,6 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -198,13 +198,14 @@ class PreNormBlock(nn.Module):
 
 def llama_block(layer: nn.Module, linear: Callable, cfg) -> PreNormBlock:
     """A Llama-family decoder layer (LlamaDecoderLayer, BitNetDecoderLayer: sub-norms are picked up
-    when the HF layer has them)."""
+    when the HF layer has them). Head counts are read from the layer's own projections, so layers of
+    different widths (a pruned model) each get theirs."""
     at, mlp = layer.self_attn, layer.mlp
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     sub_a = getattr(at, "attn_sub_norm", None)
     sub_f = getattr(mlp, "ffn_sub_norm", None)
     attn = Attention(linear(at.q_proj), linear(at.k_proj), linear(at.v_proj), linear(at.o_proj),
-                     cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                     at.q_proj.weight.shape[0] // head_dim, at.k_proj.weight.shape[0] // head_dim, head_dim,
                      sub_norm=norm_from(sub_a) if sub_a is not None else None, scaling=getattr(at, "scaling", None))
     ffn = GatedMLP(linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj), activation(cfg.hidden_act),
                    sub_norm=norm_from(sub_f) if sub_f is not None else None)
@@ -230,12 +231,13 @@ class DecoderGraph(nn.Module):
     """embedding -> blocks (each over its own past k/v) -> final norm -> LM head."""
 
     def __init__(self, embed: torch.Tensor, blocks: list[nn.Module], norm: nn.Module, lm_head: nn.Module,
-                 rotary: Rotary, n_kv: int, head_dim: int):
+                 rotary: Rotary, head_dim: int):
         super().__init__()
         self.embed = nn.Parameter(embed.detach().float().clone(), requires_grad=False)
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head, self.rotary = norm, lm_head, rotary
-        self.n_kv, self.head_dim = n_kv, head_dim
+        self.n_kv = [b.attn.n_kv for b in blocks]  # per layer (a pruned model's differ)
+        self.head_dim = head_dim
 
     @property
     def n_layer(self) -> int:
@@ -272,8 +274,7 @@ def build_decoder(hf_model: nn.Module, linear: Callable = plain_linear,
     # the LM head stays a plain matmul (BitNet keeps lm_head in full precision too)
     head = Linear(lm.weight, getattr(lm, "bias", None)) if isinstance(lm, nn.Linear) else linear(lm)
     return DecoderGraph(base.embed_tokens.weight, blocks, norm_from(base.norm), head,
-                        Rotary(rot.inv_freq, getattr(rot, "attention_scaling", 1.0)),
-                        cfg.num_key_value_heads, head_dim)
+                        Rotary(rot.inv_freq, getattr(rot, "attention_scaling", 1.0)), head_dim)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -298,8 +299,8 @@ def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17,
     am = torch.ones((B, P + T), dtype=torch.int64)
     pos = torch.arange(P, P + T, dtype=torch.int64)[None].expand(B, T).contiguous()
     past = []
-    for _ in range(graph.n_layer):
-        past += [torch.zeros((B, graph.n_kv, P, graph.head_dim)), torch.zeros((B, graph.n_kv, P, graph.head_dim))]
+    for n_kv in graph.n_kv:
+        past += [torch.zeros((B, n_kv, P, graph.head_dim)), torch.zeros((B, n_kv, P, graph.head_dim))]
     ins, outs = io_names(graph.n_layer)
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
            "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},

@@ -287,6 +287,29 @@ class Prune(Variant):
     def write_gguf(self, student, ckpt, out, outtype, progress) -> None:
         write_pruned_gguf(student, ckpt, out, outtype, progress)
 
+    def write_onnx(self, student, ckpt, out, dtype, progress) -> None:
+        write_pruned_onnx(student, ckpt, out, dtype, progress)
+
+
+def write_pruned_onnx(student, ckpt, out, dtype: str = "fp32", progress=None) -> None:
+    """The student through the shared ONNX builder: each layer's past keys/values have its own head count
+    (static in the graph, which is where the runtime reads them); config.json is the student's, with the
+    per-layer widths [n_head, n_head_kv, n_ff] under `layer_widths`. (optimum's ORTModelForCausalLM sizes
+    every layer's cache from config.json alone, so it runs only a uniformly pruned model.)"""
+    import json
+    from pathlib import Path
+    from .onnx_export import MODEL_FILE, write_onnx_folder
+    from .onnx_graph import build_decoder, export_decoder
+    graph = build_decoder(student)
+
+    def export(tmp: Path) -> None:
+        export_decoder(graph, tmp / MODEL_FILE)
+        cfg = student.config.to_dict()
+        cfg["layer_widths"] = [list(w) for w in widths(student)]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    write_onnx_folder(Path(out), ckpt.path, export, dtype, progress)
+
 
 def write_pruned_gguf(student, ckpt, out, outtype: str = "f16", progress=None) -> str:
     """The student as GGUF `deci` (per-layer widths) or `llama` (all layers alike). Returns the architecture."""

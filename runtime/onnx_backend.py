@@ -37,18 +37,17 @@ class OnnxConfig:
 
 class OnnxKVCache:
     """One sequence's past keys and values as the graph returns them: 2 * n_layer arrays
-    (1, n_kv, n, head_dim), in the order of the graph's past_key_values inputs."""
+    (1, n_kv, n, head_dim), in the order of the graph's past_key_values inputs; `shapes` gives each
+    array's (n_kv, head_dim) (a pruned model's layers differ)."""
 
-    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, n_ctx: int):
+    def __init__(self, shapes: list[tuple[int, int]], n_ctx: int):
         self.n_ctx = n_ctx
         self.n = 0
-        empty = np.zeros((1, n_head_kv, 0, head_dim), dtype=np.float32)
-        self.kv: list[np.ndarray] = [empty] * (2 * n_layer)
+        self.kv: list[np.ndarray] = [np.zeros((1, H, 0, D), dtype=np.float32) for H, D in shapes]
 
     @property
     def nbytes_per_token(self) -> int:
-        _, H, _, D = self.kv[0].shape
-        return len(self.kv) * H * D * 4
+        return sum(a.shape[1] * a.shape[3] * 4 for a in self.kv)
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens."""
@@ -131,17 +130,20 @@ class OnnxEngine:
             raise EdgeLLMError(f"{self.path / MODEL_FILE} has no complete KV-cache interface "
                                "(past_key_values.N.key/value -> present.N.key/value)")
         self._has_pos = "position_ids" in ins
-        shape = ins[self._past_names[0]].shape  # [batch, n_kv, past, head_dim]
         cfg_path = self.path / "config.json"
         try:
             hf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EdgeLLMError(f"{cfg_path}: invalid JSON ({e})") from None
-        n_kv, head_dim = shape[1], shape[3]
-        if not isinstance(n_kv, int):
-            n_kv = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
-        if not isinstance(head_dim, int):
-            head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        self._kv_shapes = []
+        for name in self._past_names:  # [batch, n_kv, past, head_dim]: static in the graph, else config.json
+            _, n_kv, _, head_dim = ins[name].shape
+            if not isinstance(n_kv, int):
+                n_kv = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+            if not isinstance(head_dim, int):
+                head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+            self._kv_shapes.append((int(n_kv), int(head_dim)))
+        n_kv, head_dim = max(self._kv_shapes)
         v = self.session.get_outputs()[0].shape[-1]
         n_vocab = v if isinstance(v, int) else hf.get("vocab_size")
         if not n_vocab:
@@ -152,8 +154,7 @@ class OnnxEngine:
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, n_ctx: int | None = None) -> OnnxKVCache:
-        c = self.cfg
-        return OnnxKVCache(c.n_layer, c.n_head_kv, c.head_dim, n_ctx or self.n_ctx)
+        return OnnxKVCache(self._kv_shapes, n_ctx or self.n_ctx)
 
     @property
     def weight_bytes_per_token(self) -> int:

@@ -116,6 +116,20 @@ def test_pruned_deci_matches_torch_and_llama_cpp(ckpt, tmp_path, llama_cpp):
         assert np.abs(e.prefill(IDS, logits="all") - a).max() <= 0.05
         fork = e.cache.fork()
         np.testing.assert_allclose(e.decode(5), e.decode(5, fork), atol=1e-5)
+    # ONNX (the shared builder): each layer's cache has its own head count, run by onnxruntime behind the engine API
+    pytest.importorskip("onnxruntime")
+    from edgellm.runtime.engine import load as load_engine
+    ox = tmp_path / "p-onnx"
+    v.write_onnx(m, HFCheckpoint(ckpt), ox, "fp32", None)
+    oe = load_engine(str(ox), n_ctx=128, threads=2)
+    full = oe.prefill(IDS, oe.new_cache(), logits="all")
+    print(f"onnxruntime vs torch {np.abs(full - ref).max():.2e}")
+    assert np.abs(full - ref).max() <= 1e-3
+    c = oe.new_cache()
+    oe.prefill(IDS[:-1], c)
+    np.testing.assert_allclose(oe.decode(int(IDS[-1]), c), full[-1], atol=1e-4)
+    assert c.nbytes_per_token == 2 * v.kv_bytes_per_token(m)
+    assert [tuple(x) for x in __import__("json").loads((ox / "config.json").read_text())["layer_widths"]] == w
 
 
 def test_uniform_widths_are_written_as_llama(ckpt, tmp_path):
