@@ -363,3 +363,35 @@ class MLA(Variant):
 
         _write_gguf(out, "deepseek2", ckpt, n_vocab, lambda w: set_deepseek2_params(w, student, n_vocab),
                     iter(tensors), outtype, quant_type, len(tensors), progress)
+
+    def write_onnx(self, student, ckpt: HFCheckpoint, out: Path, dtype: str, progress) -> None:
+        write_mla_onnx(student, ckpt, out, dtype, progress)
+
+
+def mla_block(layer, linear, cfg):
+    """The shared ONNX builder's block for a student layer: latent attention, the teacher's norms and MLP."""
+    from .onnx_graph import GatedMLP, LatentAttention, PreNormBlock, activation, norm_from
+    a, mlp = layer.self_attn, layer.mlp
+    attn = LatentAttention(linear(a.q_a), linear(a.q_b), linear(a.kv_a), a.k_b, a.v_b, linear(a.o_proj),
+                           a.n_head, a.dn, a.dr, a.dv, a.r_kv)
+    ffn = GatedMLP(linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj), activation(cfg.hidden_act))
+    return PreNormBlock(norm_from(layer.input_layernorm), attn, norm_from(layer.post_attention_layernorm), ffn)
+
+
+def write_mla_onnx(student, ckpt: HFCheckpoint, out: Path, dtype: str = "fp32", progress=None) -> None:
+    """The student through the shared ONNX builder with a latent cache: past_key_values.N.key is c_kv
+    (B, 1, P, r_kv) and .value the rotated rope key (B, 1, P, rope dim), so the cache is as small as the GGUF's.
+    config.json is the teacher's plus the `mla` sizes (optimum's ORTModelForCausalLM cannot size this cache)."""
+    import json
+    from .onnx_export import MODEL_FILE, write_onnx_folder
+    from .onnx_graph import Rotary, build_decoder, export_decoder
+    inv = student.layers[0].self_attn.inv_freq
+    graph = build_decoder(student, block=mla_block, rotary=Rotary(inv.float()))
+
+    def export(tmp: Path) -> None:
+        export_decoder(graph, tmp / MODEL_FILE)
+        cfg = student.config.to_dict()
+        cfg["mla"] = dict(student.mla)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    write_onnx_folder(Path(out), ckpt.path, export, dtype, progress)

@@ -98,6 +98,11 @@ class TernaryLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def out_features(m: nn.Module) -> int:
+    """Output width of a builder linear (Linear or TernaryLinear)."""
+    return int(m.weight.shape[0]) if isinstance(m, Linear) else int(m.weight_t.shape[1])
+
+
 def plain_linear(module: nn.Module) -> nn.Module:
     """The linear factory for dense models: an nn.Linear as a plain matmul."""
     if not isinstance(module, nn.Linear):
@@ -160,6 +165,50 @@ class Attention(nn.Module):
             out = self.sub_norm(out)
         return self.o(out), k, v
 
+    def cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of this layer's past key and past value inputs."""
+        return (self.n_kv, self.head_dim), (self.n_kv, self.head_dim)
+
+
+def rope_pairs(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angles of Rotary's tables (B, 1, T, dr; first half used)."""
+    h = x.shape[-1] // 2
+    c, s = cos[..., :h], sin[..., :h]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (the MLA variant, converters/mla.py) over a latent cache: the past "key" input is
+    c_kv (B, 1, P, r_kv), the past "value" input the rotated shared rope key k_pe (B, 1, P, dr). Keys and values
+    are decompressed per head from the latent (k_b, v_b: (H, dn or dv, r_kv)); rope on adjacent pairs of the
+    last dr dims of each query head and of k_pe."""
+
+    def __init__(self, q_a, q_b, kv_a, k_b, v_b, o, n_head: int, dn: int, dr: int, dv: int, r_kv: int):
+        super().__init__()
+        self.q_a, self.q_b, self.kv_a, self.o = q_a, q_b, kv_a, o
+        self.k_b = nn.Parameter(k_b.detach().float().clone(), requires_grad=False)
+        self.v_b = nn.Parameter(v_b.detach().float().clone(), requires_grad=False)
+        self.n_head, self.dn, self.dr, self.dv, self.r_kv = n_head, dn, dr, dv, r_kv
+        self.scaling = (dn + dr) ** -0.5
+
+    def forward(self, x, cos, sin, mask, past_c, past_pe):
+        H, dn, dr, dv, r = self.n_head, self.dn, self.dr, self.dv, self.r_kv
+        q = reshape(self.q_b(self.q_a(x)), 0, -1, H, dn + dr).transpose(1, 2)   # (B, H, T, dn + dr)
+        q_nope, q_pe = q[..., :dn], rope_pairs(q[..., dn:], cos, sin)
+        ckv = self.kv_a(x).unsqueeze(1)                                          # (B, 1, T, r + dr)
+        c = torch.cat([past_c, ckv[..., :r]], dim=2)                             # (B, 1, S, r)
+        k_pe = torch.cat([past_pe, rope_pairs(ckv[..., r:], cos, sin)], dim=2)  # (B, 1, S, dr)
+        k_nope = torch.matmul(c, self.k_b.transpose(1, 2))                       # (B, H, S, dn)
+        v = torch.matmul(c, self.v_b.transpose(1, 2))                            # (B, H, S, dv)
+        att = (torch.matmul(q_nope, k_nope.transpose(2, 3)) + torch.matmul(q_pe, k_pe.transpose(2, 3))) * self.scaling
+        att = torch.softmax(att + mask, dim=-1)                                  # (B, H, T, S)
+        out = reshape(torch.matmul(att, v).transpose(1, 2), 0, -1, H * dv)       # (B, T, H*dv)
+        return self.o(out), c, k_pe
+
+    def cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (1, self.r_kv), (1, self.dr)
+
 
 class GatedMLP(nn.Module):
     """down(sub_norm(act(gate(x)) * up(x))); sub_norm is BitNet's ffn_sub_norm (None for Llama)."""
@@ -204,8 +253,9 @@ def llama_block(layer: nn.Module, linear: Callable, cfg) -> PreNormBlock:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     sub_a = getattr(at, "attn_sub_norm", None)
     sub_f = getattr(mlp, "ffn_sub_norm", None)
-    attn = Attention(linear(at.q_proj), linear(at.k_proj), linear(at.v_proj), linear(at.o_proj),
-                     at.q_proj.weight.shape[0] // head_dim, at.k_proj.weight.shape[0] // head_dim, head_dim,
+    q, k = linear(at.q_proj), linear(at.k_proj)
+    attn = Attention(q, k, linear(at.v_proj), linear(at.o_proj), out_features(q) // head_dim,
+                     out_features(k) // head_dim, head_dim,
                      sub_norm=norm_from(sub_a) if sub_a is not None else None, scaling=getattr(at, "scaling", None))
     ffn = GatedMLP(linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj), activation(cfg.hidden_act),
                    sub_norm=norm_from(sub_f) if sub_f is not None else None)
@@ -231,13 +281,13 @@ class DecoderGraph(nn.Module):
     """embedding -> blocks (each over its own past k/v) -> final norm -> LM head."""
 
     def __init__(self, embed: torch.Tensor, blocks: list[nn.Module], norm: nn.Module, lm_head: nn.Module,
-                 rotary: Rotary, head_dim: int):
+                 rotary: Rotary):
         super().__init__()
         self.embed = nn.Parameter(embed.detach().float().clone(), requires_grad=False)
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head, self.rotary = norm, lm_head, rotary
-        self.n_kv = [b.attn.n_kv for b in blocks]  # per layer (a pruned model's differ)
-        self.head_dim = head_dim
+        # per layer (heads, width) of the past key and value inputs: a pruned model's layers differ
+        self.cache_shapes = [b.attn.cache_shapes() for b in blocks]
 
     @property
     def n_layer(self) -> int:
@@ -262,19 +312,20 @@ class DecoderGraph(nn.Module):
 
 # ---------------------------------------------------------------------------- building
 def build_decoder(hf_model: nn.Module, linear: Callable = plain_linear,
-                  block: Callable = llama_block) -> DecoderGraph:
-    """A `DecoderGraph` computing what `hf_model` (a *ForCausalLM with .model.embed_tokens, .layers,
-    .norm, .rotary_emb and .lm_head) computes. `linear` and `block` are the per-architecture parts."""
+                  block: Callable = llama_block, rotary: Rotary | None = None) -> DecoderGraph:
+    """A `DecoderGraph` computing what `hf_model` (a *ForCausalLM with .model.embed_tokens, .layers, .norm,
+    .rotary_emb and .lm_head; or a variant's student with those directly on it) computes. `linear` and `block` are
+    the per-architecture parts; `rotary` the rope tables when the model has no HF rotary_emb."""
     cfg = hf_model.config
-    base = hf_model.model
+    base = getattr(hf_model, "model", hf_model)
     blocks = [block(layer, linear, cfg) for layer in base.layers]
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rot = base.rotary_emb
+    if rotary is None:
+        rot = base.rotary_emb
+        rotary = Rotary(rot.inv_freq, getattr(rot, "attention_scaling", 1.0))
     lm = hf_model.lm_head
     # the LM head stays a plain matmul (BitNet keeps lm_head in full precision too)
     head = Linear(lm.weight, getattr(lm, "bias", None)) if isinstance(lm, nn.Linear) else linear(lm)
-    return DecoderGraph(base.embed_tokens.weight, blocks, norm_from(base.norm), head,
-                        Rotary(rot.inv_freq, getattr(rot, "attention_scaling", 1.0)), head_dim)
+    return DecoderGraph(base.embed_tokens.weight, blocks, norm_from(base.norm), head, rotary)
 
 
 def io_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -299,8 +350,8 @@ def export_decoder(graph: DecoderGraph, path: str | Path, opset: int = 17,
     am = torch.ones((B, P + T), dtype=torch.int64)
     pos = torch.arange(P, P + T, dtype=torch.int64)[None].expand(B, T).contiguous()
     past = []
-    for n_kv in graph.n_kv:
-        past += [torch.zeros((B, n_kv, P, graph.head_dim)), torch.zeros((B, n_kv, P, graph.head_dim))]
+    for (hk, dk), (hv, dv) in graph.cache_shapes:
+        past += [torch.zeros((B, hk, P, dk)), torch.zeros((B, hv, P, dv))]
     ins, outs = io_names(graph.n_layer)
     dyn = {"input_ids": {0: "batch_size", 1: "sequence_length"},
            "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},

@@ -163,6 +163,24 @@ def test_gguf_logits_match_torch_reference(tiny):
     assert cache.nbytes_per_token == eng.kv_bytes_per_token
 
 
+def test_onnx_latent_cache_matches_torch_reference(tiny, tmp_path):
+    # the shared ONNX builder with latent attention: the graph's cache is [c_kv | k_pe], as small as the GGUF's
+    pytest.importorskip("onnxruntime")
+    from edgellm.runtime.engine import load
+    st, src, _ = tiny
+    ref = ref_logits(st, IDS)
+    out = tmp_path / "mla-onnx"
+    MLA().write_onnx(st, HFCheckpoint(src), out, "fp32", None)
+    eng = load(str(out), n_ctx=128, threads=2)
+    full = eng.prefill(IDS, eng.new_cache(), logits="all")
+    print(f"onnxruntime vs torch {np.abs(full - ref).max():.2e} (max |logit| {np.abs(ref).max():.1f})")
+    np.testing.assert_allclose(full, ref, atol=1e-4 * np.abs(ref).max())
+    cache = eng.new_cache()
+    dec = np.stack([eng.decode(int(t), cache) for t in IDS])
+    np.testing.assert_allclose(dec, ref, atol=1e-4 * np.abs(ref).max())
+    assert cache.nbytes_per_token == 4 * 2 * (16 + 8)
+
+
 def test_latent_cache_fork_and_truncate(tiny):
     _, _, path = tiny
     eng = Engine(path, n_ctx=128, threads=2)
