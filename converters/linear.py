@@ -288,7 +288,7 @@ class Linear(Variant):
         write_linear_gguf(student, ckpt, out, outtype, progress)
 
     def write_onnx(self, student, ckpt: HFCheckpoint, out: Path, dtype: str, progress) -> None:
-        write_linear_onnx(student, ckpt, out, dtype)
+        write_linear_onnx(student, ckpt, out, dtype, progress)
 
 
 # ---------------------------------------------------------------- healing stage 1
@@ -451,23 +451,19 @@ def onnx_step_module(student):
     return Step(student).eval()
 
 
-def write_linear_onnx(student, ckpt: HFCheckpoint, out: Path, dtype: str = "fp32") -> None:
+def write_linear_onnx(student, ckpt: HFCheckpoint, out: Path, dtype: str = "fp32", progress=None) -> None:
     """`--format onnx`: OUT/model.onnx (inputs input_ids + the state, outputs logits + the new state, see
     state_shapes), OUT/linear_config.json, and the checkpoint's tokenizer / config files. fp32 only."""
     import json
-    import os
-    import shutil
     import warnings
+    from .onnx_export import MODEL_FILE, write_onnx_folder
     torch = _torch()
     if dtype != "fp32":
         raise ConversionError(f"--variant linear exports ONNX in fp32 only (got --dtype {dtype})")
     if student.linear_config["conv_kernel"] < 2:
         raise ConversionError("ONNX export needs --conv-kernel >= 2 (the conv buffer is a state input)")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def export(tmp: Path) -> None:
         B, T = 2, 3
         shapes = state_shapes(student, B)
         state = [torch.rand(s) for _, s in shapes]
@@ -479,16 +475,9 @@ def write_linear_onnx(student, ckpt: HFCheckpoint, out: Path, dtype: str = "fp32
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(onnx_step_module(student), (torch.zeros((B, T), dtype=torch.long), *state),
-                              str(tmp / "model.onnx"), input_names=ins, output_names=outs, dynamic_axes=dyn,
+                              str(tmp / MODEL_FILE), input_names=ins, output_names=outs, dynamic_axes=dyn,
                               opset_version=17, do_constant_folding=True, dynamo=False)
         (tmp / "linear_config.json").write_text(json.dumps(dict(student.linear_config, architecture=ARCH,
                                                                 inputs=ins, outputs=outs), indent=1))
-        for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json"):
-            if (ckpt.path / f).exists():
-                shutil.copy(ckpt.path / f, tmp / f)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_onnx_folder(Path(out), ckpt.path, export, dtype, progress)

@@ -6,6 +6,8 @@ as a GGUF model.
 The graph's interface (what `edgellm convert --format onnx` and optimum write):
     input_ids (B, T), attention_mask (B, P+T), position_ids (B, T),
     past_key_values.{i}.key / .value (B, n_kv, P, head_dim) -> logits (B, T, V), present.{i}.key / .value
+(each layer's sizes read from the graph: a pruned model's differ, an MLA model's are its latent and rope key), or,
+for a recurrent (linear-attention) variant, input_ids + state.* -> logits + new_state.* with constant-size states.
 Each sequence's cache holds its own present tensors; a batched step left-pads the shorter pasts and
 masks the padding, so sequences of different lengths share one run (one read of the weights).
 """
@@ -59,6 +61,41 @@ class OnnxKVCache:
 
     def fork(self) -> "OnnxKVCache":
         c = OnnxKVCache.__new__(OnnxKVCache)
+        c.n_ctx, c.n, c.kv = self.n_ctx, self.n, [a.copy() for a in self.kv]
+        return c
+
+
+class OnnxStateCache:
+    """One sequence's recurrent state (a linear-attention variant's graph: inputs `state.*`, outputs `new_state.*`):
+    constant-size arrays (1, ...), whatever the number of tokens seen. Like runtime/linear_state.py it can go back
+    only to the start or stay where it is."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], n_ctx: int):
+        self.n_ctx = n_ctx
+        self.n = 0
+        self.kv: list[np.ndarray] = [np.zeros((1,) + tuple(sh), dtype=np.float32) for sh in shapes]
+
+    nbytes_per_token = 0
+
+    @property
+    def state_nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv)
+
+    def can_truncate(self, n: int) -> bool:
+        return n in (0, self.n)
+
+    def truncate(self, n: int) -> None:
+        from .linear_state import StateTruncateError
+        if n == self.n:
+            return
+        if n != 0:
+            raise StateTruncateError(f"a recurrent state cannot go back to token {n} of {self.n} "
+                                     "(only to 0: re-run the prompt)")
+        self.n = 0
+        self.kv = [np.zeros_like(a) for a in self.kv]
+
+    def fork(self) -> "OnnxStateCache":
+        c = OnnxStateCache.__new__(OnnxStateCache)
         c.n_ctx, c.n, c.kv = self.n_ctx, self.n, [a.copy() for a in self.kv]
         return c
 
@@ -119,10 +156,14 @@ class OnnxEngine:
     def _read_config(self) -> OnnxConfig:
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = [o.name for o in self.session.get_outputs()]
+        state = [n for n in ins if n.startswith("state.")]
+        if state and "input_ids" in ins and outs and outs[0] == "logits":  # a recurrent (linear-attention) graph
+            return self._read_state_config(ins, outs, state)
         missing = [n for n in ("input_ids", "attention_mask") if n not in ins]
         if missing or not outs or outs[0] != "logits":
             raise EdgeLLMError(f"{self.path / MODEL_FILE} is not a decoder with optimum's interface "
                                f"(inputs input_ids, attention_mask, past_key_values.N.key/value -> logits)")
+        self._state = False
         n_layer = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
@@ -152,8 +193,34 @@ class OnnxEngine:
                           head_dim=int(head_dim), n_vocab=int(n_vocab),
                           n_ctx_train=int(hf.get("max_position_embeddings") or 4096))
 
+    def _read_state_config(self, ins: dict, outs: list[str], state: list[str]) -> OnnxConfig:
+        """A graph input_ids + state.* -> logits + new_state.* (`edgellm convert --variant linear --format onnx`)."""
+        self._state = True
+        self._past_names = state
+        self._present_names = ["new_" + n for n in state]
+        self._has_pos = False
+        missing = [n for n in self._present_names if n not in outs]
+        shapes = [ins[n].shape[1:] for n in state]
+        if missing or any(not isinstance(d, int) for sh in shapes for d in sh):
+            raise EdgeLLMError(f"{self.path / MODEL_FILE}: a recurrent-state graph needs new_<name> outputs for every "
+                               "state input and static state sizes")
+        self._kv_shapes = [tuple(int(d) for d in sh) for sh in shapes]
+        v = self.session.get_outputs()[0].shape[-1]
+        cfg_path = self.path / "linear_config.json"
+        try:
+            lc = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"{cfg_path}: invalid JSON ({e})") from None
+        if not isinstance(v, int):
+            raise EdgeLLMError(f"{self.path}: the graph does not give the vocabulary size")
+        return OnnxConfig(arch=str(lc.get("architecture", "onnx-recurrent")), n_layer=len(state),
+                          n_head_kv=int(lc.get("n_head_kv", 0)), head_dim=int(lc.get("head_dim", 0)), n_vocab=int(v),
+                          n_ctx_train=int(lc.get("max_position_embeddings") or 1 << 20))
+
     # ------------------------------------------------------------------ caches
-    def new_cache(self, n_ctx: int | None = None) -> OnnxKVCache:
+    def new_cache(self, n_ctx: int | None = None):
+        if self._state:
+            return OnnxStateCache(self._kv_shapes, n_ctx or self.n_ctx)
         return OnnxKVCache(self._kv_shapes, n_ctx or self.n_ctx)
 
     @property
@@ -195,10 +262,19 @@ class OnnxEngine:
                                        f"{cache.n_ctx} tokens (use --ctx to enlarge it)")
 
     # ------------------------------------------------------------------ running
-    def _run(self, tokens: np.ndarray, caches: list[OnnxKVCache]) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B, T) appended to each of B caches; logits (B, T, V). Shorter pasts are left-padded
-        and masked out."""
+        and masked out (a recurrent state has no length: the states are stacked along the batch)."""
         B, T = tokens.shape
+        feed = {"input_ids": tokens.astype(np.int64, copy=False)}
+        if self._state:
+            for j, name in enumerate(self._past_names):
+                feed[name] = caches[0].kv[j] if B == 1 else np.concatenate([c.kv[j] for c in caches])
+            outs = self.session.run(["logits"] + self._present_names, feed)
+            for b, c in enumerate(caches):
+                c.kv = [p if B == 1 else np.ascontiguousarray(p[b:b + 1]) for p in outs[1:]]
+                c.n += T
+            return outs[0]
         ns = [c.n for c in caches]
         P = max(ns)
         am = np.zeros((B, P + T), dtype=np.int64)
@@ -206,7 +282,7 @@ class OnnxEngine:
         for b, n in enumerate(ns):
             am[b, P - n:] = 1
             pos[b] = np.arange(n, n + T)
-        feed = {"input_ids": tokens.astype(np.int64, copy=False), "attention_mask": am}
+        feed["attention_mask"] = am
         if self._has_pos:
             feed["position_ids"] = pos
         for j, name in enumerate(self._past_names):

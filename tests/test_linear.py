@@ -243,5 +243,19 @@ def test_onnx_with_state_matches_torch_reference(tiny, tmp_path):
         logits.append(res[0])
         state = dict(zip(names, res[1:]))
     np.testing.assert_allclose(np.concatenate(logits, 1), ref, rtol=1e-4, atol=1e-4)
+    # the folder runs behind the engine API (`edgellm run OUT`): state caches, batched decode, fork, truncate
+    from edgellm.runtime.engine import load
+    from edgellm.runtime.linear_state import StateTruncateError
+    eng = load(str(tmp_path / "onnx"), n_ctx=64, threads=2)
+    c0, c1 = eng.new_cache(), eng.new_cache()
+    np.testing.assert_allclose(eng.prefill(ids[0, :17], c0, logits="all"), ref[0, :17], rtol=1e-4, atol=1e-4)
+    eng.prefill(ids[1, :20], c1)
+    fork = c0.fork()
+    np.testing.assert_allclose(eng.decode_batch([ids[0, 17], ids[1, 20]], [c0, c1]), np.stack([ref[0, 17], ref[1, 20]]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(eng.decode(int(ids[0, 17]), fork), ref[0, 17], rtol=1e-4, atol=1e-4)
+    assert c0.n == 18 and c0.nbytes_per_token == 0 and c0.state_nbytes > 0 and not c0.can_truncate(5)
+    with pytest.raises(StateTruncateError):
+        c0.truncate(5)
     with pytest.raises(ConversionError, match="fp32"):
         L.write_linear_onnx(st, ckpt, tmp_path / "onnx4", "int4")
