@@ -331,8 +331,7 @@ def convert_variant(src, out, variant: str, opts: dict | None = None, heal_steps
             n_ev = min(n_eval, max(1, windows.shape[0] // 5))
             calib_w, eval_w = windows[:-n_ev], windows[-n_ev:]
         else:
-            calib_w, eval_w = windows, None
-        calib_w = calib_w[:n_calib]
+            calib_w, eval_w = windows, None  # all of the given text (n_calib bounds only what the teacher writes)
     else:
         log(f"writing {n_calib} calibration sequences of {seq_len} tokens with the teacher")
         calib_w = generate_calibration(teacher, tok, n_calib, seq_len, seed)
