@@ -309,36 +309,23 @@ def match_attention(student, ctx: Context, steps: int, lr: float | None = None) 
 
     handles = [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True)
                for i, layer in enumerate(teacher.model.layers)]
-    params = attention_params(student)
-    opt = torch.optim.AdamW(params, lr=lr or 10 * ctx.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, steps // 10)) *
-                                              0.5 * (1 + math.cos(math.pi * i / steps)))
     layers = linear_layers(student)
-    student.train()
-    losses = []
+
+    def loss_fn(x):
+        with torch.no_grad():
+            teacher.model(input_ids=x)
+        loss = 0.0
+        for li, attn in enumerate(layers):
+            h, y = acts[li]
+            loss = loss + ((attn(hidden_states=h)[0] - y) ** 2).mean() / (y ** 2).mean().clamp_min(1e-12)
+        return loss / len(layers)
+
     try:
-        for i, x in enumerate(ctx.batches(steps)):
-            with torch.no_grad():
-                teacher.model(input_ids=x)
-            loss = 0.0
-            for li, attn in enumerate(layers):
-                h, y = acts[li]
-                loss = loss + ((attn(hidden_states=h)[0] - y) ** 2).mean() / (y ** 2).mean().clamp_min(1e-12)
-            loss = loss / len(layers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            ctx.progress("heal-attn", i + 1, steps)
+        return distill(student, ctx, steps, params=attention_params(student), lr=lr or 10 * ctx.lr,
+                       stage="heal-attn", loss_fn=loss_fn, what="normalised MSE")
     finally:
         for hd in handles:
             hd.remove()
-    student.eval()
-    ctx.log(f"heal-attn: normalised MSE {losses[0]:.4f} -> {np.mean(losses[-max(1, steps // 10):]):.4f} "
-            f"over {steps} steps")
-    return losses
 
 
 def attention_mse(student, teacher, ids) -> list[float]:

@@ -203,9 +203,11 @@ def kl_to_teacher(student_logits, teacher_logits):
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def distill(student, ctx: Context, steps: int, params=None, lr: float | None = None, stage: str = "heal") -> list[float]:
-    """`steps` AdamW steps of logit distillation (kl_to_teacher) on calibration batches; returns the losses.
-    `params`: which parameters train (default: all that require grad)."""
+def distill(student, ctx: Context, steps: int, params=None, lr: float | None = None, stage: str = "heal",
+            loss_fn: Callable | None = None, what: str = "KL") -> list[float]:
+    """`steps` AdamW steps (warm-up, cosine decay, gradient clipping) on calibration batches; returns the losses.
+    The loss is `loss_fn(batch)`, by default logit distillation (kl_to_teacher); `params`: which parameters train
+    (default: all that require grad)."""
     torch = _torch()
     if steps <= 0:
         return []
@@ -213,12 +215,17 @@ def distill(student, ctx: Context, steps: int, params=None, lr: float | None = N
     opt = torch.optim.AdamW(params, lr=lr or ctx.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, steps // 10)) *
                                               0.5 * (1 + math.cos(math.pi * i / steps)))
+
+    def kl(x):
+        with torch.no_grad():
+            t = ctx.teacher(input_ids=x).logits
+        return kl_to_teacher(student(input_ids=x).logits, t)
+
+    loss_fn = loss_fn or kl
     student.train()
     losses = []
     for i, x in enumerate(ctx.batches(steps)):
-        with torch.no_grad():
-            t = ctx.teacher(input_ids=x).logits
-        loss = kl_to_teacher(student(input_ids=x).logits, t)
+        loss = loss_fn(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -227,7 +234,7 @@ def distill(student, ctx: Context, steps: int, params=None, lr: float | None = N
         losses.append(loss.item())
         ctx.progress(stage, i + 1, steps)
     student.eval()
-    ctx.log(f"{stage}: KL {losses[0]:.4f} -> {np.mean(losses[-max(1, steps // 10):]):.4f} over {steps} steps")
+    ctx.log(f"{stage}: {what} {losses[0]:.4f} -> {np.mean(losses[-max(1, steps // 10):]):.4f} over {steps} steps")
     return losses
 
 
