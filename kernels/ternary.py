@@ -9,9 +9,10 @@ Layouts (GGML):
          240..255 from qh (e = 240 + n*4 + j).
 
 For the fused kernels both are repacked once at load into one layout: per row, 2-bit codes t+1 in
-"planes" (byte i of a 64-byte group holds values i, i+64, i+128, i+192 of the block, two bits each; bytes paired
-into 16-bit words) and the block scales as f32. Activations are quantized per token to int8 with BitNet b1.58's absmax rule
-(scale = 127 / max|x|), so y = sum_b d_b * sum_i t_i * xq_i / scale, all-integer inside a block (int16 SIMD lanes, one per row).
+"planes" (byte i of a 64-byte group holds values i, i+64, i+128, i+192 of the block, two bits each; bytes
+paired into 16-bit words) and the block scales as f32. Activations are quantized per token to int8 with
+BitNet b1.58's absmax rule (scale = 127 / max|x|), so y = sum_b d_b * sum_i t_i * xq_i / scale, all-integer
+inside a block (int16 SIMD lanes, one per row).
 """
 from __future__ import annotations
 
