@@ -55,6 +55,14 @@ def pack(qtype: int, raw: np.ndarray) -> Packed:
     if qtype in (QT.F32, QT.F16):
         w = np.ascontiguousarray(raw, dtype=np.float32)
         return Packed("f", w, _EMPTY, _EMPTY, 0, 1, w.shape[0], w.shape[1])
+    if qtype in (QT.Q4_0, QT.Q4_1):  # the file's nibbles already are the "q4" layout: no decode and re-pack
+        b = quants._blocks(raw, qtype)
+        off = 2 if qtype == QT.Q4_0 else 4
+        scale, minv = quants._f16(b[..., 0:2]), None if qtype == QT.Q4_0 else quants._f16(b[..., 2:4])
+        if not np.isfinite(scale).all() or (minv is not None and not np.isfinite(minv).all()):
+            raise ValueError(f"{qtype.name} block scales are not all finite")
+        return Packed("q4", _interleave(b[..., off:]), _interleave(scale), _EMPTY if minv is None else _interleave(minv),
+                      8 if qtype == QT.Q4_0 else 0, 32, b.shape[0], b.shape[1] * 32)
     dec = quants.DECODERS.get(qtype)
     if dec is None:
         raise ValueError(f"no kernel for GGML type {qtype.name}")
