@@ -56,27 +56,29 @@ def pack(qtype: int, raw: np.ndarray) -> Packed:
         w = np.ascontiguousarray(raw, dtype=np.float32)
         return Packed("f", w, _EMPTY, _EMPTY, 0, 1, w.shape[0], w.shape[1])
     if qtype in (QT.Q4_0, QT.Q4_1):  # the file's nibbles already are the "q4" layout: no decode and re-pack
-        b = quants._blocks(raw, qtype)
+        blk = quants._blocks(raw, qtype)
         off = 2 if qtype == QT.Q4_0 else 4
-        scale, minv = quants._f16(b[..., 0:2]), None if qtype == QT.Q4_0 else quants._f16(b[..., 2:4])
-        if not np.isfinite(scale).all() or (minv is not None and not np.isfinite(minv).all()):
-            raise ValueError(f"{qtype.name} block scales are not all finite")
-        return Packed("q4", _interleave(b[..., off:]), _interleave(scale), _EMPTY if minv is None else _interleave(minv),
-                      8 if qtype == QT.Q4_0 else 0, 32, b.shape[0], b.shape[1] * 32)
-    dec = quants.DECODERS.get(qtype)
-    if dec is None:
-        raise ValueError(f"no kernel for GGML type {qtype.name}")
-    c = dec(raw)
-    rows, cols = c.codes.shape
-    if not np.isfinite(c.scale).all() or (c.min is not None and not np.isfinite(c.min).all()):
+        nib, codes = blk[..., off:], None
+        sc, mn = quants._f16(blk[..., 0:2]), None if qtype == QT.Q4_0 else quants._f16(blk[..., 2:4])
+        zero, group, rows, cols = (8 if qtype == QT.Q4_0 else 0), 32, blk.shape[0], blk.shape[1] * 32
+    else:
+        dec = quants.DECODERS.get(qtype)
+        if dec is None:
+            raise ValueError(f"no kernel for GGML type {qtype.name}")
+        c = dec(raw)
+        codes, sc, mn, zero, group = c.codes, c.scale, c.min, c.zero, c.group
+        rows, cols = codes.shape
+        nib = None
+        if qtype == QT.Q4_K:
+            q = codes.reshape(rows, -1, 32)
+            nib = q[..., :16] | (q[..., 16:] << 4)  # (rows, nb, 16)
+    if not np.isfinite(sc).all() or (mn is not None and not np.isfinite(mn).all()):
         raise ValueError(f"{qtype.name} block scales are not all finite")
-    scale = _interleave(c.scale.astype(np.float32))
-    if qtype in (QT.Q4_0, QT.Q4_1, QT.Q4_K):
-        q = c.codes.reshape(rows, -1, 32)
-        nib = q[..., :16] | (q[..., 16:] << 4)  # (rows, nb, 16)
-        minv = _EMPTY if c.min is None else _interleave(c.min.astype(np.float32))
-        return Packed("q4", _interleave(nib), scale, minv, c.zero, 32, rows, cols)
-    return Packed("q8", _interleave(c.codes.reshape(rows, -1, c.group)), scale, _EMPTY, 0, c.group, rows, cols)
+    scale = _interleave(sc.astype(np.float32))
+    if nib is not None:
+        minv = _EMPTY if mn is None else _interleave(mn.astype(np.float32))
+        return Packed("q4", _interleave(nib), scale, minv, zero, 32, rows, cols)
+    return Packed("q8", _interleave(codes.reshape(rows, -1, group)), scale, _EMPTY, 0, group, rows, cols)
 
 
 # ---------------------------------------------------------------- fused mat-vec kernels
