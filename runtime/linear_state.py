@@ -12,7 +12,32 @@ class StateTruncateError(EdgeLLMError):
     """A recurrent state holds no per-token rows: it can go back only to the start (0) or stay where it is."""
 
 
-class LinearStateCache(Cache):
+class RecurrentState(Cache):
+    """A cache without per-token rows (a recurrent state): it can go back only to the start (0) or stay where it is.
+    Subclasses hold `n`, `n_ctx` and their arrays, and `_zero()` them."""
+
+    @property
+    def nbytes_per_token(self) -> int:
+        return 0
+
+    def _zero(self) -> None:
+        raise NotImplementedError
+
+    def truncate(self, n: int) -> None:
+        """Only n == 0 (start afresh) or n == self.n (keep everything) are possible."""
+        if n == self.n:
+            return
+        if n != 0:
+            raise StateTruncateError(f"a recurrent state cannot go back to token {n} of {self.n} "
+                                     "(only to 0: re-run the prompt)")
+        self.n = 0
+        self._zero()
+
+    def can_truncate(self, n: int) -> bool:
+        return n in (0, self.n)
+
+
+class LinearStateCache(RecurrentState):
     """Per layer: S (Hkv, d, d) and z (Hkv, d) of the gated linear attention, and the last K-1 inputs of the q and k
     convolutions (K-1, H·d) / (K-1, Hkv·d); all f32. `n` counts the tokens seen; n_ctx only bounds it (the state does
     not grow)."""
@@ -25,27 +50,13 @@ class LinearStateCache(Cache):
         self.conv_k = np.zeros((n_layer, conv_kernel - 1, n_head_kv * head_dim), dtype=np.float32)
 
     @property
-    def nbytes_per_token(self) -> int:
-        return 0
-
-    @property
     def state_nbytes(self) -> int:
         """Bytes of the whole state (constant in the context length)."""
         return self.S.nbytes + self.z.nbytes + self.conv_q.nbytes + self.conv_k.nbytes
 
-    def truncate(self, n: int) -> None:
-        """Only n == 0 (start afresh) or n == self.n (keep everything) are possible."""
-        if n == self.n:
-            return
-        if n != 0:
-            raise StateTruncateError(f"a linear-attention state cannot go back to token {n} of {self.n} "
-                                     "(only to 0: re-run the prompt)")
-        self.n = 0
+    def _zero(self) -> None:
         for a in (self.S, self.z, self.conv_q, self.conv_k):
             a[:] = 0
-
-    def can_truncate(self, n: int) -> bool:
-        return n in (0, self.n)
 
     def fork(self) -> "LinearStateCache":
         c = LinearStateCache.__new__(LinearStateCache)

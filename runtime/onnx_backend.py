@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ContextOverflowError, EdgeLLMError, UnsupportedError
+from .linear_state import RecurrentState
 
 MODEL_FILE = "model.onnx"
 
@@ -65,33 +66,20 @@ class OnnxKVCache:
         return c
 
 
-class OnnxStateCache:
+class OnnxStateCache(RecurrentState):
     """One sequence's recurrent state (a linear-attention variant's graph: inputs `state.*`, outputs `new_state.*`):
-    constant-size arrays (1, ...), whatever the number of tokens seen. Like runtime/linear_state.py it can go back
-    only to the start or stay where it is."""
+    constant-size arrays (1, ...), whatever the number of tokens seen."""
 
     def __init__(self, shapes: list[tuple[int, ...]], n_ctx: int):
         self.n_ctx = n_ctx
         self.n = 0
         self.kv: list[np.ndarray] = [np.zeros((1,) + tuple(sh), dtype=np.float32) for sh in shapes]
 
-    nbytes_per_token = 0
-
     @property
     def state_nbytes(self) -> int:
         return sum(a.nbytes for a in self.kv)
 
-    def can_truncate(self, n: int) -> bool:
-        return n in (0, self.n)
-
-    def truncate(self, n: int) -> None:
-        from .linear_state import StateTruncateError
-        if n == self.n:
-            return
-        if n != 0:
-            raise StateTruncateError(f"a recurrent state cannot go back to token {n} of {self.n} "
-                                     "(only to 0: re-run the prompt)")
-        self.n = 0
+    def _zero(self) -> None:
         self.kv = [np.zeros_like(a) for a in self.kv]
 
     def fork(self) -> "OnnxStateCache":
