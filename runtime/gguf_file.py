@@ -88,23 +88,22 @@ class _Cursor:
         return [self.value(itype, what, depth + 1) for _ in range(count)]
 
     def _strings(self, count: int, what: str) -> list[str]:
-        # the hot loop of loading a vocabulary: 100k strings
-        buf, pos, size, out = self.buf, self.pos, self.size, []
-        raw = bytes(buf[pos:min(size, pos + count * 8 + (64 << 20))]) if count else b""
-        base, unpack = pos, struct.Struct("<Q").unpack_from
-        p = 0
+        # the hot loop of loading a vocabulary: 100k strings, read in place from the memory map
+        mv, size, out = memoryview(self.buf), self.size, []
+        unpack = struct.Struct("<Q").unpack_from
+        p = self.pos
         for _ in range(count):
-            if p + 8 > len(raw):
-                self.pos = base + p
-                raise GGUFError(f"truncated or corrupted GGUF: {what} at byte {self.pos} runs past the end of the file")
-            n = unpack(raw, p)[0]
+            if p + 8 > size:
+                self.pos = p
+                raise GGUFError(f"truncated or corrupted GGUF: {what} at byte {p} runs past the end of the file")
+            n = unpack(mv, p)[0]
             p += 8
-            if p + n > len(raw):
-                self.pos = base + p
-                raise GGUFError(f"truncated or corrupted GGUF: {what} at byte {self.pos} runs past the end of the file")
-            out.append(raw[p:p + n].decode("utf-8", errors="replace"))
+            if p + n > size:
+                self.pos = p
+                raise GGUFError(f"truncated or corrupted GGUF: {what} at byte {p} runs past the end of the file")
+            out.append(str(mv[p:p + n], "utf-8", "replace"))
             p += n
-        self.pos = base + p
+        self.pos = p
         return out
 
 @dataclass(frozen=True)
