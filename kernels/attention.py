@@ -33,6 +33,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .ops import exp_inplace
+
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
 
@@ -324,31 +326,16 @@ def dequantize_cache(data, scales, n, tbl, out):
 
 
 # ================================================================ row helpers (vectorized along tokens)
-_LOG2E = np.float32(1.4426950408889634)
-_LN2 = np.float32(0.6931471805599453)
-
-
 @njit(**_JIT)
 def exp_sum(x, n, a, b, kbuf):
-    # x[j] <- exp(a x[j] - b) for j < n, -> their sum. A vectorizable expf (libm's exp is a scalar call here): 2^k by
-    # building the exponent bits in kbuf (int32, >= n) viewed as f32, Cephes' polynomial on |r| <= ln2 / 2; relative
-    # error ~1e-7 beyond the rounding of the argument; arguments below -87 give ~1e-38 instead of 0.
+    # x[j] <- exp(a x[j] - b) for j < n (ops.exp_inplace: vectorized), -> their sum
     xs = x[:n]
-    kb = kbuf[:n]
     for j in range(n):
-        y = max(a * xs[j] - b, np.float32(-87.0))
-        k = np.floor(y * _LOG2E + np.float32(0.5))
-        r = y - k * _LN2
-        xs[j] = ((((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r
-                     + np.float32(8.3334519073e-3)) * r + np.float32(4.1665795894e-2)) * r
-                   + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1)) * (r * r) + r + np.float32(1.0))
-        kb[j] = (np.int32(k) + np.int32(127)) << 23
-    f = kb.view(np.float32)
+        xs[j] = a * xs[j] - b
+    exp_inplace(x, n, kbuf)
     tot = np.float32(0.0)
     for j in range(n):
-        v = xs[j] * f[j]
-        xs[j] = v
-        tot += v
+        tot += xs[j]
     return tot
 
 

@@ -166,45 +166,58 @@ def block_sums(x, xs):
 
 # ---------------------------------------------------------------- dequantization (embedding rows, prefill tiles)
 @njit(parallel=True, cache=True, nogil=True)
-def dequantize_q4(W, S, M, zero, r0, r1, out):
-    # rows r0..r1 of a "q4" matrix -> out (r1 - r0, nb*32) f32; value = (q - zero) * scale + min
+def dequantize_q4(W, S, M, zero, rows, out):
+    # rows (n,) of a "q4" matrix (indices checked by the caller) -> out (n, nb*32) f32; value = (q - zero) * scale + min
     G, nb, _, RR = W.shape
     has_min = M.shape[0] > 0
-    for r in prange(r0, r1):
+    for j in prange(rows.shape[0]):
+        r = rows[j]
         g, l = r // RR, r % RR
         for k in range(nb):
             s = S[g, k, l]
             m = M[g, k, l] if has_min else np.float32(0.0)
             for i in range(16):
                 q = np.int32(W[g, k, i, l])
-                out[r - r0, k * 32 + i] = np.float32((q & 15) - zero) * s + m
-                out[r - r0, k * 32 + 16 + i] = np.float32((q >> 4) - zero) * s + m
+                out[j, k * 32 + i] = np.float32((q & 15) - zero) * s + m
+                out[j, k * 32 + 16 + i] = np.float32((q >> 4) - zero) * s + m
     return out
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def dequantize_q8(W, S, r0, r1, out):
-    # rows r0..r1 of a "q8" matrix -> out (r1 - r0, cols) f32; value = scale * q
+def dequantize_q8(W, S, rows, out):
+    # rows (n,) of a "q8" matrix (indices checked by the caller) -> out (n, cols) f32; value = scale * q
     G, ng, gs, RR = W.shape
-    for r in prange(r0, r1):
+    for j in prange(rows.shape[0]):
+        r = rows[j]
         g, l = r // RR, r % RR
         for k in range(ng):
             s = S[g, k, l]
             for i in range(gs):
-                out[r - r0, k * gs + i] = s * np.float32(W[g, k, i, l])
+                out[j, k * gs + i] = s * np.float32(W[g, k, i, l])
     return out
 
 
 def dequantize_rows(qtype: int, p: Packed, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
     """Rows r0..r1 of a packed matrix as f32 into out (r1 - r0, cols)."""
-    if not (0 <= r0 <= r1 <= p.rows) or out.shape != (r1 - r0, p.cols):
-        raise ValueError(f"rows {r0}:{r1} / out {out.shape} do not fit a ({p.rows}, {p.cols}) matrix")
+    if not (0 <= r0 <= r1 <= p.rows):
+        raise ValueError(f"rows {r0}:{r1} do not fit a ({p.rows}, {p.cols}) matrix")
+    return gather_rows(p, np.arange(r0, r1, dtype=np.int64), out)
+
+
+def gather_rows(p: Packed, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The rows `rows` (n,) of a packed matrix as f32 into out (n, cols) (an embedding lookup, a prefill tile)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or out.shape != (len(rows), p.cols):
+        raise ValueError(f"rows {rows.shape} / out {out.shape} do not fit a ({p.rows}, {p.cols}) matrix")
+    if len(rows) and not (0 <= rows.min() and rows.max() < p.rows):
+        bad = int(rows[(rows < 0) | (rows >= p.rows)][0])
+        raise ValueError(f"row {bad} is out of range [0, {p.rows})")
     if p.kind == "f":
-        out[:] = p.codes[r0:r1]
+        np.take(p.codes, rows, axis=0, out=out)
     elif p.kind == "q4":
-        dequantize_q4(p.codes, p.scale, p.minv, p.zero, r0, r1, out)
+        dequantize_q4(p.codes, p.scale, p.minv, p.zero, rows, out)
     else:
-        dequantize_q8(p.codes, p.scale, r0, r1, out)
+        dequantize_q8(p.codes, p.scale, rows, out)
     return out
 
 

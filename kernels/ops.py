@@ -44,6 +44,11 @@ def rope_tables(n_ctx: int, rope_dim: int, theta: float, freq_factors: np.ndarra
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+def grown_rows(need: int, table: np.ndarray | None) -> int:
+    """Rows of a rotary table that must hold `need` positions, grown by doubling (not rebuilt at every decoded token)."""
+    return max(need, 256, 2 * (0 if table is None else table.shape[0]))
+
+
 def llama3_freq_factors(rope_dim: int, theta: float, factor: float, low_freq_factor: float,
                         high_freq_factor: float, original_ctx: int) -> np.ndarray:
     # -> (rope_dim // 2,) divisors of each rotary frequency, as Llama-3.1/3.2's "llama3" rope scaling defines them
@@ -108,20 +113,49 @@ def softmax_ref(x, axis=-1):
     return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
 
 
+_LOG2E = np.float32(1.4426950408889634)
+_LN2 = np.float32(0.6931471805599453)
+
+
 @njit(**_JIT)
+def exp_inplace(x, n, kbuf):
+    # x[j] <- exp(x[j]) for j < n, arguments clamped to [-87, 88]. A vectorizable expf (libm's exp is a scalar call
+    # here): 2^k by building the exponent bits in kbuf (int32, >= n) viewed as f32, Cephes' polynomial on
+    # |r| <= ln2 / 2; relative error ~1e-7 beyond the rounding of the argument; below -87 gives ~1e-38 instead of 0.
+    xs = x[:n]
+    kb = kbuf[:n]
+    for j in range(n):
+        y = min(max(xs[j], np.float32(-87.0)), np.float32(88.0))
+        k = np.floor(y * _LOG2E + np.float32(0.5))
+        r = y - k * _LN2
+        xs[j] = ((((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r
+                     + np.float32(8.3334519073e-3)) * r + np.float32(4.1665795894e-2)) * r
+                   + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1)) * (r * r) + r + np.float32(1.0))
+        kb[j] = (np.int32(k) + np.int32(127)) << 23
+    f = kb.view(np.float32)
+    for j in range(n):
+        xs[j] *= f[j]
+    return x
+
+
+@njit(parallel=True, **_JIT)
 def swiglu(gate, up, out):
-    # gate, up (T, n_ff) -> out (T, n_ff) = silu(gate) * up
+    # gate, up (T, n_ff) (views of one fused gate|up output are fine) -> out (T, n_ff) = silu(gate) * up
     T, n = gate.shape
-    for t in range(T):
+    for t in prange(T):
+        e = out[t]
         for i in range(n):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+            e[i] = -gate[t, i]
+        exp_inplace(e, n, np.empty(n, dtype=np.int32))  # exp(-g)
+        for i in range(n):
+            e[i] = gate[t, i] / (np.float32(1.0) + e[i]) * up[t, i]
     return out
 
 
 def swiglu_ref(gate, up):
     g = gate.astype(np.float64)
-    return (g / (1 + np.exp(-g)) * up).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -709: silu(g) = 0
+        return (g / (1 + np.exp(-g)) * up).astype(np.float32)
 
 
 # ---------------------------------------------------------------- attention over a KV cache

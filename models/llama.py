@@ -31,8 +31,7 @@ def swiglu_ffn(x: np.ndarray, L: dict, h: np.ndarray, n_ff: int, eps: float) -> 
     N = x.shape[0]
     ops.rmsnorm(x, L["ffn_norm"], eps, h)
     gu = L["gate_up"].matmul(h)  # (N, 2 n_ff)
-    act = ops.swiglu(np.ascontiguousarray(gu[:, :n_ff]), np.ascontiguousarray(gu[:, n_ff:]),
-                     np.empty((N, n_ff), dtype=np.float32))
+    act = ops.swiglu(gu[:, :n_ff], gu[:, n_ff:], np.empty((N, n_ff), dtype=np.float32))
     x += L["down"].matmul(act)
 
 
@@ -92,7 +91,8 @@ class Llama:
     def ensure_rope(self, n_ctx: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
             c = self.cfg
-            self.rope_cos, self.rope_sin = ops.rope_tables(n_ctx, c.rope_dim, c.rope_theta, self.freq_factors,
+            self.rope_cos, self.rope_sin = ops.rope_tables(ops.grown_rows(n_ctx, self.rope_cos), c.rope_dim,
+                                                           c.rope_theta, self.freq_factors,
                                                            1.0 / c.rope_scale)
 
     # ------------------------------------------------------------------ forward

@@ -92,7 +92,8 @@ class DeepSeek2:
     def ensure_rope(self, n_ctx: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
             c = self.cfg
-            self.rope_cos, self.rope_sin = ops.rope_tables(n_ctx, self.dr, c.rope_theta, None, 1.0 / c.rope_scale)
+            self.rope_cos, self.rope_sin = ops.rope_tables(ops.grown_rows(n_ctx, self.rope_cos), self.dr,
+                                                           c.rope_theta, None, 1.0 / c.rope_scale)
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:

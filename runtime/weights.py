@@ -30,13 +30,11 @@ class QMatrix:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup)
-        out = np.empty((len(ids), self.cols), dtype=np.float32)
-        for j, i in enumerate(ids):
-            i = int(i)
-            if not 0 <= i < self.rows:
-                raise ValueError(f"token id {i} is out of range [0, {self.rows})")
-            mv.dequantize_rows(self.qtype, self.packed, i, i + 1, out[j:j + 1])
-        return out
+        ids = np.asarray(ids).reshape(-1)
+        bad = (ids < 0) | (ids >= self.rows)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} is out of range [0, {self.rows})")
+        return mv.gather_rows(self.packed, ids.astype(np.int64), np.empty((len(ids), self.cols), dtype=np.float32))
 
     def dequantize(self) -> np.ndarray:
         out = np.empty((self.rows, self.cols), dtype=np.float32)

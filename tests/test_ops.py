@@ -22,6 +22,11 @@ def test_rmsnorm():
 def test_swiglu_and_softmax():
     g, u = r(3, 50), r(3, 50)
     np.testing.assert_allclose(ops.swiglu(g, u, np.empty_like(g)), ops.swiglu_ref(g, u), rtol=1e-5, atol=1e-6)
+    gu = r(4, 2 * 300) * 30  # views of one fused gate|up output; arguments far outside exp's range
+    gu[0, :4] = [-1e4, 1e4, -90, 90]
+    g, u = gu[:, :300], gu[:, 300:]
+    np.testing.assert_allclose(ops.swiglu(g, u, np.empty((4, 300), np.float32)), ops.swiglu_ref(g, u),
+                               rtol=1e-5, atol=1e-6)
     x = r(77) * 10
     np.testing.assert_allclose(ops.softmax_inplace(x.copy()), ops.softmax_ref(x), rtol=1e-5, atol=1e-7)
 
