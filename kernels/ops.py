@@ -138,11 +138,12 @@ def exp_inplace(x, n, kbuf):
     return x
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def swiglu(gate, up, out):
     # gate, up (T, n_ff) (views of one fused gate|up output are fine) -> out (T, n_ff) = silu(gate) * up
+    # (no threads: in decode a thread team would cost more than the work)
     T, n = gate.shape
-    for t in prange(T):
+    for t in range(T):
         e = out[t]
         for i in range(n):
             e[i] = -gate[t, i]
