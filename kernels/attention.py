@@ -15,6 +15,8 @@ Delta attention (a reconstruction of DeltaLLM's context-aware hybrid attention; 
 Per layer and query head keep a reference query q̂ (initially 0) and a score row s (one float per cached token).
 For the token at position t:
     d = q_t - q̂;  d_i = 0 where |d_i| < θ;  q̂ <- q̂ + d  (i.e. q̂_i <- q_t,i where d_i != 0)
+    (GQA: the query heads that share a KV head decide together -- dimension i is kept for all of them when any of
+    them has |d_i| >= θ -- so that a skipped multiply-add is also a key row not read; see `delta_step`)
     s[j] = q_t · k_j                  for the W most recent keys   (t - W < j <= t, exact)
     s[j] = s[j] + d · k_j             for older keys               (j <= t - W), only the non-zero d_i are read
     softmax(s * scale) and the value sum as usual.
@@ -426,6 +428,34 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
         i += 1
 
 
+@njit(**_JIT)
+def delta_step(q, qhat, theta, need, nzi, nzc, nnz):
+    # One step of the delta recurrence for one token: q (H, hd), q̂ (H, hd) updated, thresholds θ (H, hd). Dimension i of
+    # KV head kh is kept (need[kh, i]) when any of the G query heads sharing kh has |q_h,i - q̂_h,i| >= θ_h,i; then
+    # every head of the group takes d_h,i = q_h,i - q̂_h,i and q̂_h,i <- q_h,i. Per head: the kept dimensions
+    # nzi[h, :nnz[h]] and their d nzc[h, :nnz[h]].
+    H, D = q.shape
+    Hkv = need.shape[0]
+    G = H // Hkv
+    for kh in range(Hkv):
+        for i in range(D):
+            keep = False
+            for h in range(kh * G, kh * G + G):
+                x = q[h, i] - qhat[h, i]
+                if abs(x) >= theta[h, i] and x != 0:
+                    keep = True
+            need[kh, i] = keep
+        for h in range(kh * G, kh * G + G):
+            cnt = 0
+            for i in range(D):
+                if need[kh, i]:
+                    nzi[h, cnt] = i
+                    nzc[h, cnt] = q[h, i] - qhat[h, i]
+                    qhat[h, i] = q[h, i]
+                    cnt += 1
+            nnz[h] = cnt
+
+
 # ================================================================ decode: one query per head, on the cache directly
 @njit(parallel=True, **_JIT)
 def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta, window, skipped, total, rot_k, rot_v,
@@ -442,24 +472,14 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
     Hkv = kd.shape[0]
     G = H // Hkv
     n_old = max(0, n - window) if delta else 0
-    nzi = np.empty((H, D), dtype=np.int64)  # the non-zero entries of d per head: indices, values, count
+    nzi = np.empty((H, D), dtype=np.int64)  # the entries of d per head that are used: indices, values, count
     nzc = np.empty((H, D), dtype=np.float32)
     nnz = np.zeros(H, dtype=np.int64)
-    allidx = np.arange(D)
     need = np.zeros((Hkv, D), dtype=np.bool_)
     if delta:
+        delta_step(q, qhat, theta, need, nzi, nzc, nnz)
         for h in range(H):
-            cnt = 0
-            for i in range(D):
-                x = q[h, i] - qhat[h, i]
-                if abs(x) >= theta[h, i] and x != 0:
-                    qhat[h, i] = q[h, i]
-                    nzi[h, cnt] = i
-                    nzc[h, cnt] = x
-                    need[h // G, i] = True
-                    cnt += 1
-            nnz[h] = cnt
-            skipped[h] += n_old * (D - cnt)
+            skipped[h] += n_old * (D - nnz[h])
             total[h] += n_old * D
     S = min(16, max(1, n // 256))
     L = ((n + S - 1) // S + TJ - 1) // TJ * TJ
@@ -532,30 +552,30 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
 def delta_scores_prefill(q, K, start, qhat, srow, theta, window, skipped, total, S):
     # q (T, H, hd) at positions start .. start + T - 1, K (Hkv, hd, >= start + T) f32 dim-major -> S (Hkv, T, G, >= start + T)
     # raw scores (unscaled; entries after each query's position are left unset), one step of the delta recurrence per
-    # token and head (updates qhat (H, hd), srow (H, n_ctx), skipped / total (H,)). Heads in parallel, tokens in order.
+    # token (updates qhat (H, hd), srow (H, n_ctx), skipped / total (H,)). The steps' decisions first, in token order
+    # (cheap), then the scores with heads in parallel.
     T, H, D = q.shape
-    G = H // K.shape[0]
+    Hkv = K.shape[0]
+    G = H // Hkv
     allidx = np.arange(D)
+    nzi = np.empty((T, H, D), dtype=np.int64)
+    nzc = np.empty((T, H, D), dtype=np.float32)
+    nnz = np.empty((T, H), dtype=np.int64)
+    need = np.empty((Hkv, D), dtype=np.bool_)
+    for t in range(T):
+        delta_step(q[t], qhat, theta, need, nzi[t], nzc[t], nnz[t])
+        n_old = max(0, start + t + 1 - window)
+        for h in range(H):
+            skipped[h] += n_old * (D - nnz[t, h])
+            total[h] += n_old * D
     for h in prange(H):
         kh = h // G
         Kh = K[kh]
         sr = srow[h]
-        nzi = np.empty(D, dtype=np.int64)
-        nzc = np.empty(D, dtype=np.float32)
         for t in range(T):
             n = start + t + 1
             n_old = max(0, n - window)
-            cnt = 0
-            for i in range(D):
-                x = q[t, h, i] - qhat[h, i]
-                if abs(x) >= theta[h, i] and x != 0:
-                    qhat[h, i] = q[t, h, i]
-                    nzi[cnt] = i
-                    nzc[cnt] = x
-                    cnt += 1
-            skipped[h] += n_old * (D - cnt)
-            total[h] += n_old * D
-            axpy_rows(sr, 0, Kh, 0, n_old, nzi, nzc, cnt)
+            axpy_rows(sr, 0, Kh, 0, n_old, nzi[t, h], nzc[t, h], nnz[t, h])
             for j in range(n_old, n):
                 sr[j] = 0
             axpy_rows(sr, n_old, Kh, n_old, n - n_old, allidx, q[t, h], D)
@@ -676,11 +696,12 @@ def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
     for t in range(T):
         n = start + t + 1
         n_old = max(0, n - window)
+        dq = (q[t] - qhat).astype(np.float32)  # (H, D), before any update of this step
+        kept = ((np.abs(dq) >= theta) & (dq != 0)).reshape(-1, G, D).any(1)  # (Hkv, D): any head of the group
         for h in range(H):
             kh = k[h // G].astype(np.float64)
-            d = (q[t, h] - qhat[h]).astype(np.float32)
-            keep = (np.abs(d) >= theta[h]) & (d != 0)
-            d = np.where(keep, d, np.float32(0))
+            keep = kept[h // G]
+            d = np.where(keep, dq[h], np.float32(0))
             qhat[h] = np.where(keep, q[t, h], qhat[h])
             srow[h, :n_old] += kh[:n_old, keep] @ d[keep].astype(np.float64)
             srow[h, n_old:n] = kh[n_old:n] @ q[t, h].astype(np.float64)
@@ -692,46 +713,50 @@ def delta_attention_ref(q, k, v, start, scale, qhat, srow, theta, window):
     return out.astype(np.float32), skipped, total
 
 
-def simulate_sparsity(q, theta, window: int) -> float:
+def simulate_sparsity(q, theta, window: int, n_head_kv: int | None = None) -> float:
     """Sparsity the delta recurrence reaches on the queries q (T, H, hd) of one layer (positions 0..T-1) at
-    threshold θ (a number, or per head and dimension (H, hd)) -- the fraction of outside-window multiply-adds skipped."""
+    threshold θ (a number, or per head and dimension (H, hd)) -- the fraction of outside-window multiply-adds skipped;
+    n_head_kv: the KV heads the query heads share (decisions are per KV head; default H: none shared)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     th = np.broadcast_to(np.asarray(theta, dtype=np.float32), q.shape[1:]).copy()
-    return _simulate(q, th, window)
+    hkv = q.shape[1] if n_head_kv is None else n_head_kv
+    if hkv < 1 or q.shape[1] % hkv:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {hkv} KV heads")
+    return _simulate(q, th, window, hkv)
 
 
 @njit(**_JIT)
-def _simulate(q, theta, window):
+def _simulate(q, theta, window, n_head_kv):
     T, H, D = q.shape
     qhat = np.zeros((H, D), dtype=np.float32)
+    need = np.empty((n_head_kv, D), dtype=np.bool_)
+    nzi = np.empty((H, D), dtype=np.int64)
+    nzc = np.empty((H, D), dtype=np.float32)
+    nnz = np.empty(H, dtype=np.int64)
     skip = 0.0
     tot = 0.0
     for t in range(T):
         n_old = max(0, t + 1 - window)
+        delta_step(q[t], qhat, theta, need, nzi, nzc, nnz)
         for h in range(H):
-            cnt = 0
-            for i in range(D):
-                x = q[t, h, i] - qhat[h, i]
-                if abs(x) >= theta[h, i] and x != 0:
-                    qhat[h, i] = q[t, h, i]
-                    cnt += 1
-            skip += n_old * (D - cnt)
+            skip += n_old * (D - nnz[h])
             tot += n_old * D
     return skip / tot if tot > 0 else 0.0
 
 
-def calibrate_threshold(q, target: float, window: int, dim_scale=None, iters: int = 40) -> float:
+def calibrate_threshold(q, target: float, window: int, dim_scale=None, iters: int = 40,
+                        n_head_kv: int | None = None) -> float:
     """Smallest θ (bisection) at which the delta recurrence on q (T, H, hd) with thresholds θ * dim_scale (H, hd)
     (default 1) skips >= target of the outside-window multiply-adds (the sparsity grows with θ)."""
     if target <= 0:
         return 0.0
     sc = np.ones(q.shape[1:], np.float32) if dim_scale is None else np.asarray(dim_scale, np.float32)
     lo, hi = 0.0, float(np.abs(q).max() / sc.min()) * 2 + 1e-6
-    if simulate_sparsity(q, hi * sc, window) < target:
+    if simulate_sparsity(q, hi * sc, window, n_head_kv) < target:
         return hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if simulate_sparsity(q, mid * sc, window) >= target:
+        if simulate_sparsity(q, mid * sc, window, n_head_kv) >= target:
             hi = mid
         else:
             lo = mid

@@ -132,7 +132,7 @@ class Engine:
             w = np.sqrt(((k - k[:, :1]) ** 2).mean(1))  # RMS of each key dimension around the sink's key
             w = np.repeat(np.maximum(w, 1e-6 * w.mean() + 1e-12), G, axis=0)  # (H, hd)
             sc = (w.mean() / w).astype(np.float32)
-            th.append(calibrate_threshold(np.concatenate(rec), target, window, sc))
+            th.append(calibrate_threshold(np.concatenate(rec), target, window, sc, n_head_kv=c.n_head_kv))
             scales.append(sc)
         self.set_attention(AttentionConfig("delta", tuple(th), window, np.stack(scales)))
         self.delta_target = target

@@ -39,6 +39,11 @@ def test_packed_dequantize_matches_gguf_py_bit_for_bit(qtype):
     part = np.empty((5, 512), dtype=np.float32)
     mv.dequantize_rows(qtype, p, 30, 35, part)
     assert np.array_equal(part, out[30:35])
+    ids = np.array([36, 0, 36, 5])  # any rows, repeated (an embedding lookup)
+    assert np.array_equal(mv.gather_rows(p, ids, np.empty((4, 512), np.float32)), out[ids])
+    for bad in ([37], [-1]):
+        with pytest.raises(ValueError):
+            mv.gather_rows(p, np.array(bad), np.empty((1, 512), np.float32))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
