@@ -140,7 +140,8 @@ def exp_inplace(x, n, kbuf):
 
 @njit(**_JIT)
 def swiglu(gate, up, out):
-    # gate, up (T, n_ff) (views of one fused gate|up output are fine) -> out (T, n_ff) = silu(gate) * up
+    # gate, up (T, n_ff) (views of one fused gate|up output are fine) -> out (T, n_ff) = silu(gate) * up;
+    # out must not overlap gate or up (it holds exp(-gate) first)
     # (no threads: in decode a thread team would cost more than the work)
     T, n = gate.shape
     for t in range(T):
