@@ -144,11 +144,12 @@ def swiglu(gate, up, out):
     # out must not overlap gate or up (it holds exp(-gate) first)
     # (no threads: in decode a thread team would cost more than the work)
     T, n = gate.shape
+    kbuf = np.empty(n, dtype=np.int32)
     for t in range(T):
         e = out[t]
         for i in range(n):
             e[i] = -gate[t, i]
-        exp_inplace(e, n, np.empty(n, dtype=np.int32))  # exp(-g)
+        exp_inplace(e, n, kbuf)  # exp(-g)
         for i in range(n):
             e[i] = gate[t, i] / (np.float32(1.0) + e[i]) * up[t, i]
     return out
