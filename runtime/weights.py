@@ -29,12 +29,8 @@ class QMatrix:
         return out
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup)
-        ids = np.asarray(ids).reshape(-1)
-        bad = (ids < 0) | (ids >= self.rows)
-        if bad.any():
-            raise ValueError(f"token id {int(ids[bad][0])} is out of range [0, {self.rows})")
-        return mv.gather_rows(self.packed, ids.astype(np.int64), np.empty((len(ids), self.cols), dtype=np.float32))
+        # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup; gather_rows checks the ids)
+        return mv.gather_rows(self.packed, ids, np.empty((len(ids), self.cols), dtype=np.float32))
 
     def dequantize(self) -> np.ndarray:
         out = np.empty((self.rows, self.cols), dtype=np.float32)
