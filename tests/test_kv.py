@@ -144,9 +144,9 @@ def test_real_model_delta_theta0_q8_q4_perplexity(model_path, text):
     q4, _ = ppl(dict(kv="q4_0"), model_path, text)
     print(f"perplexity f32 {base:.4f}, delta θ=0 {d0:.4f}, q8_0 {q8:.4f}, q4_0 {q4:.4f}")
     assert abs(q8 / base - 1) < 0.005
-    # llama.cpp's own q4_0 cache (with its Hadamard rotation) costs +5.0% on SmolLM2 (bench/delta_kv.py kv); ours
-    # measured +2.8% to +4.0% on different machines (rounding flips under BLAS differences): bound at llama.cpp's level
-    assert abs(q4 / base - 1) < 0.055
+    # the bound. Measured +1.7% (2 windows; +1.8% on 4, +1.7% on 12); llama.cpp's own q4_0 cache costs +5.0%
+    # (bench/delta_kv.py kv). With ggml's plain q4_0 scale this was +2.8% to +4.0% on different machines.
+    assert abs(q4 / base - 1) < 0.03
 
 
 def test_cli_perplexity_json_reports_sparsity_and_kv_bytes(model_path, tmp_path, text):
