@@ -43,7 +43,7 @@ _JIT = dict(cache=True, fastmath=True, nogil=True)
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
 
 QK = 32  # values per quantization block
-TJ = 256  # tokens per dequantized tile in decode
+TJ = 1024  # tokens per tile in decode: rows of 4 KB (f32), which the prefetchers stream at full speed (1 KB: ~0.6x)
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 # f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`)
@@ -334,6 +334,18 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
     return None
 
 
+def tile_buf(data, D, m):
+    """-> the buffer `tile` decodes m tokens of a cache like `data` into (none needed for f32: an empty one)."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(tile_buf, jit_options=_JIT)
+def _tile_buf_ov(data, D, m):
+    if data.dtype == types.float32:
+        return lambda data, D, m: np.empty((0, 0), dtype=np.float32)
+    return lambda data, D, m: np.empty((D + D // 32 + 1, m), dtype=np.float32)
+
+
 @njit(parallel=True, **_JIT)
 def dequantize_cache(data, scales, n, tbl, out):
     # one layer's cache in any format -> out (Hkv, hd, >= n) f32, tokens 0 .. n - 1
@@ -343,7 +355,7 @@ def dequantize_cache(data, scales, n, tbl, out):
         kh = w // nt
         t0 = (w % nt) * TJ
         t1 = min(n, t0 + TJ)
-        buf = np.empty((D + D // 32 + 1, TJ), dtype=np.float32)
+        buf = tile_buf(data, D, TJ)
         need = np.ones(D, dtype=np.bool_)
         src, off = tile(data, scales, kh, need, True, t0, t1, tbl, buf)
         for i in range(D):
@@ -413,6 +425,32 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
             for u in range(m):
                 out[u] += c0 * a0[u]
         i += 1
+
+
+@njit(**_JIT)
+def axpy_rows_gi(dst, h0, G, d0, src, s0, m, idx, coef, cnt):
+    # dst[h0 + g, d0 + u] += sum_k coef[h0 + g, k] * src[idx[k], s0 + u] for g < G, u < m, k < cnt: the rows idx shared
+    # by the G heads (delta_step's group decisions), four at a time with the heads inside, so each is read once
+    k = 0
+    while k + 4 <= cnt:
+        a0 = src[idx[h0, k], s0:s0 + m]
+        a1 = src[idx[h0, k + 1], s0:s0 + m]
+        a2 = src[idx[h0, k + 2], s0:s0 + m]
+        a3 = src[idx[h0, k + 3], s0:s0 + m]
+        for g in range(G):
+            c0, c1, c2, c3 = coef[h0 + g, k], coef[h0 + g, k + 1], coef[h0 + g, k + 2], coef[h0 + g, k + 3]
+            out = dst[h0 + g, d0:d0 + m]
+            for u in range(m):
+                out[u] += c0 * a0[u] + c1 * a1[u] + c2 * a2[u] + c3 * a3[u]
+        k += 4
+    while k < cnt:
+        a0 = src[idx[h0, k], s0:s0 + m]
+        for g in range(G):
+            c0 = coef[h0 + g, k]
+            out = dst[h0 + g, d0:d0 + m]
+            for u in range(m):
+                out[u] += c0 * a0[u]
+        k += 1
 
 
 @njit(**_JIT)
@@ -506,8 +544,9 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         for h in range(H):
             skipped[h] += n_old * (D - nnz[h])
             total[h] += n_old * D
-    S = min(16, max(1, n // 256))
-    L = ((n + S - 1) // S + TJ - 1) // TJ * TJ
+    # token ranges of about TJ tokens, but at least 4 work items when that leaves each 256 tokens or more
+    S = max((n + TJ - 1) // TJ, min((n + 255) // 256, (Hkv + 3) // Hkv))
+    L = ((n + S - 1) // S + 63) // 64 * 64
     S = (n + L - 1) // L
     m_part = np.full((Hkv * S, G), -np.inf, dtype=np.float32)
     l_part = np.zeros((Hkv * S, G), dtype=np.float32)
@@ -516,7 +555,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         kh = w // S
         j0 = (w % S) * L
         j1 = min(n, j0 + L)
-        buf = np.empty((D + D // 32 + 1, TJ), dtype=np.float32)
+        buf = tile_buf(kd, D, min(TJ, L))
         sc = np.zeros((G, L), dtype=np.float32)
         kbuf = np.empty(L, dtype=np.int32)
         for t0 in range(j0, j1, TJ):
@@ -524,9 +563,9 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
             a = min(t1, n_old)
             if a > t0:  # keys outside the window: s += d . k over the non-zero d_i only
                 src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
+                axpy_rows_gi(srow, kh * G, G, t0, src, off, a - t0, nzi, nzc, nnz[kh * G])
                 for g in range(G):
                     h = kh * G + g
-                    axpy_rows(srow[h], t0, src, off, a - t0, nzi[h], nzc[h], nnz[h])
                     for j in range(t0, a):
                         sc[g, j - j0] = srow[h, j]
             b = max(t0, n_old)
