@@ -192,8 +192,46 @@ def _svd(m: np.ndarray, r: int):
     return U[:, :r], S[:r, None] * Vt[:r]
 
 
-def mla_from_llama_attention(attn_hf, s: dict, MLAAttention):
-    """One LlamaAttention (q/k/v/o_proj) -> an MLAAttention initialised by SVD (see the module docstring)."""
+def _svd_whitened(m: np.ndarray, r: int, cov: np.ndarray | None):
+    """Rank-r factors (U, c) of m (rows, d) with the least E|m x - U c x|^2 over inputs x of second moment cov (d, d)
+    (SVD-LLM's whitening: SVD of m L with cov = L Lᵀ, then c <- c L⁻¹); cov None: plain SVD (least |m - U c|_F)."""
+    if cov is None:
+        return _svd(m, r)
+    d = cov.shape[0]
+    L = np.linalg.cholesky(cov + (1e-6 * np.trace(cov) / d + 1e-12) * np.eye(d))  # damped: a rank-deficient cov
+    U, c = _svd(m @ L, r)
+    return U, np.linalg.solve(L.T, c.T).T
+
+
+def input_moments(model, calib, max_tokens: int = 8192, batch: int = 4) -> list[np.ndarray]:
+    """Per decoder layer, the second moment E[x xᵀ] (d, d) float64 of its attention's input (the output of
+    input_layernorm) over up to max_tokens tokens of the calibration windows calib (n_seq, seq_len)."""
+    torch = _torch()
+    layers = model.model.layers
+    d = model.config.hidden_size
+    acc = [np.zeros((d, d)) for _ in layers]
+    n_seq = max(1, min(calib.shape[0], max_tokens // max(1, calib.shape[1])))
+
+    def hook(i):
+        def f(mod, inp, out):
+            x = out.detach().double().reshape(-1, d)
+            acc[i] += (x.T @ x).numpy()
+        return f
+
+    hooks = [L.input_layernorm.register_forward_hook(hook(i)) for i, L in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for b in range(0, n_seq, batch):
+                model(calib[b:min(n_seq, b + batch)])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a / (n_seq * calib.shape[1]) for a in acc]
+
+
+def mla_from_llama_attention(attn_hf, s: dict, MLAAttention, cov: np.ndarray | None = None):
+    """One LlamaAttention (q/k/v/o_proj) -> an MLAAttention initialised by SVD (see the module docstring); with cov
+    (the second moment of the attention's input), by activation-aware SVD (`_svd_whitened`)."""
     torch = _torch()
     H, Hkv, hd, dn, dr, share = s["n_head"], s["n_head_kv"], s["head_dim"], s["dn"], s["dr"], s["rope_share"]
     G = H // Hkv
@@ -217,9 +255,9 @@ def mla_from_llama_attention(attn_hf, s: dict, MLAAttention):
         k_pe[g, slots] = Wk[g, rope].reshape(len(slots), 2, d)
     # mean: every group fills every slot, the shared key is their mean; split: each slot has one owner
     k_pe = (k_pe.mean(0) if share == "mean" else k_pe.sum(0)).reshape(dr, d)
-    q_b, q_a = _svd(q.reshape(H * (dn + dr), d), s["r_q"])
+    q_b, q_a = _svd_whitened(q.reshape(H * (dn + dr), d), s["r_q"], cov)
     v = Wv[np.arange(H) // G].reshape(H * hd, d)
-    U, c = _svd(np.concatenate([k_nope.reshape(H * dn, d), v]), s["r_kv"])
+    U, c = _svd_whitened(np.concatenate([k_nope.reshape(H * dn, d), v]), s["r_kv"], cov)
     m = MLAAttention(d, H, dn, dr, hd, s["r_q"], s["r_kv"], s["rope_base"])
     f32 = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
     with torch.no_grad():
@@ -232,14 +270,19 @@ def mla_from_llama_attention(attn_hf, s: dict, MLAAttention):
     return m
 
 
-def to_mla(model, **opts):
-    """transformers LlamaForCausalLM (f32) -> MLAForCausalLM (shares the model's embeddings, norms and MLPs)."""
+def to_mla(model, moments=None, **opts):
+    """transformers LlamaForCausalLM (f32) -> MLAForCausalLM (shares the model's embeddings, norms and MLPs).
+    moments: per layer the second moment of the attention input (`input_moments`) for activation-aware SVD, or None
+    (plain SVD of the weights)."""
     MLAAttention, MLAForCausalLM = _build_classes()
     cfg = model.config
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         raise ConversionError("the mla variant does not support attention / MLP biases")
     s = mla_shapes(cfg, opts)
-    attns = [mla_from_llama_attention(L.self_attn, s, MLAAttention) for L in model.model.layers]
+    if moments is not None and len(moments) != len(model.model.layers):
+        raise ConversionError(f"moments: {len(moments)} matrices for {len(model.model.layers)} layers")
+    attns = [mla_from_llama_attention(L.self_attn, s, MLAAttention, None if moments is None else moments[i])
+             for i, L in enumerate(model.model.layers)]
     student = MLAForCausalLM(model, attns, s)
     return student.to(next(model.parameters()).dtype)
 
@@ -314,11 +357,14 @@ def set_deepseek2_params(w, student, n_vocab: int) -> None:
 @register_variant("mla")
 class MLA(Variant):
     """Options: kv_rank (default n_head_kv * head_dim / 4), q_rank (default full: exact queries), rope_dim
-    (default min(32, head_dim / 2))."""
+    (default min(32, head_dim / 2)), svd ("act": activation-aware on the calibration text when there is some (the
+    default), "weight": plain SVD of the weights)."""
 
     def __init__(self, **opts):
         super().__init__(**opts)
         dr, r_kv, r_q = opts.get("rope_dim"), opts.get("kv_rank"), opts.get("q_rank")
+        if opts.get("svd", "act") not in ("act", "weight"):
+            raise ConversionError(f"svd must be act (activation-aware) or weight (got {opts.get('svd')!r})")
         if dr is not None and (dr < 2 or dr % 2):  # what needs the model's sizes is checked by the transform
             raise ConversionError(f"--rope-dim must be even and >= 2 (got {dr})")
         for name, v in (("--kv-rank", r_kv), ("--q-rank", r_q)):
@@ -326,11 +372,15 @@ class MLA(Variant):
                 raise ConversionError(f"{name} must be >= 1 (got {v})")
 
     def transform(self, model, ctx):
-        student = to_mla(model, **self.opts)
+        # activation-aware SVD when there is calibration text (svd="weight" or no text: plain SVD of the weights)
+        opts = {k: v for k, v in self.opts.items() if k != "svd"}
+        act = self.opts.get("svd", "act") == "act" and ctx is not None and ctx.calib.numel() > 0
+        moments = input_moments(model, ctx.calib) if act else None
+        student = to_mla(model, moments=moments, **opts)
         s = student.mla
         if ctx is not None:
             ctx.log(f"mla: r_kv {s['r_kv']} + rope {s['dr']} ({s['rope_share']}) cached per token and layer, "
-                    f"r_q {s['r_q']}")
+                    f"r_q {s['r_q']}, {'activation-aware' if act else 'plain'} SVD")
         return student
 
     def heal(self, student, ctx) -> list[float]:

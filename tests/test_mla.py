@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgellm.bench import make_checkpoints as mk  # noqa: E402
 from edgellm.converters.checkpoint import ConversionError, HFCheckpoint  # noqa: E402
-from edgellm.converters.mla import MLA, gguf_tensors, rope_layout, to_mla  # noqa: E402
+from edgellm.converters.mla import MLA, gguf_tensors, input_moments, rope_layout, to_mla  # noqa: E402
 from edgellm.kernels import mla as K  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
 from edgellm.runtime.errors import EdgeLLMError, GGUFError  # noqa: E402
@@ -93,6 +93,48 @@ def test_low_rank_errors_decrease_with_rank():
         err = [(to_mla(llama(sharpen=3.0), kv_rank=r, rope_dim=8)(input_ids=ids).logits - ref).abs().max().item()
                for r in (4, 16, 40)]
     assert err[0] > err[1] > err[2]
+
+
+def kv_projection_error(m, st, x):
+    """Mean squared error of the MLA layers' [k_nope; v] (all heads) against the original's, on layer inputs x[i]."""
+    H, Hkv, hd = 4, 2, 16
+    err = []
+    for L, blk, xi in zip(m.model.layers, st.layers, x):
+        a, s = blk.self_attn, L.self_attn
+        dn, dr = st.mla["dn"], st.mla["dr"]
+        with torch.no_grad():
+            c = a.kv_a(xi)[:, :a.r_kv]
+            k_nope, v = torch.einsum("tr,hnr->thn", c, a.k_b), torch.einsum("tr,hvr->thv", c, a.v_b)
+            k0 = s.k_proj(xi).view(-1, Hkv, hd)
+            v0 = s.v_proj(xi).view(-1, Hkv, hd).repeat_interleave(H // Hkv, 1)
+        e = ((v - v0) ** 2).sum().item()
+        for h in range(H):
+            nope = rope_layout(hd, dr, Hkv, "split", h // (H // Hkv))[0]
+            e += ((k_nope[:, h] - k0[:, h // (H // Hkv), nope]) ** 2).sum().item()
+        err.append(e / len(xi))
+    return np.array(err)
+
+
+def test_activation_aware_svd_exact_at_full_rank_and_better_at_low_rank():
+    m = llama(sharpen=3.0)
+    calib = torch.randint(3, 49000, (6, 32))
+    mom = input_moments(m, calib, batch=4)
+    xs = [[] for _ in m.model.layers]  # the inputs the moments describe
+    hooks = [L.input_layernorm.register_forward_hook(lambda mod, i, o, k=k: xs[k].append(o.detach().reshape(-1, 64)))
+             for k, L in enumerate(m.model.layers)]
+    with torch.no_grad():
+        m(calib)
+    for h in hooks:
+        h.remove()
+    x = [torch.cat(a) for a in xs]
+    for mo, xi in zip(mom, x):
+        np.testing.assert_allclose(mo, (xi.double().T @ xi.double()).numpy() / len(xi), rtol=1e-6, atol=1e-9)
+    full = to_mla(m, moments=mom, kv_rank=2 * (16 - 4 + 16), rope_dim=8)
+    assert kv_projection_error(m, full, x).max() < 1e-8
+    for r in (4, 12):
+        plain = kv_projection_error(m, to_mla(m, kv_rank=r, rope_dim=8), x)
+        act = kv_projection_error(m, to_mla(m, moments=mom, kv_rank=r, rope_dim=8), x)
+        assert np.all(act < plain), (r, act, plain)  # on the inputs it was fitted to, whitening is optimal
 
 
 @pytest.mark.parametrize("bad,msg", [(dict(rope_dim=5), "--rope-dim"), (dict(rope_dim=16, rope_share="mean"), "--rope-dim"), (dict(rope_dim=20), "--rope-dim"), (dict(rope_dim=6, rope_share="split"), "--rope-dim"),
