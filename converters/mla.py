@@ -9,6 +9,10 @@ Per layer, with H query heads of size hd in Hkv KV groups, dr = --rope-dim (the 
   k_pe   = kv_a[r_kv:] x   (cached, shared)     rows of W_k only): kv_a = diag(S[:r_kv]) Vᵀ[:r_kv], k_b / v_b = U_K / U_V
   k_nope = k_b[h] c_kv,  v = v_b[h] c_kv        per head (k_b (H, dn, r_kv), v_b (H, hd, r_kv))
   score  = (q_nope · k_nope + rope(q_pe) · rope(k_pe)) / sqrt(dn + dr);  o_proj, MLP and norms are copied.
+With calibration text (the converter always has some: --calib, or the teacher's own) the two SVDs are
+activation-aware (SVD-LLM's whitening, `_svd_whitened`): they minimise E|W x - U C x|^2 over the layer's attention
+inputs x on that text instead of |W - U C|_F -- on SmolLM2 at r_kv 28 the held-out perplexity before healing is 192
+instead of 19 915. `svd="weight"` keeps the plain SVD.
 Which dims are rope dims: the cached rope key has dr/2 slots; slot i holds HF pair i (dims (i, i + hd/2), frequency
 theta^(-2i/hd)) as an adjacent pair -- the highest-frequency pairs. llama.cpp's `deepseek2` ropes with the NORM type
 (adjacent pairs) at frequency base'^(-2i/dr): base' = theta^(dr/hd) gives exactly the original frequencies.

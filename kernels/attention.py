@@ -847,7 +847,8 @@ def rel_error(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-__all__ = ["KV_TYPES", "F16_TABLE", "layout", "q4_0_scale", "bytes_per_token", "store_kv", "fwht_rows", "can_rotate", "dequantize_cache",
+__all__ = ["KV_TYPES", "F16_TABLE", "layout", "q4_0_scale", "bytes_per_token", "store_kv", "fwht_rows", "can_rotate",
+           "dequantize_cache",
            "attention_decode", "attention_prefill", "delta_attention_prefill", "delta_scores_prefill",
            "quantize_ref", "dequantize_ref", "delta_attention_ref", "simulate_sparsity", "calibrate_threshold",
            "f32_to_f16_bits"]
