@@ -87,16 +87,18 @@ def test_store_q4_0_searched_scale(seed):
     assert np.all(deq.reshape(-1, 32)[(x.reshape(-1, 32) == 0).all(-1)] == 0)
 
 
-@pytest.mark.parametrize("kv", A.KV_TYPES)
-@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 700)])
+@pytest.mark.parametrize("kv", list(A.KV_TYPES) + ["f32,q8_0", "q8_0,f32", "q4_0,q8_0"])
+@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 700), (6, 2, 2500), (40, 1, 300)])
 def test_decode_on_compressed_cache_matches_reference(kv, H, Hkv, n):
-    D, n_ctx = 64, 1024
+    # K and V formats ("K,V" or one for both); n > 1024: several tiles; 40 query heads per KV head: more than hd / 2
+    D, n_ctx = 64, max(1024, n + 3)
+    kk, vv = (kv.split(",") * 2)[:2]
     k, v, q = r(n, Hkv, D, seed=2), r(n, Hkv, D, seed=3), r(H, D, seed=4)
-    kd, ks = make_cache(kv, Hkv, D, n_ctx)
-    vd, vs = make_cache(kv, Hkv, D, n_ctx)
+    kd, ks = make_cache(kk, Hkv, D, n_ctx)
+    vd, vs = make_cache(vv, Hkv, D, n_ctx)
     A.store_kv(kd, ks, vd, vs, k, v, 0, False, False)
-    kq = A.dequantize_ref(*A.quantize_ref(k, kv), kv).transpose(1, 0, 2)  # (Hkv, n, D): what the cache holds
-    vq = A.dequantize_ref(*A.quantize_ref(v, kv), kv).transpose(1, 0, 2)
+    kq = A.dequantize_ref(*A.quantize_ref(k, kk), kk).transpose(1, 0, 2)  # (Hkv, n, D): what the cache holds
+    vq = A.dequantize_ref(*A.quantize_ref(v, vv), vv).transpose(1, 0, 2)
     z = np.zeros((1, 1), np.float32)
     out = A.attention_decode(q, kd, ks, vd, vs, n, np.float32(D ** -0.5), A.F16_TABLE, False, z, z, z, 1,
                              np.zeros(H), np.zeros(H), False, False, np.empty((H, D), np.float32))
