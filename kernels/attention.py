@@ -335,8 +335,8 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
 
 
 def tile_buf(kd, vd, D, m):
-    """-> the buffer (>= D + D/32 + 1 rows, m) that `tile`, `scores_all` and `values_all` decode m tokens of the caches
-    kd and vd into (an empty one when both are f32, which are read in place)."""
+    """-> the buffer (D + D/32 + 1 rows, m) that `tile` decodes m tokens of the caches kd and vd into (an empty one when
+    both are f32, which are read in place)."""
     raise NotImplementedError("only callable from jitted code")
 
 
@@ -492,96 +492,6 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
         i += 1
 
 
-# ================================================================ every row of a cache tile: scores and value sums
-def scores_all(sc, d0, data, scales, kh, need, t0, t1, tbl, buf, coef, h0, G):
-    """sc[g, d0 + u] += sum_i coef[h0 + g, i] * k_i(t0 + u) for g < G, t0 + u < t1, over every dim i of kv head kh."""
-    raise NotImplementedError("only callable from jitted code")
-
-
-@overload(scores_all, jit_options=_JIT)
-def _scores_all_ov(sc, d0, data, scales, kh, need, t0, t1, tbl, buf, coef, h0, G):
-    if data.dtype == types.int8:  # q8_0, decoded in registers: per block b, sc += d_b(u) * sum_{i in b} coef_i q_i(u)
-        def impl(sc, d0, data, scales, kh, need, t0, t1, tbl, buf, coef, h0, G):
-            D = data.shape[1]
-            m = t1 - t0
-            acc = buf[:G, :m]
-            dsc = buf[G, :m]
-            for b in range(D // 32):
-                acc[:, :] = 0
-                for i in range(32 * b, 32 * b + 32, 4):
-                    a0 = data[kh, i, t0:t1]
-                    a1 = data[kh, i + 1, t0:t1]
-                    a2 = data[kh, i + 2, t0:t1]
-                    a3 = data[kh, i + 3, t0:t1]
-                    for g in range(G):
-                        c0, c1, c2, c3 = coef[h0 + g, i], coef[h0 + g, i + 1], coef[h0 + g, i + 2], coef[h0 + g, i + 3]
-                        out = acc[g]
-                        for u in range(m):
-                            out[u] += (c0 * np.float32(a0[u]) + c1 * np.float32(a1[u]) + c2 * np.float32(a2[u])
-                                       + c3 * np.float32(a3[u]))
-                ssrc = scales[kh, b, t0:t1]
-                for u in range(m):
-                    dsc[u] = tbl[ssrc[u]]
-                for g in range(G):
-                    out = sc[g, d0:d0 + m]
-                    ag = acc[g]
-                    for u in range(m):
-                        out[u] += dsc[u] * ag[u]
-        return impl
-
-    def impl(sc, d0, data, scales, kh, need, t0, t1, tbl, buf, coef, h0, G):
-        src, off = tile(data, scales, kh, need, True, t0, t1, tbl, buf)
-        axpy_rows_g(sc, d0, src, off, t1 - t0, coef, h0, G)
-    return impl
-
-
-def values_all(p, p0, data, scales, kh, need, t0, t1, tbl, buf, out, G):
-    """out[g, i] += sum_u p[g, p0 + u] * v_i(t0 + u) for g < G, t0 + u < t1, over every dim i of kv head kh."""
-    raise NotImplementedError("only callable from jitted code")
-
-
-@overload(values_all, jit_options=_JIT)
-def _values_all_ov(p, p0, data, scales, kh, need, t0, t1, tbl, buf, out, G):
-    if data.dtype == types.int8:  # q8_0: per block b the weights p(u) d_b(u), then plain dots with the int8 rows
-        def impl(p, p0, data, scales, kh, need, t0, t1, tbl, buf, out, G):
-            D = data.shape[1]
-            m = t1 - t0
-            pw = buf[:G, :m]
-            for b in range(D // 32):
-                ssrc = scales[kh, b, t0:t1]
-                for g in range(G):
-                    pg = p[g, p0:p0 + m]
-                    w = pw[g]
-                    for u in range(m):
-                        w[u] = pg[u] * tbl[ssrc[u]]
-                for i in range(32 * b, 32 * b + 32, 4):
-                    a0 = data[kh, i, t0:t1]
-                    a1 = data[kh, i + 1, t0:t1]
-                    a2 = data[kh, i + 2, t0:t1]
-                    a3 = data[kh, i + 3, t0:t1]
-                    for g in range(G):
-                        w = pw[g]
-                        x0 = np.float32(0.0)
-                        x1 = np.float32(0.0)
-                        x2 = np.float32(0.0)
-                        x3 = np.float32(0.0)
-                        for u in range(m):
-                            x0 += w[u] * np.float32(a0[u])
-                            x1 += w[u] * np.float32(a1[u])
-                            x2 += w[u] * np.float32(a2[u])
-                            x3 += w[u] * np.float32(a3[u])
-                        out[g, i] += x0
-                        out[g, i + 1] += x1
-                        out[g, i + 2] += x2
-                        out[g, i + 3] += x3
-        return impl
-
-    def impl(p, p0, data, scales, kh, need, t0, t1, tbl, buf, out, G):
-        src, off = tile(data, scales, kh, need, True, t0, t1, tbl, buf)
-        dot_rows_g(p, p0, src, off, t1 - t0, out, G)
-    return impl
-
-
 @njit(**_JIT)
 def delta_step(q, qhat, theta, need, nzi, nzc, nnz):
     # One step of the delta recurrence for one token: q (H, hd), q̂ (H, hd) updated, thresholds θ (H, hd). Dimension i of
@@ -646,7 +556,7 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
         kh = w // S
         j0 = (w % S) * L
         j1 = min(n, j0 + L)
-        buf = tile_buf(kd, vd, max(D, G), min(TJ, L))  # (q8_0 uses G + 1 rows)
+        buf = tile_buf(kd, vd, D, min(TJ, L))
         sc = np.zeros((G, L), dtype=np.float32)
         kbuf = np.empty(L, dtype=np.int32)
         for t0 in range(j0, j1, TJ):
@@ -661,7 +571,8 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
                         sc[g, j - j0] = srow[h, j]
             b = max(t0, n_old)
             if t1 > b:  # the window (dense: everything): exact scores
-                scores_all(sc, b - j0, kd, ks, kh, need[kh], b, t1, tbl, buf, q, kh * G, G)
+                src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
+                axpy_rows_g(sc, b - j0, src, off, t1 - b, q, kh * G, G)
                 if delta:
                     for g in range(G):
                         h = kh * G + g
@@ -677,7 +588,8 @@ def attention_decode(q, kd, ks, vd, vs, n, scale, tbl, delta, qhat, srow, theta,
             l_part[w, g] = exp_sum(sc[g], nj, scale, m, kbuf)
         for t0 in range(j0, j1, TJ):
             t1 = min(j1, t0 + TJ)
-            values_all(sc, t0 - j0, vd, vs, kh, need[kh], t0, t1, tbl, buf, o_part[w], G)
+            src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
+            dot_rows_g(sc, t0 - j0, src, off, t1 - t0, o_part[w], G)
     for h in range(H):
         kh = h // G
         g = h % G
