@@ -431,7 +431,7 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
 @njit(**_JIT)
 def axpy_rows_gi(dst, h0, G, d0, src, s0, m, idx, coef, cnt):
     # dst[h0 + g, d0 + u] += sum_k coef[h0 + g, k] * src[idx[h0, k], s0 + u] for g < G, u < m, k < cnt: the rows
-    # idx[h0] are those of all G heads (delta_step's group decisions); four at a time with the heads inside, each read once
+    # idx[h0] serve all G heads (delta_step's group decisions); four at a time with the heads inside, each read once
     k = 0
     while k + 4 <= cnt:
         a0 = src[idx[h0, k], s0:s0 + m]
