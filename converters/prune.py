@@ -13,6 +13,11 @@ Which units: first-order Taylor importance Σ|w ∂L/∂w| over each unit's coup
 calibration windows; each layer greedily drops the units of least importance per parameter until it is within half
 a unit of its budget. Incremental: about STAGE (5%) of the original parameters per stage, importances recomputed on
 the pruned (and healed) model each stage; `--heal N` splits N distillation steps over the stages.
+Refit (ours, not the paper's; on by default, option `refit=False` turns it off): after each stage the projections
+that read what was pruned (down_proj, o_proj) are refitted by least squares so that the layer's output on the
+calibration tokens changes as little as it can — W' = W C[:, k] (C[k, k] + λI)⁻¹, C the second moment of the
+projection's input over the kept (k) and all inputs, λ = DAMP · mean diag C (the compensation of OBS / SparseGPT
+for whole columns). The kept units' weights move; what is removed and the parameter count do not change.
 
 Parameters are counted as `variant.n_params` does: everything, tied embedding counted once (--target-params is a
 fraction of that; `nonembedding_fraction` gives the other view).
@@ -37,6 +42,8 @@ S_MAX = 0.99
 STAGE = 0.05                # fraction of the original parameters removed per stage
 ALIGN_FF = 32               # kept neurons: multiples of this (one quantization block of down_proj's rows)
 N_IMPORTANCE = 8            # calibration windows per importance estimate
+N_REFIT = 16                # calibration windows whose activations the refit of down_proj / o_proj fits
+DAMP = 0.01                 # refit ridge: this fraction of the mean diagonal of the input second moment
 
 
 def _torch():
@@ -72,9 +79,10 @@ def _linear(w, requires_grad: bool):
     return lin
 
 
-def shrink_layer(layer, keep_kv, keep_ff, hd: int) -> None:
+def shrink_layer(layer, keep_kv, keep_ff, hd: int, moments=None) -> None:
     """Keep KV groups `keep_kv` (kv head indices, with their query heads) and neurons `keep_ff` of a decoder layer,
-    in place (new, smaller nn.Linear modules; the order of what is kept is preserved)."""
+    in place (new, smaller nn.Linear modules; the order of what is kept is preserved). moments = (C_o, C_down):
+    refit o_proj / down_proj on them (refit_columns) where columns were dropped; None keeps the weights."""
     torch = _torch()
     att, mlp = layer.self_attn, layer.mlp
     G = att.num_key_value_groups
@@ -87,10 +95,14 @@ def shrink_layer(layer, keep_kv, keep_ff, hd: int) -> None:
     att.q_proj = _linear(att.q_proj.weight[q_rows], rg)
     att.k_proj = _linear(att.k_proj.weight[kv_rows], rg)
     att.v_proj = _linear(att.v_proj.weight[kv_rows], rg)
-    att.o_proj = _linear(att.o_proj.weight[:, q_rows], rg)
+    n_q, n_ff = att.o_proj.in_features, mlp.down_proj.in_features
+    refit = moments is not None
+    att.o_proj = _linear(refit_columns(att.o_proj.weight, moments[0], q_rows) if refit and len(q_rows) < n_q
+                         else att.o_proj.weight[:, q_rows], rg)
     mlp.gate_proj = _linear(mlp.gate_proj.weight[keep_ff], rg)
     mlp.up_proj = _linear(mlp.up_proj.weight[keep_ff], rg)
-    mlp.down_proj = _linear(mlp.down_proj.weight[:, keep_ff], rg)
+    mlp.down_proj = _linear(refit_columns(mlp.down_proj.weight, moments[1], keep_ff) if refit and len(keep_ff) < n_ff
+                            else mlp.down_proj.weight[:, keep_ff], rg)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep_ff)
 
@@ -153,6 +165,49 @@ def importance(model, windows, batch: int = 4):
     return -(cos_sum / count[0]).numpy(), kv_scores, ff_scores
 
 
+def input_moments(model, windows, batch: int = 4):
+    """Second moments C = Σ x xᵀ of the inputs of every layer's o_proj and down_proj over the tokens of `windows`
+    (float32 sums, [(C_o, C_down)] per layer), and the token count."""
+    torch = _torch()
+    layers = model.model.layers
+    acc = [[None, None] for _ in layers]
+
+    def hook(i, j):
+        def f(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            c = x.T @ x
+            acc[i][j] = c if acc[i][j] is None else acc[i][j] + c
+        return f
+
+    handles = [h for i, L in enumerate(layers) for h in (L.self_attn.o_proj.register_forward_pre_hook(hook(i, 0)),
+                                                          L.mlp.down_proj.register_forward_pre_hook(hook(i, 1)))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, windows.shape[0], batch):
+                model(input_ids=windows[s:s + batch])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return acc, int(windows.numel())
+
+
+def refit_columns(w, C, keep):
+    """Least-squares refit of a projection W (out, n) after its input columns outside `keep` are dropped: the W'
+    (out, len(keep)) minimising Σ_x |W x - W' x[keep]|² over the inputs whose second moment is C (n, n), ridge
+    DAMP · mean diag C. Returns W' in W's dtype."""
+    torch = _torch()
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    C = C.double()
+    Ckk = C[keep][:, keep]
+    lam = DAMP * float(torch.diagonal(C).mean()) + 1e-12
+    A = Ckk + lam * torch.eye(len(keep), dtype=C.dtype)
+    rhs = C[keep] @ w.detach().double().T            # (k, out) = C[k, :] Wᵀ
+    return torch.linalg.solve(A, rhs).T.to(w.dtype).contiguous()
+
+
 def normalise(I: np.ndarray) -> np.ndarray:
     """Min-max scaling to [-1, 1] (all zeros when the layers are alike)."""
     lo, hi = float(I.min()), float(I.max())
@@ -203,9 +258,10 @@ def plan_sparsity(s: np.ndarray, I_hat: np.ndarray, base: np.ndarray, fixed: int
     return np.clip(s + hi * step, 0, S_MAX)
 
 
-def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=print) -> dict:
+def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=print, refit: bool = True) -> dict:
     """Prune `model` in place to `target` of its parameters (see the module docstring), healing between stages with
-    ctx.heal_steps split over them. Returns a summary (per-stage params, final widths, sparsities)."""
+    ctx.heal_steps split over them; `refit`: least-squares refit of o_proj / down_proj after each stage. Returns a
+    summary (per-stage params, final widths, sparsities)."""
     torch = _torch()
     c = model.config
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
@@ -237,10 +293,13 @@ def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=pri
         I, kv_scores, ff_scores = importance(model, windows, ctx.batch)
         I_hat = normalise(I)
         s = plan_sparsity(s, I_hat, base, fixed, budget)
+        moments = input_moments(model, ctx.calib[:N_REFIT], ctx.batch)[0] if refit else None
         for li, L in enumerate(model.model.layers):
             kv, ff = select(kv_scores[li], ff_scores[li], (1 - s[li]) * base[li], d, hd, G[li])
             if len(kv) < len(kv_scores[li]) or len(ff) < len(ff_scores[li]):
-                shrink_layer(L, kv, ff, hd)
+                shrink_layer(L, kv, ff, hd, moments[li] if refit else None)
+            if refit:
+                moments[li] = None
         p = n_params(model)
         steps = heal[stage] if stage < n_stages else 0
         log(f"prune stage {stage + 1}: {p:,} params ({p / total0:.1%}), layer importance "
@@ -260,7 +319,8 @@ def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=pri
 class Prune(Variant):
     """Adapt-Pruner structured pruning to `target_params` (fraction of the original parameter count, tied embedding
     counted once; default 0.7; Python API option `stage`: fraction of the parameters removed per stage, default
-    STAGE). Heals between stages itself."""
+    STAGE; `refit`: least-squares refit of o_proj / down_proj after each stage, default True). Heals between stages
+    itself."""
     heals_in_transform = True
 
     def target(self) -> float:
@@ -274,7 +334,8 @@ class Prune(Variant):
         stage = self.opts.get("stage") or STAGE
         if not 0 < stage <= 1:
             raise ConversionError(f"prune: stage size must be in (0, 1] (got {stage})")
-        self.summary = prune(model, ctx, self.target(), stage, log=ctx.log)
+        refit = self.opts.get("refit")
+        self.summary = prune(model, ctx, self.target(), stage, log=ctx.log, refit=True if refit is None else bool(refit))
         return model
 
     def heal(self, student, ctx: Context) -> list[float]:

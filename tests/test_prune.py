@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from edgellm.bench import make_checkpoints as mk  # noqa: E402
 from edgellm.converters.checkpoint import ConversionError, HFCheckpoint  # noqa: E402
-from edgellm.converters.prune import (ALIGN_FF, Prune, nonembedding_params, shrink_layer, widths,  # noqa: E402
-                                      write_pruned_gguf)
+from edgellm.converters.prune import (ALIGN_FF, DAMP, Prune, input_moments, nonembedding_params,  # noqa: E402
+                                      refit_columns, shrink_layer, widths, write_pruned_gguf)
 from edgellm.converters.variant import Context, n_params, transform_model  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
 from edgellm.runtime.errors import GGUFError  # noqa: E402
@@ -79,6 +79,50 @@ def test_pruning_nothing_is_the_identity(ckpt):
     for L in s.model.layers:
         shrink_layer(L, range(3), range(128), 32)
     np.testing.assert_array_equal(logits(s, IDS), ref)
+
+
+def test_refit_is_the_ridge_least_squares_fit():
+    """refit_columns against NumPy's lstsq of the augmented ridge problem on the inputs themselves."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((500, 24)) @ rng.standard_normal((24, 24))  # correlated inputs
+    W = rng.standard_normal((10, 24))
+    keep = np.array([0, 2, 3, 7, 8, 11, 15, 16, 20, 23])
+    C = torch.from_numpy(X.T @ X)
+    got = refit_columns(torch.from_numpy(W), C, keep).numpy()
+    lam = DAMP * np.trace(X.T @ X) / 24
+    A = np.vstack([X[:, keep], np.sqrt(lam) * np.eye(len(keep))])
+    b = np.vstack([X @ W.T, np.zeros((len(keep), 10))])
+    np.testing.assert_allclose(got, np.linalg.lstsq(A, b, rcond=None)[0].T, rtol=1e-8, atol=1e-9)
+    # and the refit's output error on those inputs is below dropping the columns as they are
+    err = lambda w: np.linalg.norm(X @ W.T - X[:, keep] @ w.T)  # noqa: E731
+    assert err(got) < 0.9 * err(W[:, keep])
+
+
+def test_refit_lowers_the_pruning_error(ckpt):
+    """input_moments = the hooked inputs' second moment; shrinking with the refit changes the calibration logits
+    less than shrinking without it."""
+    m = load(ckpt)
+    x = calib(8, 32)
+    (C_o, C_d), n = input_moments(m, x, 4)[0][1], x.numel()
+    seen = []
+    h = m.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, 128)))
+    with torch.no_grad():
+        ref = m(input_ids=x).logits
+    h.remove()
+    X = torch.cat(seen).double()
+    assert n == 8 * 32
+    np.testing.assert_allclose(C_d.double().numpy(), (X.T @ X).numpy(), rtol=1e-4, atol=1e-3)
+    assert C_o.shape == (6 * 32, 6 * 32)
+    moments, _ = input_moments(m, x, 4)
+    plain, fitted = copy.deepcopy(m), copy.deepcopy(m)
+    for i in range(4):
+        shrink_layer(plain.model.layers[i], [0, 2], range(0, 128, 2), 32)
+        shrink_layer(fitted.model.layers[i], [0, 2], range(0, 128, 2), 32, moments[i])
+    with torch.no_grad():
+        e_plain = (plain(input_ids=x).logits - ref).pow(2).mean().item()
+        e_fit = (fitted(input_ids=x).logits - ref).pow(2).mean().item()
+    assert widths(fitted) == widths(plain) == [(4, 2, 64)] * 4
+    assert e_fit < 0.8 * e_plain, (e_fit, e_plain)
 
 
 def test_pruned_deci_matches_torch_and_llama_cpp(ckpt, tmp_path, llama_cpp):
