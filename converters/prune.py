@@ -16,8 +16,8 @@ the pruned (and healed) model each stage; `--heal N` splits N distillation steps
 Refit (ours, not the paper's; on by default, option `refit=False` turns it off): after each stage the projections
 that read what was pruned (down_proj, o_proj) are refitted by least squares so that the layer's output on the
 calibration tokens changes as little as it can — W' = W C[:, k] (C[k, k] + λI)⁻¹, C the second moment of the
-projection's input over the kept (k) and all inputs, λ = DAMP · mean diag C (the compensation of OBS / SparseGPT
-for whole columns). The kept units' weights move; what is removed and the parameter count do not change.
+projection's input on the calibration tokens, k its kept columns, λ = DAMP · mean diag C (the compensation of OBS /
+SparseGPT, for whole columns). The kept units' weights move; what is removed and the parameter count do not change.
 
 Parameters are counted as `variant.n_params` does: everything, tied embedding counted once (--target-params is a
 fraction of that; `nonembedding_fraction` gives the other view).
@@ -165,7 +165,7 @@ def importance(model, windows, batch: int = 4):
     return -(cos_sum / count[0]).numpy(), kv_scores, ff_scores
 
 
-def input_moments(model, windows, batch: int = 4):
+def proj_moments(model, windows, batch: int = 4):
     """Second moments C = Σ x xᵀ of the inputs of every layer's o_proj and down_proj over the tokens of `windows`
     (float32 sums, [(C_o, C_down)] per layer), and the token count."""
     torch = _torch()
@@ -293,7 +293,7 @@ def prune(model, ctx: Context, target: float, stage_size: float = STAGE, log=pri
         I, kv_scores, ff_scores = importance(model, windows, ctx.batch)
         I_hat = normalise(I)
         s = plan_sparsity(s, I_hat, base, fixed, budget)
-        moments = input_moments(model, ctx.calib[:N_REFIT], ctx.batch)[0] if refit else None
+        moments = proj_moments(model, ctx.calib[:N_REFIT], ctx.batch)[0] if refit else None
         for li, L in enumerate(model.model.layers):
             kv, ff = select(kv_scores[li], ff_scores[li], (1 - s[li]) * base[li], d, hd, G[li])
             if len(kv) < len(kv_scores[li]) or len(ff) < len(ff_scores[li]):
@@ -335,7 +335,7 @@ class Prune(Variant):
         if not 0 < stage <= 1:
             raise ConversionError(f"prune: stage size must be in (0, 1] (got {stage})")
         refit = self.opts.get("refit")
-        self.summary = prune(model, ctx, self.target(), stage, log=ctx.log, refit=True if refit is None else bool(refit))
+        self.summary = prune(model, ctx, self.target(), stage, log=ctx.log, refit=refit is None or bool(refit))
         return model
 
     def heal(self, student, ctx: Context) -> list[float]:

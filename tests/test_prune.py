@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgellm.bench import make_checkpoints as mk  # noqa: E402
 from edgellm.converters.checkpoint import ConversionError, HFCheckpoint  # noqa: E402
-from edgellm.converters.prune import (ALIGN_FF, DAMP, Prune, input_moments, nonembedding_params,  # noqa: E402
+from edgellm.converters.prune import (ALIGN_FF, DAMP, Prune, proj_moments, nonembedding_params,  # noqa: E402
                                       refit_columns, shrink_layer, widths, write_pruned_gguf)
 from edgellm.converters.variant import Context, n_params, transform_model  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
@@ -99,11 +99,11 @@ def test_refit_is_the_ridge_least_squares_fit():
 
 
 def test_refit_lowers_the_pruning_error(ckpt):
-    """input_moments = the hooked inputs' second moment; shrinking with the refit changes the calibration logits
+    """proj_moments = the hooked inputs' second moment; shrinking with the refit changes the calibration logits
     less than shrinking without it."""
     m = load(ckpt)
     x = calib(8, 32)
-    (C_o, C_d), n = input_moments(m, x, 4)[0][1], x.numel()
+    (C_o, C_d), n = proj_moments(m, x, 4)[0][1], x.numel()
     seen = []
     h = m.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, 128)))
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_refit_lowers_the_pruning_error(ckpt):
     assert n == 8 * 32
     np.testing.assert_allclose(C_d.double().numpy(), (X.T @ X).numpy(), rtol=1e-4, atol=1e-3)
     assert C_o.shape == (6 * 32, 6 * 32)
-    moments, _ = input_moments(m, x, 4)
+    moments, _ = proj_moments(m, x, 4)
     plain, fitted = copy.deepcopy(m), copy.deepcopy(m)
     for i in range(4):
         shrink_layer(plain.model.layers[i], [0, 2], range(0, 128, 2), 32)
