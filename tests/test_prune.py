@@ -103,7 +103,8 @@ def test_refit_lowers_the_pruning_error(ckpt):
     less than shrinking without it."""
     m = load(ckpt)
     x = calib(8, 32)
-    (C_o, C_d), n = proj_moments(m, x, 4)[0][1], x.numel()
+    moments, n = proj_moments(m, x, 4)
+    C_o, C_d = moments[1]
     seen = []
     h = m.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].reshape(-1, 128)))
     with torch.no_grad():
@@ -113,7 +114,6 @@ def test_refit_lowers_the_pruning_error(ckpt):
     assert n == 8 * 32
     np.testing.assert_allclose(C_d.double().numpy(), (X.T @ X).numpy(), rtol=1e-4, atol=1e-3)
     assert C_o.shape == (6 * 32, 6 * 32)
-    moments, _ = proj_moments(m, x, 4)
     plain, fitted = copy.deepcopy(m), copy.deepcopy(m)
     for i in range(4):
         shrink_layer(plain.model.layers[i], [0, 2], range(0, 128, 2), 32)
