@@ -36,6 +36,7 @@ class BitNet(Llama):
         self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
         self.output = self.tok_embd  # llama.cpp's bitnet graph always uses the embedding as the output head
         self.freq_factors = None
+        self.widths = self.layer_widths()
         self.layers = []
         for i in range(cfg.n_layer):
             self.layers.append(dict(

@@ -12,15 +12,15 @@ from gguf import GGMLQuantizationType as QT, MODEL_TENSOR as T
 
 from ..kernels import linear_attention as LA
 from ..kernels import ops
-from ..runtime.errors import GGUFError  # a leaf module: the one thing models take from runtime
-from .config import ModelConfig
+from .cache_spec import CacheSpec
+from .config import ConfigError, ModelConfig
 from .llama import output_logits, swiglu_ffn, tname
 
 
 def _extra(cfg: ModelConfig, key: str, types, check, what: str):
     v = cfg.extra.get(key)
     if v is None or isinstance(v, bool) or not isinstance(v, types) or not check(v):
-        raise GGUFError(f"metadata {cfg.arch}.{key} = {v!r} is not {what}")
+        raise ConfigError(f"metadata {cfg.arch}.{key} = {v!r} is not {what}")
     return v
 
 
@@ -57,16 +57,12 @@ class LinearLlama:
             ))
             for c in ("conv_q", "conv_k"):
                 if not np.isfinite(self.layers[-1][c]).all():
-                    raise GGUFError(f"blk.{i}.attn_{c[-1]}_conv.weight is not finite")
+                    raise ConfigError(f"blk.{i}.attn_{c[-1]}_conv.weight is not finite")
 
     # ------------------------------------------------------------------ the state
-    def new_cache(self, n_ctx: int, engine=None):
-        from ..runtime.linear_state import LinearStateCache
+    def cache_spec(self) -> CacheSpec:
         c = self.cfg
-        return LinearStateCache(c.n_layer, c.n_head, c.n_head_kv, c.head_dim, self.K, n_ctx)
-
-    def kv_bytes_per_token(self, engine=None) -> int:
-        return 0  # constant state: see state_bytes
+        return CacheSpec.state(c.n_layer, c.n_head, c.n_head_kv, c.head_dim, self.K)
 
     def state_bytes(self) -> int:
         c = self.cfg

@@ -10,6 +10,7 @@ import numpy as np
 from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
 from ..kernels import ops
+from .cache_spec import CacheSpec
 from .config import ModelConfig
 
 
@@ -81,6 +82,10 @@ class Llama:
                 down=w.matrix(tname(T.FFN_DOWN, i), (d, n_ff)),
             ))
         self.rope_cos, self.rope_sin = None, None
+
+    def cache_spec(self) -> CacheSpec:
+        """Per-head keys and values, each layer with its own head counts."""
+        return CacheSpec.kv([(H, Hkv) for H, Hkv, _ in self.widths], self.cfg.head_dim)
 
     def layer_widths(self) -> list[tuple[int, int, int]]:
         """(n_head, n_head_kv, n_ff) of each layer: all alike here; per layer in a pruned model (models/deci.py)."""

@@ -15,6 +15,7 @@ import numpy as np
 from gguf import MODEL_TENSOR as T
 
 from ..kernels import ops
+from .cache_spec import CacheSpec
 from .config import ConfigError, ModelConfig
 from .llama import output_logits, swiglu_ffn, tname
 
@@ -77,17 +78,9 @@ class DeepSeek2:
             ))
         self.rope_cos, self.rope_sin = None, None
 
-    # ------------------------------------------------------------------ the latent cache
-    def new_cache(self, n_ctx: int, engine=None):
-        from ..runtime.errors import EdgeLLMError
-        from ..runtime.latent_cache import LatentCache
-        if engine is not None and (engine.kv != "f32" or engine.attn.kind != "dense"):
-            raise EdgeLLMError("MLA models keep an f32 latent cache with dense attention (no --kv / --attn delta)")
-        return LatentCache(self.cfg.n_layer, n_ctx, self.r, self.dr, self.cfg.n_head,
-                           stats=engine.attn_stats if engine is not None else None)
-
-    def kv_bytes_per_token(self, engine=None) -> int:
-        return 4 * self.cfg.n_layer * (self.r + self.dr)
+    def cache_spec(self) -> CacheSpec:
+        """One latent row [c_kv (r) | k_pe (dr)] per layer and token."""
+        return CacheSpec.latent(self.cfg.n_layer, self.cfg.n_head, self.r, self.dr)
 
     def ensure_rope(self, n_ctx: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
