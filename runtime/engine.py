@@ -176,10 +176,7 @@ class Engine:
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (matrices; norms are negligible)."""
         m = self.model
-        total = m.output.nbytes
-        for L in m.layers:
-            total += sum(v.nbytes for v in L.values() if hasattr(v, "rows"))
-        return total
+        return m.output.nbytes + sum(x.nbytes for L in m.layers for x in L.matrices())
 
     def _check(self, tokens: np.ndarray, cache: Cache) -> None:
         if cache.spec is not self.spec and cache.spec != self.spec:
