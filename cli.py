@@ -20,6 +20,15 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the n
 CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
 
 
+# the API's parameter names -> this command line's options: runtime errors are worded by parameter (`threads`), the
+# command line names its flag (`--threads`); see runtime/errors.py
+FLAGS = {"threads": "--threads", "n_ctx": "--ctx", "kv": "--kv", "attn": "--attn", "delta_threshold": "--delta-threshold",
+         "delta_sparsity": "--delta-sparsity", "delta_window": "--delta-window", "temp": "--temp", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "token_budget": "--budget",
+         "prm_budget": "--prm-budget", "k": "-k", "prm": "--prm", "strategy": "--strategy", "select": "--select",
+         "reopen": "--reopen", "step_delimiter": "--delimiter", "max_step_tokens": "--max-step-tokens"}
+
+
 def _err(msg: str, code: int = 1):
     print(f"edgellm: error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
@@ -492,7 +501,10 @@ def main():
     except KeyboardInterrupt:
         print("edgellm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (EdgeLLMError, ValueError, OSError) as e:
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e.worded(FLAGS)}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, OSError) as e:
         print(f"edgellm: error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the last line of defence: still one line, no traceback
