@@ -223,6 +223,40 @@ def test_ternary_targets_are_exact_on_bitnet_weights(bitnet_f32, tmp_path, llama
     assert np.isfinite(a).all() and np.isfinite(llama_cpp_logits(llama_cpp, out, ids[:8])).all()
 
 
+def rewrite_metadata(src: Path, dst: Path, drop=(), put: dict | None = None) -> Path:
+    """A copy of a GGUF file with metadata keys dropped / string keys set (as another converter writes it)."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), r.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == gguf.Keys.General.ARCHITECTURE or f.name in drop:
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for k, v in (put or {}).items():
+        w.add_string(k, v)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_bitnet_activation_read_from_either_key(bitnet_f32, tmp_path):
+    """A file from llama.cpp's converters names the activation only `bitnet.hidden_activation`."""
+    ids = IDS % 256
+    relu2 = edgellm_logits(bitnet_f32, ids)
+    act = ["bitnet.hidden_act", "bitnet.hidden_activation"]
+    only_llama_cpp = rewrite_metadata(bitnet_f32, tmp_path / "a.gguf", drop=act, put={act[1]: "silu"})
+    only_ours = rewrite_metadata(bitnet_f32, tmp_path / "b.gguf", drop=act, put={act[0]: "silu"})
+    assert act[0] not in GGUFFile(only_llama_cpp).metadata
+    silu = edgellm_logits(only_llama_cpp, ids)
+    assert np.array_equal(silu, edgellm_logits(only_ours, ids))
+    assert np.abs(silu - relu2).max() > 1e-2  # the key is what selects the activation
+    same = rewrite_metadata(bitnet_f32, tmp_path / "c.gguf", drop=[act[0]])
+    assert np.array_equal(edgellm_logits(same, ids), relu2)
+
+
 def test_ternary_target_on_other_weights_is_refused(tiny_files, tmp_path):
     with pytest.raises(ConversionError, match="not ternary"):
         quantize_gguf(tiny_files["wide"], tmp_path / "t.gguf", "tq1_0")
