@@ -205,7 +205,8 @@ def _print_models(as_json: bool):
     if as_json:
         print(json.dumps({"catalog": cat, "hub": hub, "hub_cache": str(hub_cache()), "edgellm_cache": str(cache_dir())}))
         return
-    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    def mb(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
     print(f"catalog (from PyPI wheels; cached in {cache_dir()}):")
     for e in cat:
         print(f"  {e['name']}\t{mb(e['size'])}\t{'cached' if e['path'] else 'not cached'}\t{e['description']}")

@@ -307,6 +307,8 @@ def test_checkpoint_repo_converts_once(env, hub, checkpoint, tmp_path):
     r = run(env, "run", "test/tiny-llama-hf:Q8_0", "-p", "Hello", "-n", "2", "--temp", "0", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert "converting" not in r.stderr and out.stat().st_mtime_ns == mtime and hub.downloads() == []
+    r = run(env, "pull", "test/tiny-llama-hf:Q8_0", HF_HUB_OFFLINE="1")   # offline: the conversion, no request
+    assert r.returncode == 0 and Path(r.stdout.strip()) == out and hub.requests[1:] == [], r.stderr
     r = run(env, "pull", "test/tiny-llama-hf:q5_k_m")
     assert_clean_error(r)
     assert "output type" in r.stderr
