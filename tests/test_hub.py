@@ -232,11 +232,17 @@ def test_pull_quant_then_cache_then_offline(env, hub, ggufs, tmp_path):
     assert r.returncode == 0 and Path(r.stdout.strip()) == p, r.stderr
 
 
-def test_default_quant_and_run(env, hub, ggufs):
+def test_default_quant_run_and_list(env, hub, ggufs):
     # no quant: Q4_K_M is not there, so Q8_0 (never the mmproj file); and a run by name
     r = run(env, "run", "test/tiny-GGUF", "-p", "hello", "-n", "3", "--temp", "0", "--threads", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     assert hub.downloads() == ["/test/tiny-GGUF/resolve/main/tiny-llama-Q8_0.gguf"]
+    # listed with the catalog: the Hub cache holds Q8_0 (with its size), not Q4_0
+    r = run(env, "pull", "--list")
+    assert r.returncode == 0, r.stderr
+    assert "smollm2-135m-instruct-q4_1" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if "test/tiny-GGUF" in ln)
+    assert "Q8_0" in line and "kB" in line and "Q4_0" not in line
 
 
 def test_clear_errors(env, hub):
@@ -257,10 +263,7 @@ def test_clear_errors(env, hub):
     r = run(env, "pull", "test/tiny-GGUF", HF_HUB_OFFLINE="1")
     assert_clean_error(r)
     assert "HF_HUB_OFFLINE=1" in r.stderr
-
-
-def test_gated_repo_with_token(env, hub):
-    r = run(env, "pull", "test/gated-GGUF:Q8_0", HF_TOKEN=TOKEN)
+    r = run(env, "pull", "test/gated-GGUF:Q8_0", HF_TOKEN=TOKEN)   # the gated repository with a token
     assert r.returncode == 0 and Path(r.stdout.strip()).name == "tiny-llama-Q8_0.gguf", r.stderr
 
 
@@ -319,15 +322,6 @@ def test_checkpoint_repo_converts_once(env, hub, checkpoint, tmp_path):
     assert listed["catalog"][0]["name"] == "smollm2-135m-instruct-q4_1"
     repo = next(x for x in listed["hub"] if x["repo"] == "test/tiny-llama-hf")
     assert repo["checkpoint"] and repo["size_on_disk"] > 1e6 and repo["derived"][0]["file"] == str(out)
-
-
-def test_pull_list_shows_the_hub_cache(env, hub, ggufs):
-    assert run(env, "pull", "test/tiny-GGUF:Q4_0").returncode == 0
-    r = run(env, "pull", "--list")
-    assert r.returncode == 0, r.stderr
-    assert "smollm2-135m-instruct-q4_1" in r.stdout
-    line = next(ln for ln in r.stdout.splitlines() if "test/tiny-GGUF" in ln)
-    assert "Q4_0" in line and "Q8_0" not in line
 
 
 def test_load_by_name_from_python(env, hub):
