@@ -150,7 +150,8 @@ def _hf():
 
 
 def _network_errors() -> tuple:
-    """Exceptions meaning 'the server could not be reached' (requests in huggingface_hub < 1, httpx after)."""
+    """Exceptions meaning 'the server could not be reached' (requests in huggingface_hub 0.x, httpx in 1.x,
+    httpx2 in 2.x)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
     errs: list = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
     with contextlib.suppress(ImportError):
@@ -159,6 +160,9 @@ def _network_errors() -> tuple:
     with contextlib.suppress(ImportError):
         import httpx
         errs.append(httpx.TransportError)
+    with contextlib.suppress(ImportError):
+        import httpx2   # huggingface_hub 2
+        errs.append(httpx2.TransportError)
     return tuple(errs)
 
 
