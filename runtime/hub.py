@@ -384,7 +384,10 @@ def fetch(ref: HubRef | str) -> Path:
         if len(paths) == 1:
             return paths[0]
         out = derived_dir(ref.repo_id, lst.commit) / (split_info(names[0]).prefix.rsplit("/", 1)[-1] + GGUF)
-        return out if out.exists() else join_shards(paths, out)
+        if not out.exists():
+            print(f"edgellm: joining the {len(paths)} shards of {names[0]} into one GGUF, once: {out}", file=sys.stderr)
+            join_shards(paths, out)
+        return out
     if is_checkpoint(lst.files):
         return convert_checkpoint(lst, ref.quant)
     where = "in the cache's copy of" if not lst.online else "in"
