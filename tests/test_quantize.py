@@ -83,7 +83,7 @@ def edgellm_logits(path, ids=IDS) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the encoders
 SAMPLES = {
-    "normal": lambda rng: rng.standard_normal((96, 1024)) * 0.02,
+    "normal": lambda rng: rng.standard_normal((300, 1024)) * 0.02,  # 300 rows: two chunks, the last partial
     "heavy-tailed": lambda rng: rng.standard_t(3, (64, 1024)) * 0.01,
     "shifted": lambda rng: rng.standard_normal((32, 512)) + 3,
     "sparse": lambda rng: rng.standard_normal((32, 512)) * (rng.random((32, 512)) < 0.05),
