@@ -324,6 +324,8 @@ def _write(f: GGUFFile, src: Path, path: Path, arch: str, ft: FileType, types: d
             report.copied += 1
         else:
             rows = _decode(t)
+            if not np.isfinite(rows).all():
+                raise ConversionError(f"tensor {name!r} has non-finite values (NaN or inf): the input is damaged")
             if qt in TERNARY:
                 _check_ternary(name, rows, qt)
             enc = ENCODERS[qt](rows)

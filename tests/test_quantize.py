@@ -293,7 +293,14 @@ def test_cli_bad_inputs_give_one_line(tiny_files, tmp_path):
     assert_clean_error(cli("quantize", q4, tmp_path / "b.gguf", "q8_0"), "Q4_0", "F16")
     assert_clean_error(cli("quantize", src, tmp_path / "c.gguf", "tq2_0"), "not ternary")
     assert_clean_error(cli("quantize", src, tmp_path / "nodir" / "c.gguf", "q8_0"), "does not exist")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf", "keep.gguf", "q4.gguf"]
+    nan = tmp_path / "nan.gguf"
+    nan.write_bytes(before)
+    off = GGUFFile(nan).tensors["blk.1.attn_q.weight"].offset
+    with open(nan, "r+b") as fh:
+        fh.seek(off + 40)
+        fh.write(np.float32(np.nan).tobytes())
+    assert_clean_error(cli("quantize", nan, tmp_path / "d.gguf", "q4_k_m"), "blk.1.attn_q.weight", "non-finite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf", "keep.gguf", "nan.gguf", "q4.gguf"]
 
 
 # ------------------------------------------------------------------------------ real weights: SmolLM2-135M
