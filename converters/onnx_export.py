@@ -294,6 +294,7 @@ def genai_config(folder: Path) -> dict | None:
     (no KV cache, e.g. the linear-attention variant; per-layer cache shapes, e.g. a pruned variant).
     Stop tokens are edgellm's for the same tokenizer files, so that both stop on the same tokens."""
     import onnx
+    from ..runtime.errors import EdgeLLMError
     from ..runtime.tokenizer import Tokenizer
     graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
     ins = {i.name: i for i in graph.input}
@@ -313,11 +314,15 @@ def genai_config(folder: Path) -> dict | None:
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")) \
         if (folder / "generation_config.json").exists() else {}
-    tok = Tokenizer.from_hf(folder, int(cfg["vocab_size"]))
-    eos = sorted(tok.eog_ids, key=lambda i: (i != tok.eos_id, i))
+    try:
+        tok = Tokenizer.from_hf(folder, int(cfg["vocab_size"]))
+        eos, tok_bos = sorted(tok.eog_ids, key=lambda i: (i != tok.eos_id, i)), tok.bos_id
+    except EdgeLLMError:  # a tokenizer edgellm cannot build: the checkpoint's own stop tokens
+        ids = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos, tok_bos = [int(i) for i in (ids if isinstance(ids, list) else [ids] if ids is not None else [])], None
     if not eos:
         return None
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id", tok.bos_id))
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id", tok_bos))
     pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
     ctx = int(cfg.get("max_position_embeddings") or 4096)
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
