@@ -37,8 +37,9 @@ def _err(msg: str, code: int = 1):
 
 
 def _load(model, threads=None, ctx=None, **engine_kw):
+    from . import CONVERTERS
     from .runtime.engine import load
-    return load(model, threads=threads, n_ctx=ctx, **engine_kw)
+    return load(model, threads=threads, n_ctx=ctx, converter=CONVERTERS, **engine_kw)
 
 
 AttnOpt = typer.Option("dense", "--attn", help="Attention: dense, or delta (DeltaLLM's temporal sparsity: scores of keys "
@@ -173,8 +174,9 @@ def chat(model: Optional[str] = ModelArg,
 def inspect(model: Optional[str] = ModelArg,
             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Architecture, parameters, tensor types, file size, context length and tokenizer of a model."""
+    from . import CONVERTERS
     from .runtime.inspect import describe
-    info = describe(model)
+    info = describe(model, CONVERTERS)
     if as_json:
         print(json.dumps(info))
         return
@@ -203,7 +205,8 @@ def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (defaul
         return
     if as_json:
         _err("--json goes with --list")
-    print(_pull(name))
+    from . import CONVERTERS
+    print(_pull(name, converter=CONVERTERS))
 
 
 def _print_models(as_json: bool):

@@ -16,6 +16,7 @@ from .contracts import Backend, Cache
 from .errors import ArgumentError, GGUFError, UnsupportedError
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
+from .hub import CheckpointConverter
 from .kv_cache import AttentionConfig, AttentionStats, KVCache
 from .weights import WeightSource
 
@@ -154,11 +155,13 @@ class Engine(EngineBase):
             numba.set_num_threads(prev)
 
 
-def load(model: str | os.PathLike | None = None, options: EngineOptions | None = None, **kwargs) -> Backend:
-    """An `Engine` for a catalog name, a .gguf path, or (None) the default model; an ONNX folder
-    (`edgellm convert --format onnx`) gives an `OnnxEngine` (onnxruntime) with the same interface.
-    options / kwargs: EngineOptions. The engine's thread count becomes the default of the calling thread."""
-    path = resolve_model(model)
+def load(model: str | os.PathLike | None = None, options: EngineOptions | None = None,
+         converter: CheckpointConverter | None = None, **kwargs) -> Backend:
+    """An `Engine` for a catalog name, a .gguf path, a Hugging Face repository or (None) the default model; an ONNX
+    folder (`edgellm convert --format onnx`) gives an `OnnxEngine` (onnxruntime) with the same interface.
+    options / kwargs: EngineOptions; converter: converts a checkpoint repository (see runtime/hub.py; edgellm.load
+    hands in the converters). The engine's thread count becomes the default of the calling thread."""
+    path = resolve_model(model, converter)
     if path.is_dir():
         from .onnx_backend import OnnxEngine
         engine = OnnxEngine(path, options, **kwargs)

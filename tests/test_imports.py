@@ -1,5 +1,6 @@
 """The package's layers (file -> models -> runtime -> kernels): models/ and kernels/ never import runtime, converters,
-bench or cli, and no module imports itself back through others, not even through an import inside a function."""
+bench or cli; runtime/ never imports converters, bench or cli; no module imports itself back through others. Every
+import counts, also one inside a function."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +12,7 @@ ROOT = Path(edgellm.__file__).parent
 PACKAGES = ("", "runtime", "kernels", "converters", "models", "bench")  # what pyproject.toml installs
 LOWER = ("edgellm.models", "edgellm.kernels")
 UPPER = ("edgellm.runtime", "edgellm.converters", "edgellm.bench", "edgellm.cli")
+ABOVE_RUNTIME = ("edgellm.converters", "edgellm.bench", "edgellm.cli")
 
 
 def modules() -> dict[str, Path]:
@@ -60,6 +62,12 @@ def test_the_walk_sees_the_package():
 
 def test_models_and_kernels_import_nothing_above_them():
     bad = [(m, t) for m, ts in graph().items() if m.startswith(LOWER) for t in ts if t.startswith(UPPER)]
+    assert not bad, "\n".join(f"{m} imports {t}" for m, t in bad)
+
+
+def test_runtime_imports_no_converters_bench_or_cli():
+    bad = [(m, t) for m, ts in graph().items() if m.startswith("edgellm.runtime") for t in ts
+           if t.startswith(ABOVE_RUNTIME)]
     assert not bad, "\n".join(f"{m} imports {t}" for m, t in bad)
 
 
