@@ -1,4 +1,4 @@
-"""Small pure kernels of a transformer block: RMSNorm, RoPE, softmax, SwiGLU, attention.
+"""Small pure kernels of a transformer block: RMSNorm, RoPE, softmax, SwiGLU (attention: kernels/attention.py).
 
 Each Numba kernel has a NumPy reference beside it (`*_ref`), used by the tests.
 Shapes follow nanoGPT's comment style; all arrays are C-contiguous float32.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
 
@@ -159,69 +159,3 @@ def swiglu_ref(gate, up):
     g = gate.astype(np.float64)
     with np.errstate(over="ignore"):  # exp(-g) = inf for g < -709: silu(g) = 0
         return (g / (1 + np.exp(-g)) * up).astype(np.float32)
-
-
-# ---------------------------------------------------------------- attention over a KV cache
-@njit(parallel=True, **_JIT)
-def attention_decode(q, k_cache, v_cache, n, scale, out):
-    # q (n_head, hd), k/v_cache (n_head_kv, n_ctx, hd) -> out (n_head, hd): one query over the first n cached keys
-    # (GQA: query head h reads kv head h // (n_head // n_head_kv))
-    H, D = q.shape
-    group = H // k_cache.shape[0]
-    for h in prange(H):
-        kh = h // group
-        s = np.empty(n, dtype=np.float32)
-        m = np.float32(-np.inf)
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += q[h, d] * k_cache[kh, j, d]
-            acc *= scale
-            s[j] = acc
-            m = max(m, acc)
-        tot = np.float32(0.0)
-        for j in range(n):
-            s[j] = np.exp(s[j] - m)
-            tot += s[j]
-        inv = np.float32(1.0) / tot
-        o = np.zeros(D, dtype=np.float32)
-        for j in range(n):
-            w = s[j] * inv
-            for d in range(D):
-                o[d] += w * v_cache[kh, j, d]
-        out[h, :] = o
-    return out
-
-
-def attention_prefill(q, k, v, start, scale):
-    # q (T, n_head, hd) for positions start..start+T-1; k, v (n_head_kv, start+T, hd) -> (T, n_head, hd), causal
-    T, H, D = q.shape
-    Hkv, N, _ = k.shape
-    group = H // Hkv
-    out = np.empty((T, H, D), dtype=np.float32)
-    # key j is visible to query t iff j <= start + t
-    mask = np.arange(N)[None, :] > (start + np.arange(T))[:, None]
-    for kh in range(Hkv):
-        qh = q[:, kh * group:(kh + 1) * group, :].transpose(1, 0, 2)  # (group, T, D)
-        s = (qh @ k[kh].T) * np.float32(scale)  # (group, T, N)
-        s[:, mask] = -np.inf
-        s -= s.max(-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(-1, keepdims=True)
-        out[:, kh * group:(kh + 1) * group, :] = (s @ v[kh]).transpose(1, 0, 2)
-    return out
-
-
-def attention_ref(q, k, v, start, scale):
-    # float64 reference of causal GQA attention: q (T, H, D), k/v (Hkv, start+T, D) -> (T, H, D)
-    T, H, D = q.shape
-    Hkv, N, _ = k.shape
-    group = H // Hkv
-    out = np.zeros((T, H, D))
-    for t in range(T):
-        for h in range(H):
-            s = k[h // group, : start + t + 1].astype(np.float64) @ q[t, h].astype(np.float64) * scale
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            out[t, h] = p @ v[h // group, : start + t + 1].astype(np.float64)
-    return out.astype(np.float32)

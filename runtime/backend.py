@@ -76,10 +76,7 @@ class EngineOptions:
         if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, (int, np.integer))
                                        or self.n_ctx < MIN_CTX):
             raise ArgumentError(f"n_ctx must be an integer >= {MIN_CTX} (got {self.n_ctx!r})", "n_ctx")
-        try:
-            parse_kv(self.kv)
-        except ValueError as e:
-            raise ArgumentError(str(e), "kv") from None
+        parse_kv(self.kv)
         if self.attn not in ATTN_KINDS:
             raise ArgumentError(f"attn {self.attn!r} is not one of {', '.join(ATTN_KINDS)}", "attn")
         if self.attn == "dense" and (self.delta_threshold is not None or self.delta_sparsity is not None):

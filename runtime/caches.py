@@ -2,7 +2,7 @@
 (KV storage type, attention kind): the one place that maps a spec to a cache type."""
 from __future__ import annotations
 
-from ..kernels.attention import QK, bytes_per_token as kv_type_bytes
+from ..kernels.kv_store import QK, bytes_per_token as kv_type_bytes
 from ..models.cache_spec import KV, LATENT, CacheSpec
 from .contracts import Cache
 from .errors import ArgumentError, UnsupportedError

@@ -60,10 +60,7 @@ class Engine(EngineBase):
             else:
                 th = o.delta_threshold
                 th = [float(th)] * self.cfg.n_layer if np.ndim(th) == 0 else [float(t) for t in th]
-                try:
-                    self.attn = AttentionConfig("delta", tuple(th), o.delta_window)
-                except ValueError as e:
-                    raise ArgumentError(str(e), "delta_threshold") from None
+                self.attn = AttentionConfig("delta", tuple(th), o.delta_window)
         self.cache = self.new_cache()
         self.load_seconds = time.perf_counter() - t0
 
@@ -80,7 +77,7 @@ class Engine(EngineBase):
         outside-window multiply-adds. Each dimension's threshold is θ scaled by the inverse RMS of that key
         dimension (a change of q_i moves the scores by d_i k_i), so the skipped changes are the ones that matter
         least. Queries and keys come from a dense pass; returns the per-layer θ."""
-        from ..kernels.attention import calibrate_threshold
+        from ..kernels.delta import calibrate_threshold
         toks = self._calibration_tokens(calib, max_tokens)
         c = self.cfg
         if len(toks) <= window + 1:

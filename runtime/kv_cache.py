@@ -5,7 +5,8 @@ pair the model calls: `store(layer, k, v)` and `attend(layer, q, scale, out)`. T
 positions n, n + 1, ... and advances `n` at the end of its forward.
 
 `KVCache` stores keys and values dim-major per kv head, in f32, f16, q8_0 or q4_0 (blocks of 32 dimensions per
-token and head, as llama.cpp's -ctk/-ctv), and attends directly on that storage; see `kernels/attention.py`.
+token and head, as llama.cpp's -ctk/-ctv: kernels/kv_store.py), and attends directly on that storage
+(kernels/attention.py; delta attention: kernels/delta.py).
 With delta attention (`AttentionConfig(kind="delta")`) it also keeps the delta state of every layer (reference
 queries q̂ and one score row per query head) and counts the multiply-adds the delta rule skipped.
 """
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..kernels import attention as A
+from ..kernels import kv_store as S
 from ..models.cache_spec import KV, CacheSpec
 from .cache_base import RowCache
+from .errors import ArgumentError
 
-KV_TYPES = A.KV_TYPES
+KV_TYPES = S.KV_TYPES
 ATTN_KINDS = ("dense", "delta")
 PREFILL, DECODE = 0, 1
 PHASES = ("prefill", "decode")
@@ -32,7 +35,8 @@ def parse_kv(kv: str) -> tuple[str, str]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or any(p not in KV_TYPES for p in parts):
-        raise ValueError(f"unknown KV cache type {kv!r} (choose from {', '.join(KV_TYPES)}, or K,V as q8_0,q4_0)")
+        raise ArgumentError(f"unknown KV cache type {kv!r} (choose from {', '.join(KV_TYPES)}, or K,V as q8_0,q4_0)",
+                            "kv")
     return parts[0], parts[1]
 
 
@@ -48,12 +52,12 @@ class AttentionConfig:
 
     def __post_init__(self):
         if self.kind not in ATTN_KINDS:
-            raise ValueError(f"unknown attention {self.kind!r} (choose from {', '.join(ATTN_KINDS)})")
+            raise ArgumentError(f"unknown attention {self.kind!r} (choose from {', '.join(ATTN_KINDS)})", "attn")
         if self.kind == "delta":
             if self.window < 1:
-                raise ValueError(f"delta_window must be >= 1 (got {self.window})")
+                raise ArgumentError(f"delta_window must be >= 1 (got {self.window})", "delta_window")
             if any(not np.isfinite(t) or t < 0 for t in self.theta):
-                raise ValueError("delta thresholds must be finite and >= 0")
+                raise ArgumentError("delta_threshold must be finite and >= 0", "delta_threshold")
 
 
 class AttentionStats:
@@ -95,7 +99,7 @@ class AttentionStats:
 
 
 class KVCache(RowCache):
-    """Per-head keys and values of every layer. k[l] / v[l] hold one layer in the layout of `kernels/attention.py`
+    """Per-head keys and values of every layer. k[l] / v[l] hold one layer in the layout of `kernels/kv_store.py`
     (dim-major: f32 k[l] is (n_head_kv, head_dim, n_ctx)); k_scales / v_scales the f16 block scales of q8_0 / q4_0.
     Layers may differ in head counts (a pruned model: the spec's `layer_heads` = [(n_head, n_head_kv)] per layer);
     then k, v, k_scales, v_scales are lists holding each layer's own size, and n_head / n_head_kv are the largest."""
@@ -120,11 +124,11 @@ class KVCache(RowCache):
         self.stats = stats if stats is not None else AttentionStats(n_layer, self.n_head)
         for name, t in (("k", self.type_k), ("v", self.type_v)):
             if not self.per_layer:
-                shape, dtype, sshape = A.layout(t, n_head_kv, head_dim, n_ctx)
+                shape, dtype, sshape = S.layout(t, n_head_kv, head_dim, n_ctx)
                 setattr(self, name, np.zeros((n_layer,) + shape, dtype=dtype))
                 setattr(self, name + "_scales", np.zeros((n_layer,) + sshape, dtype=np.uint16))
             else:  # one array per layer, of that layer's size
-                lay = [A.layout(t, hkv, head_dim, n_ctx) for _, hkv in self.layer_heads]
+                lay = [S.layout(t, hkv, head_dim, n_ctx) for _, hkv in self.layer_heads]
                 setattr(self, name, [np.zeros(shape, dtype=dtype) for shape, dtype, _ in lay])
                 setattr(self, name + "_scales", [np.zeros(sshape, dtype=np.uint16) for _, _, sshape in lay])
         if self.attn.kind == "delta":
@@ -140,8 +144,8 @@ class KVCache(RowCache):
         # perplexity without, +5% with, on SmolLM2). Not the keys under delta attention: the delta rule needs the
         # rotary basis, where most query dimensions change slowly.
         quant = ("q8_0", "q4_0")
-        self.rot_k = bool(transform and self.type_k in quant and A.can_rotate(head_dim) and self.attn.kind != "delta")
-        self.rot_v = bool(transform and self.type_v in quant and A.can_rotate(head_dim))
+        self.rot_k = bool(transform and self.type_k in quant and S.can_rotate(head_dim) and self.attn.kind != "delta")
+        self.rot_v = bool(transform and self.type_v in quant and S.can_rotate(head_dim))
         # ... and centred: every key is stored minus one offset mu per layer and kv head, which changes all of a
         # query's scores by the same q . mu, so softmax ignores it exactly; the value offset is added back to the
         # output. Quantized caches take the mean of the sequence's first stored tokens: keys lose their constant (slow
@@ -154,12 +158,23 @@ class KVCache(RowCache):
         self.k_mean = np.zeros((n_layer, n_head_kv, head_dim), dtype=np.float32)
         self.v_mean = np.zeros((n_layer, n_head_kv, head_dim), dtype=np.float32)
         self.recorder: list | None = None  # set to a list per layer to collect the queries (θ calibration)
+        # what attention_decode takes for each layer, built once (views of the arrays above, which are only ever
+        # written in place): the layer's storage, and its delta state (dense: delta False, the rest unused)
+        delta = self.attn.kind == "delta"
+        self._kv_args = [(self.k[li], self.k_scales[li], self.v[li], self.v_scales[li], S.F16_TABLE, self.rot_k,
+                          self.rot_v) for li in range(n_layer)]
+        self._decode_state = []
+        for li, (H, _) in enumerate(self.layer_heads):
+            qhat = self.qhat[li, :H] if delta else self.qhat[li]
+            self._decode_state.append((delta, self.attn.window, qhat, self.srow[li, :H] if delta else self.srow[li],
+                                       self._theta[li, :H] if delta else qhat, self.stats.skipped[DECODE, li, :H],
+                                       self.stats.total[DECODE, li, :H]))
 
     # ------------------------------------------------------------------ the Cache interface
     @property
     def nbytes_per_token(self) -> int:
         """Bytes of keys and values per token (all layers), at ggml's type sizes."""
-        return sum(A.bytes_per_token(self.type_k, hkv, self.head_dim) + A.bytes_per_token(self.type_v, hkv, self.head_dim)
+        return sum(S.bytes_per_token(self.type_k, hkv, self.head_dim) + S.bytes_per_token(self.type_v, hkv, self.head_dim)
                    for _, hkv in self.layer_heads)
 
     @property
@@ -206,7 +221,7 @@ class KVCache(RowCache):
                 vm[:] = v.mean(0) if self.center_v else 0
             k = k - km if self.center_k else k
             v = v - vm if self.center_v else v
-        A.store_kv(self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], k, v, self.n,
+        S.store_kv(self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], k, v, self.n,
                    self.rot_k, self.rot_v)
         self.stats.seconds[DECODE if len(k) == 1 else PREFILL] += time.perf_counter() - t
 
@@ -218,28 +233,24 @@ class KVCache(RowCache):
         p0, N = self.n, self.n + T
         if self.recorder is not None:
             self.recorder[layer].append(np.array(q, dtype=np.float32))
-        delta = self.attn.kind == "delta"
         phase = DECODE if T == 1 else PREFILL
         H, hkv = self.layer_heads[layer]
-        skipped, total = self.stats.skipped[phase, layer, :H], self.stats.total[phase, layer, :H]
-        qhat, srow = self.qhat[layer, :H] if delta else self.qhat[layer], self.srow[layer, :H] if delta else self.srow[layer]
-        theta = self._theta[layer, :H] if delta else qhat  # (unused by dense attention)
         if T == 1:
-            A.attention_decode(np.ascontiguousarray(q[0]), self.k[layer], self.k_scales[layer], self.v[layer],
-                               self.v_scales[layer], N, np.float32(scale), A.F16_TABLE, delta, qhat,
-                               srow, theta, self.attn.window, skipped, total, self.rot_k, self.rot_v,
-                               out[0])
+            A.attention_decode(np.ascontiguousarray(q[0]), self._kv_args[layer], N, np.float32(scale),
+                               self._decode_state[layer], out[0])
         else:
             K, V = self.keys_dm(layer, N), self.values_dm(layer, N)
             if self.rot_k:
-                q = A.fwht_rows(np.array(q, dtype=np.float32).reshape(-1, self.head_dim)).reshape(q.shape)
-            if delta:
-                out[:] = A.delta_attention_prefill(np.ascontiguousarray(q), K, V, p0, scale, qhat,
-                                                   srow, theta, self.attn.window, skipped, total)
+                q = S.fwht_rows(np.array(q, dtype=np.float32).reshape(-1, self.head_dim)).reshape(q.shape)
+            if self.attn.kind == "delta":
+                out[:] = A.delta_attention_prefill(np.ascontiguousarray(q), K, V, p0, scale, self.qhat[layer, :H],
+                                                   self.srow[layer, :H], self._theta[layer, :H], self.attn.window,
+                                                   self.stats.skipped[PREFILL, layer, :H],
+                                                   self.stats.total[PREFILL, layer, :H])
             else:
                 out[:] = A.attention_prefill(q, K, V, p0, scale)
             if self.rot_v:
-                A.fwht_rows(out.reshape(-1, self.head_dim))
+                S.fwht_rows(out.reshape(-1, self.head_dim))
         if self.center_v:  # softmax weights sum to 1: the value offset comes back whole
             out += np.repeat(self.v_mean[layer, :hkv], H // hkv, axis=0)
         self.stats.seconds[phase] += time.perf_counter() - t0
@@ -258,17 +269,17 @@ class KVCache(RowCache):
         if data[layer].dtype == np.float32:
             return data[layer]
         out = np.empty((self.layer_heads[layer][1], self.head_dim, n), dtype=np.float32)
-        return A.dequantize_cache(data[layer], scales[layer], n, A.F16_TABLE, out)
+        return S.dequantize_cache(data[layer], scales[layer], n, S.F16_TABLE, out)
 
     def keys(self, layer: int) -> np.ndarray:
         """(n_head_kv, n, head_dim) f32 keys of the tokens held (a copy, token-major, rotated back)."""
         k = np.ascontiguousarray(self.keys_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
         if self.rot_k:
-            A.fwht_rows(k.reshape(-1, self.head_dim))
+            S.fwht_rows(k.reshape(-1, self.head_dim))
         return k + self.k_mean[layer, :len(k)][:, None, :] if self.center_k else k
 
     def values(self, layer: int) -> np.ndarray:
         v = np.ascontiguousarray(self.values_dm(layer)[:, :, :self.n].transpose(0, 2, 1))
         if self.rot_v:
-            A.fwht_rows(v.reshape(-1, self.head_dim))
+            S.fwht_rows(v.reshape(-1, self.head_dim))
         return v + self.v_mean[layer, :len(v)][:, None, :] if self.center_v else v

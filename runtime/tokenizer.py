@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from gguf import Keys, TokenType
 
-from .errors import GGUFError, ModelFileError, UnsupportedError
+from .errors import ArgumentError, GGUFError, ModelFileError, UnsupportedError
 
 TK = Keys.Tokenizer
 
@@ -404,7 +404,7 @@ class Tokenizer:
         characters unmapped (gpt2), "▁" as space and <0xXX> as that byte (llama). Control tokens
         give their text when special=True, nothing otherwise."""
         if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is out of range (vocabulary of {self.vocab_size})")
+            raise ArgumentError(f"token id {token_id} is out of range (vocabulary of {self.vocab_size})", "tokens")
         t = self.token_types[token_id]
         if not special and t in (_CONTROL, _UNKNOWN):
             return b""

@@ -59,21 +59,3 @@ def test_llama3_freq_factors_follow_the_definition():
     mid = (wl >= 2048) & (wl <= 8192)
     assert np.all((ff[mid] >= 1) & (ff[mid] <= 32))
     assert np.all(np.diff(ff) >= 0)
-
-
-@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 200)])
-def test_attention_decode_matches_reference(H, Hkv, n):
-    D, n_ctx = 32, 256
-    k, v = r(Hkv, n_ctx, D), r(Hkv, n_ctx, D)
-    q = r(H, D)
-    out = ops.attention_decode(q, k, v, n, np.float32(D ** -0.5), np.empty((H, D), np.float32))
-    ref = ops.attention_ref(q[None], k[:, :n], v[:, :n], n - 1, D ** -0.5)[0]
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("start,T", [(0, 12), (20, 7)])
-def test_attention_prefill_is_causal_and_matches_reference(start, T):
-    H, Hkv, D = 6, 2, 16
-    q, k, v = r(T, H, D), r(Hkv, start + T, D), r(Hkv, start + T, D)
-    out = ops.attention_prefill(q, k, v, start, D ** -0.5)
-    np.testing.assert_allclose(out, ops.attention_ref(q, k, v, start, D ** -0.5), rtol=1e-4, atol=1e-5)
