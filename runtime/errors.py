@@ -15,3 +15,8 @@ class UnsupportedError(EdgeLLMError):
 
 class ContextOverflowError(EdgeLLMError):
     """A prompt (or prompt + generation) longer than the context window."""
+
+
+class ConstraintError(EdgeLLMError):
+    """An invalid or unsupported JSON schema, regular expression, grammar or tool definition (reported before
+    any token is generated)."""
