@@ -167,13 +167,18 @@ def json_object_spec() -> ConstraintSpec:
 
 
 def regex_spec(regex: str, what: str = "regex") -> ConstraintSpec:
-    """A regular expression the whole output must match (Rust `regex` syntax, which Python's `re` shares for
-    the common constructs: classes, repetition {m,n}, groups, alternation, \\d \\w \\s)."""
+    """A regular expression the whole output must match, in the syntax Rust's `regex` and Python's `re` share
+    (classes, repetition {m,n}, groups, alternation; no look-around or backreferences). \\d and \\w mean
+    [0-9] and [0-9a-zA-Z_], as in JSON Schema and JavaScript (Rust's Unicode classes also hold digits and
+    letters newer than Python's Unicode tables); \\s and . follow Unicode."""
+    llg = _llguidance()
     if not isinstance(regex, str):
         raise ConstraintError(f"{what} must be a string, not {type(regex).__name__}")
     if not regex:
         raise ConstraintError(f"{what} is empty")
-    return _checked("regex", regex, _llguidance().LLMatcher.grammar_from_regex(regex), what)
+    _checked("regex", regex, llg.LLMatcher.grammar_from_regex(regex), what)  # errors quote the regex as given
+    lark = f"start: /{llg.regex_to_lark(regex, 'dw')}/"
+    return _checked("regex", regex, llg.LLMatcher.grammar_from_lark(lark), what)
 
 
 def grammar_spec(text: str, what: str = "grammar") -> ConstraintSpec:
