@@ -233,6 +233,7 @@ class Constraint:
         self.mask_seconds = 0.0       # time spent computing masks (on whichever thread)
         self.mask_wait_seconds = 0.0  # time the caller waited for a mask it asked for
         self.masks = 0
+        self.overlap = True  # prefetch() computes on the background thread; False: allowed() computes it in place
         if _matcher is not None:
             self._m = _matcher
             return
@@ -256,7 +257,7 @@ class Constraint:
     def prefetch(self) -> None:
         """Start computing the mask for the next token on the background thread (call after advance(), before
         the forward pass that produces the next logits)."""
-        if self._pending is None and not self._ready:
+        if self.overlap and self._pending is None and not self._ready:
             self._pending = _executor().submit(self._compute)
 
     def _wait(self) -> None:
@@ -316,7 +317,7 @@ class Constraint:
         self._wait()
         c = Constraint(self.spec, self.vocab, _matcher=self._m.deep_copy())
         c._bits[:] = self._bits
-        c._ready = self._ready
+        c._ready, c.overlap = self._ready, self.overlap
         return c
 
     @property
