@@ -137,7 +137,7 @@ def _checked(kind: str, source: str, grammar: str, what: str) -> ConstraintSpec:
     if is_error:
         msg = _one_line(msgs[0] if msgs else "rejected by llguidance")
         if msg.startswith("Unimplemented keys: "):  # llguidance never ignores a keyword it does not implement
-            raise ConstraintError(f"{what} uses JSON Schema keywords that are not supported: {msg[20:]}")
+            raise ConstraintError(f"{what} uses keywords that are not supported: {msg[20:]}")
         raise ConstraintError(f"invalid {what}: {msg}")
     return ConstraintSpec(kind, source, grammar)
 
@@ -308,9 +308,10 @@ class Constraint:
 
     @property
     def is_finished(self) -> bool:
-        """Nothing but the end of generation can follow (the structure is closed, or an EOS was consumed)."""
+        """Nothing but the end of generation can follow (the structure is closed, or an EOS was consumed).
+        A matcher in an error state is not finished: allowed() reports its error."""
         self._wait()
-        return self._m.is_stopped()
+        return self._m.is_stopped() and not self._m.is_error()
 
     def fork(self) -> "Constraint":
         """An independent copy of this state (mask statistics start at zero)."""
