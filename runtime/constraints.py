@@ -289,7 +289,10 @@ class Constraint:
         if self._m.is_error():
             raise ConstraintError(f"the {self.spec.describe()} failed: {_one_line(self._m.get_error())}")
         bits = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little").view(bool)
-        return bits & self.vocab.usable
+        allowed = bits & self.vocab.usable
+        if self._ready and self.masks > 1 and not allowed.any():  # (the first mask is checked by __init__)
+            raise ConstraintError(f"the {self.spec.describe()} can only go on with tokens this model cannot write")
+        return allowed
 
     # -- the state
     def advance(self, token: int) -> None:
