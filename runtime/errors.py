@@ -17,6 +17,11 @@ class ContextOverflowError(EdgeLLMError):
     """A prompt (or prompt + generation) longer than the context window."""
 
 
+class HubError(EdgeLLMError):
+    """A model named on the Hugging Face Hub that cannot be had: unknown or gated repository, no matching file,
+    no network and not in the cache."""
+
+
 class ConstraintError(EdgeLLMError):
     """An invalid or unsupported JSON schema, regular expression, grammar or tool definition (reported before
     any token is generated)."""
