@@ -23,7 +23,7 @@ from edgellm.runtime.generate import generate, generate_step, stream_generate  #
 from edgellm.runtime.sampling import Sampler, SamplerSettings  # noqa: E402
 from edgellm.runtime.tools import chat_completion, plan_tools  # noqa: E402
 
-from conftest import write_tiny_llama  # noqa: E402
+from tiny_models import write_tiny_llama  # noqa: E402
 
 FULL = dict(temp=1.0, top_k=0, top_p=1.0, min_p=0.0)  # sample from the whole (masked) distribution
 SEEDS = range(12)
@@ -156,7 +156,7 @@ def test_vocabulary_sentencepiece():
     md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
           "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(11)], "tokenizer.ggml.token_type": types,
           "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
-    tok = Tokenizer.from_gguf(md)
+    tok = Tokenizer.from_metadata(md)
     v = vocabulary(tok)
     unused = tokens.index("[UNUSED]")
     for i in range(len(tokens)):
