@@ -121,11 +121,11 @@ class ToolPlan:
         """The prompt text of `messages` (OpenAI chat messages, possibly with assistant tool_calls and
         role "tool" results) with the tools rendered for this model."""
         if self.mode == "none":
-            return tokenizer.apply_chat_template(_plain(messages), add_generation_prompt=True, **template_kwargs)
+            return tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True, **template_kwargs)
         if self.in_template:
-            return tokenizer.apply_chat_template(_for_template(messages), add_generation_prompt=True,
+            return tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True,
                                                  tools=[t.raw for t in self.tools], **template_kwargs)
-        return tokenizer.apply_chat_template(self._with_system(_plain(messages)), add_generation_prompt=True,
+        return tokenizer.apply_chat_template(self._with_system(plain_messages(messages)), add_generation_prompt=True,
                                              **template_kwargs)
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
@@ -204,8 +204,8 @@ def plan_tools(tokenizer, tools, tool_choice=None, parallel_tool_calls: bool | N
     mode, name = _choice(tool_choice, parsed)
     probe = messages or [{"role": "user", "content": "hi"}]
     in_template = mode != "none" and (
-        tokenizer.apply_chat_template(_for_template(probe), tools=[t.raw for t in parsed])
-        != tokenizer.apply_chat_template(_for_template(probe)))
+        tokenizer.apply_chat_template(template_messages(probe), tools=[t.raw for t in parsed])
+        != tokenizer.apply_chat_template(template_messages(probe)))
     fmt = call_format(tokenizer.chat_template) if in_template else HERMES
     return ToolPlan(parsed, mode, name, bool(parallel_tool_calls), fmt, in_template)
 
@@ -221,7 +221,7 @@ def _arguments(call: dict) -> dict:
     return args
 
 
-def _for_template(messages: list[dict]) -> list[dict]:
+def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as transformers' chat templates expect them: tool-call arguments as objects, not JSON text."""
     out = []
     for m in messages:
@@ -234,7 +234,7 @@ def _for_template(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _plain(messages: list[dict]) -> list[dict]:
+def plain_messages(messages: list[dict]) -> list[dict]:
     """Messages for a template that knows nothing of tools: calls written as <tool_call> blocks in the
     assistant's text, tool results as a user turn of <tool_response> blocks."""
     out: list[dict] = []
@@ -285,7 +285,7 @@ def chat_completion(engine, messages: list[dict], tools=None, tool_choice=None, 
     elif tool_choice is not None:
         raise ConstraintError("tool_choice needs tools")
     else:
-        prompt = tok.apply_chat_template(_plain(messages), add_generation_prompt=True)
+        prompt = tok.apply_chat_template(plain_messages(messages), add_generation_prompt=True)
     ids = tok.encode(prompt, add_bos=None, parse_special=True)
     parts, last = [], None
     for r in stream_generate(engine, ids, max_tokens, **kwargs):
