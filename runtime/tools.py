@@ -121,7 +121,8 @@ class ToolPlan:
         """The prompt text of `messages` (OpenAI chat messages, possibly with assistant tool_calls and
         role "tool" results) with the tools rendered for this model."""
         if self.mode == "none":
-            return tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True, **template_kwargs)
+            return tokenizer.apply_chat_template(plain_messages(messages), add_generation_prompt=True,
+                                                 **template_kwargs)
         if self.in_template:
             return tokenizer.apply_chat_template(template_messages(messages), add_generation_prompt=True,
                                                  tools=[t.raw for t in self.tools], **template_kwargs)

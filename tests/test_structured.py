@@ -16,8 +16,7 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema")
 lark = pytest.importorskip("lark")
 
-from edgellm.runtime.constraints import (ConstraintSpec, compile_constraint, constraint_spec, grammar_spec,  # noqa: E402
-                                         json_schema_spec, regex_spec, vocabulary)
+from edgellm.runtime.constraints import compile_constraint, regex_spec, vocabulary  # noqa: E402
 from edgellm.runtime.errors import ConstraintError, EdgeLLMError  # noqa: E402
 from edgellm.runtime.generate import generate, generate_step, stream_generate  # noqa: E402
 from edgellm.runtime.sampling import Sampler, SamplerSettings  # noqa: E402
@@ -65,7 +64,8 @@ LARK_GRAMMARS = {
     "arith": 'start: expr\nexpr: term (("+" | "-") term)*\nterm: factor (("*" | "/") factor)*\n'
              'factor: NUMBER | "(" expr ")"\nNUMBER: /[0-9]{1,3}/\n',
     "list": 'start: "[" item ("," item)* "]"\nitem: WORD | "[" item "]"\nWORD: /[a-z]{1,5}/\n',
-    "config": 'start: pair ("\\n" pair)? ("\\n" pair)?\npair: KEY "=" VALUE\nKEY: /[a-z_]{1,6}/\nVALUE: /[0-9]{1,3}/ | "true" | "false"\n',
+    "config": 'start: pair ("\\n" pair)? ("\\n" pair)?\npair: KEY "=" VALUE\nKEY: /[a-z_]{1,6}/\n'
+              'VALUE: /[0-9]{1,3}/ | "true" | "false"\n',
 }
 # the same language as llama.cpp GBNF and as Lark (the oracle parses the GBNF-constrained output)
 GBNF = 'root ::= greet " " name "!"\ngreet ::= "hi" | "hello"\nname ::= [A-Z] [a-z]{1,5}\n'
@@ -428,7 +428,8 @@ def test_tools_through_a_template_that_renders_them(tiny):
         # a conversation with a past call and its result renders (arguments given as JSON text, as OpenAI sends)
         msgs = [{"role": "user", "content": "x"},
                 {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
         assert "<|im_start|>tool\n3" in plan.prompt(tok, msgs)
     finally:
