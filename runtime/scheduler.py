@@ -189,12 +189,13 @@ class Scheduler:
             self._thread.join(timeout)
 
     def submit(self, req: Request) -> None:
-        """Queue a request; raises QueueFullError when the queue is full, ValueError when it can never run."""
+        """Queue a request (before start() too: it runs once started); raises QueueFullError when the queue is
+        full, ValueError when it can never run."""
         if req.params.n > self.parallel:
             raise ValueError(f"n = {req.params.n} choices need more than the server's {self.parallel} slots")
         with self._cond:
-            if self._stop or self._thread is None or not self._thread.is_alive():
-                raise SchedulerStoppedError("the scheduler is not running")
+            if self._stop:
+                raise SchedulerStoppedError("the scheduler has stopped")
             if len(self._waiting) >= self.max_queue and not self._fits_now(req):
                 self.counters["rejected"] += 1
                 raise QueueFullError(f"all {self.parallel} slots are busy and {len(self._waiting)} requests are "
