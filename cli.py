@@ -194,7 +194,7 @@ def serve(model: Optional[str] = ModelArg,
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming as server-sent events),
     /v1/models, /health. Concurrent requests are decoded together (continuous batching), and a conversation
     re-sent with one more turn reuses the cached prefix. See docs/serving.md."""
-    from .runtime.server import build, model_names, serve_forever
+    from .runtime.server import bind, build, model_names, serve_forever
     if not 1 <= port <= 65535:
         _err(f"--port must be in 1..65535 (got {port})")
     if parallel < 1:
@@ -203,15 +203,18 @@ def serve(model: Optional[str] = ModelArg,
         _err(f"--queue must be >= 0 (got {queue})")
     if cache_ram < -1:
         _err(f"--cache-ram must be >= 0 MiB, or -1 for no limit (got {cache_ram})")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        _err(f"--log-level must be one of critical, error, warning, info, debug, trace (got {log_level!r})")
     if api_key is not None and not api_key.strip():
         _err("--api-key must not be empty")
+    sock = bind(host, port)  # a taken port is an error before the model loads
     eng = _load(model, threads, ctx, **({"kv": kv} if kv != "f32" else {}))
     model_id, aliases = model_names(eng, model)
     server = build(eng, model_id, aliases, parallel=parallel, max_queue=queue,
                    cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key)
     print(f"edgellm: serving {model_id} on http://{host}:{port}/v1 ({parallel} slots, context {eng.n_ctx}, "
           f"{eng.threads} threads{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr)
-    serve_forever(server, host, port, log_level=log_level)
+    serve_forever(server, sock, log_level=log_level)
 
 
 @app.command()

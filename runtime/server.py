@@ -655,9 +655,8 @@ def start_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0, log_
     return ServerHandle(server, uv, th, sock)
 
 
-def serve_forever(server: Server, host: str, port: int, log_level: str = "info") -> None:
-    """Serve on the calling thread until Ctrl-C / SIGTERM."""
-    sock = bind(host, port)
+def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve on a bound socket (see `bind`) on the calling thread until Ctrl-C / SIGTERM."""
     try:
         _uvicorn(server.app, log_level).run(sockets=[sock])
     finally:
