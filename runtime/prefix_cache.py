@@ -4,8 +4,10 @@ prompt) pays only for the tokens after the common prefix.
 
 An entry is never handed out itself: `lookup` forks it (`Cache.fork()`) and truncates the fork to the common prefix
 (`Cache.truncate(n)`, when `Cache.can_truncate(n)`: a recurrent state can only be reused whole), so entries stay
-valid for the next request. The entries are bounded in bytes (`Cache.nbytes_per_token` x tokens held) and in number.
-Only the scheduler thread uses it (no locking).
+valid for the next request. The entries are bounded in number and in bytes, each charged for its whole context
+(`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache allocates its context up front (lazily), and how its rows lie in
+memory is its own business, so the pages a short entry keeps resident can be many more than its tokens' bytes; the
+whole context is the bound that holds. Only the scheduler thread uses it (no locking).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_ENTRIES = 64  # whatever their bytes: a cache holds buffers of n_ctx positions, so very short entries still cost
+MAX_ENTRIES = 64  # whatever their bytes (a recurrent state has no per-token bytes)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class PrefixCache:
                 return False
             if k == len(e.tokens):  # the new cache covers this entry
                 self._drop(key)
-        nbytes = cache.n * cache.nbytes_per_token
+        nbytes = cache.n_ctx * cache.nbytes_per_token
         if self.max_bytes is not None and nbytes > self.max_bytes:
             return False
         self._entries[self._next] = _Entry(tokens.copy(), cache, nbytes)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence as Seq
@@ -121,7 +120,6 @@ class Request:
         self.cached_tokens = 0      # of them, reused from the prefix cache
         self.completion_tokens = 0
         self.open = 0               # choices still running
-        self.finish_reasons: dict[int, str] = {}
         self.prefill_tokens = 0     # prompt tokens run through the model
 
 
@@ -367,8 +365,8 @@ class Scheduler:
         seq.next_token = tok
 
     def _emit_delta(self, seq: Sequence, text: str) -> None:
-        infos, seq.infos = (seq.infos, []) if seq.req.params.logprobs is not None else (None, seq.infos)
-        seq.req.emit(Delta(seq.index, text, infos))
+        infos, seq.infos = seq.infos, []
+        seq.req.emit(Delta(seq.index, text, infos if seq.req.params.logprobs is not None else None))
 
     def _end_sequence(self, seq: Sequence, reason: str | None, flush: bool = True) -> None:
         """Finish a sequence (reason None: cancelled): last text, its end event, its slot, its cache."""
@@ -381,7 +379,6 @@ class Scheduler:
             if seq.pending or seq.infos:
                 self._emit_delta(seq, seq.pending)
                 seq.pending = ""
-            req.finish_reasons[seq.index] = reason
             req.emit(ChoiceEnd(seq.index, reason))
         if req.params.cache_prompt:
             # the cache holds seq.tokens minus a sampled token not fed yet

@@ -20,7 +20,7 @@ import pytest
 
 from edgellm.runtime.generate import stream_generate
 from edgellm.runtime.sampling import SamplerSettings
-from edgellm.runtime.scheduler import ChoiceEnd, Delta, GenParams, Request, RequestEnd, RequestError, Scheduler
+from edgellm.runtime.scheduler import Delta, GenParams, Request, RequestEnd, RequestError, Scheduler
 from edgellm.runtime.server import build, start_in_thread
 
 from conftest import write_tiny_llama
@@ -376,15 +376,15 @@ def test_conversation_resent_with_one_more_turn_runs_only_new_tokens(server, cli
 def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     from edgellm.runtime.prefix_cache import PrefixCache
     eng = tiny_engine
-    per_tok = eng.new_cache().nbytes_per_token
-    pc = PrefixCache(max_bytes=25 * per_tok)
+    entry = 32 * eng.new_cache(32).nbytes_per_token  # an entry is charged for its whole context
+    pc = PrefixCache(max_bytes=2 * entry + entry // 2)
 
     def filled(tokens):
-        c = eng.new_cache()
+        c = eng.new_cache(32)
         eng.prefill(tokens, c)
         return c
     a = list(range(10, 20))
-    assert pc.insert(a, filled(a)) and pc.nbytes == 10 * per_tok
+    assert pc.insert(a, filled(a)) and pc.nbytes == entry
     c, k = pc.lookup(a + [1, 2])
     assert k == 10 and c.n == 10
     c, k = pc.lookup(a[:4] + [99])  # truncated fork: the entry itself stays whole
@@ -393,11 +393,16 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     assert pc.lookup([1, 2, 3]) == (None, 0)
     b = a + [21, 22]
     pc.insert(b, filled(b))  # covers a: a is dropped
-    assert len(pc) == 1 and pc.nbytes == 12 * per_tok
-    d = list(range(50, 65))
-    pc.insert(d, filled(d))  # 12 + 15 > 25: the least recently used goes
-    assert len(pc) == 1 and pc.lookup(b + [1])[1] == 0 and pc.lookup(d + [1])[1] == 15
+    assert len(pc) == 1 and pc.nbytes == entry
+    assert not pc.insert(a, filled(a))  # already held by b
+    d, e = list(range(50, 65)), list(range(70, 75))
+    pc.insert(d, filled(d))
+    pc.lookup(b + [1])  # b is now more recently used than d
+    pc.insert(e, filled(e))  # three entries do not fit: the least recently used (d) goes
+    assert len(pc) == 2 and pc.nbytes == 2 * entry
+    assert pc.lookup(d + [1])[1] == 0 and pc.lookup(b + [1])[1] == 12 and pc.lookup(e + [1])[1] == 5
     assert not PrefixCache(0).insert(a, filled(a))  # --cache-ram 0: off
+    assert not PrefixCache(entry - 1).insert(a, filled(a))  # larger than the whole budget
 
 
 # --------------------------------------------------------------------------- bad requests
