@@ -322,6 +322,24 @@ def test_batched_decoding_and_chunked_prefill(tiny_engine, monkeypatch):
     assert max(n for k, n in calls if k == "decode_batch") >= 3  # several sequences in one step
 
 
+def test_select_token_applies_bias_and_penalties_and_reports_raw_logprobs(tiny_engine):
+    from edgellm.runtime.sampling import Sampler, log_softmax
+    from edgellm.runtime.scheduler import Sequence
+    sched = Scheduler(tiny_engine)
+    params = GenParams(max_tokens=4, settings=SamplerSettings(temp=0), logit_bias=((3, 5.0),), presence_penalty=1.0,
+                       frequency_penalty=0.5, logprobs=2)
+    seq = Sequence(Request([1, 2], params, lambda ev: None), 0, None, Sampler(params.settings), None)
+    logits = np.zeros(tiny_engine.cfg.n_vocab, dtype=np.float32)
+    logits[7], logits[9] = 4.0, 3.0
+    tok, info = sched.select_token(seq, logits)
+    assert tok == 3  # 0 + 5 (bias) > 4
+    assert info.token == 3 and info.logprob == pytest.approx(log_softmax(logits)[3])  # the model's own distribution
+    assert [t for t, _ in info.top] == [7, 9]
+    seq.counts = {3: 2}  # 5 - (0.5 * 2 + 1) = 3 < 4
+    assert sched.select_token(seq, logits)[0] == 7
+    assert np.count_nonzero(logits) == 2  # the logits were not modified in place
+
+
 def test_decode_batch_rows_equal_single_decodes(engine):
     ids = chat_ids(engine, user(PROMPTS[0]))
     base = engine.new_cache()
