@@ -348,11 +348,15 @@ class Server:
         for r in reqs:
             self.scheduler.cancel(r)
 
-    async def _events(self, request, reqs, queue):
-        """Yield the scheduler's events until every request has ended; the requests are cancelled if the client
-        disconnects (watched in the background) or this generator is closed early."""
+    def _watch(self, request, reqs) -> asyncio.Future:
+        """Cancel the requests as soon as the client disconnects (a background task, started before any response)."""
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         watcher.add_done_callback(lambda f: f.cancelled() or self._cancel(reqs))
+        return watcher
+
+    async def _events(self, reqs, queue, watcher):
+        """Yield the scheduler's events until every request has ended; if this generator is closed early (the
+        client went away) the requests are cancelled."""
         left = len(reqs)
         try:
             while left:
@@ -386,7 +390,7 @@ class Server:
         reqs, queue = self._submit(prompts, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         shaper = _Shaper(self, rid, chat, params)
-        events = self._events(request, reqs, queue)
+        events = self._events(reqs, queue, self._watch(request, reqs))
         if r.stream:
             usage = bool(r.stream_options and r.stream_options.include_usage)
             return StreamingResponse(self._sse(events, shaper, len(prompts) * params.n, usage),
