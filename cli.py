@@ -209,11 +209,13 @@ def serve(model: Optional[str] = ModelArg,
         _err(f"--log-level must be one of critical, error, warning, info, debug, trace (got {log_level!r})")
     if api_key is not None and not api_key.strip():
         _err("--api-key must not be empty")
+    from .runtime.fetch import resolve_model
     sock = bind(host, port)  # a taken port is an error before the model loads
-    eng = _load(model, threads, ctx, **({"kv": kv} if kv != "f32" else {}))
-    model_id, aliases = model_names(eng, model)
+    path = resolve_model(model)
+    eng = _load(str(path), threads, ctx, **({"kv": kv} if kv != "f32" else {}))
+    model_id, aliases = model_names(model, path)
     server = build(eng, model_id, aliases, parallel=parallel, max_queue=queue,
-                   cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key)
+                   cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key, path=str(path))
     print(f"edgellm: serving {model_id} on http://{host}:{port}/v1 ({parallel} slots, context {eng.n_ctx}, "
           f"{eng.threads} threads{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr)
     serve_forever(server, sock, log_level=log_level)

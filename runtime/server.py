@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import EdgeLLMError
 from .sampling import SamplerSettings
-from .scheduler import (ChoiceEnd, Delta, GenParams, QueueFullError, Request, RequestEnd, RequestError, Scheduler,
-                        SchedulerStoppedError, TokenLogprob)
+from .scheduler import (PREFILL_CHUNK, ChoiceEnd, Delta, GenParams, QueueFullError, Request, RequestEnd, RequestError,
+                        Scheduler, SchedulerStoppedError, TokenLogprob)
 
 MAX_BODY_BYTES = 8 << 20     # request bodies larger than this get 413
 MAX_STOP = 16                # stop strings per request
@@ -118,6 +118,7 @@ class ServerConfig:
     aliases: tuple[str, ...] = ()    # other names accepted for it (file name, path)
     api_key: str | None = None
     max_body: int = MAX_BODY_BYTES
+    path: str = ""                   # the model file or folder (shown by /v1/models)
 
 
 class Server:
@@ -142,7 +143,7 @@ class Server:
         async def http_error(request, exc: HTTPException):
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
             return JSONResponse(ApiError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code,
-                                headers=getattr(exc, "headers", None))
+                                headers=exc.headers)
 
         async def api_error(request, exc: ApiError):
             return JSONResponse(exc.body(), status_code=exc.status)
@@ -172,7 +173,7 @@ class Server:
         from starlette.responses import JSONResponse
         return JSONResponse({"object": "list", "data": [{
             "id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "edgellm",
-            "meta": {"n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "path": str(getattr(self.engine, "path", ""))}}]})
+            "meta": {"n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "path": self.config.path}}]})
 
     # ------------------------------------------------------------------ parsing
     async def _read_json(self, request, model_cls):
@@ -574,13 +575,14 @@ class _AuthMiddleware:
 
 
 # ---------------------------------------------------------------------------------------------- running it
-def model_names(engine, name: str | None) -> tuple[str, tuple[str, ...]]:
-    """The id the server lists (a catalog name as given, else the file's stem; the default model's catalog name
-    when none was given) and the other names it accepts for the model (file name, stem, path)."""
+def model_names(name: str | None, path) -> tuple[str, tuple[str, ...]]:
+    """The id the server lists for the model loaded from `path` (the name given when it is a catalog or Hub name,
+    the file's stem for a path, the default model's catalog name when none was given) and the other names it
+    accepts (file name, stem, path)."""
     import os
     from pathlib import Path
     from ..models.catalog import DEFAULT_MODEL
-    path = Path(engine.path)
+    path = Path(path)
     if name is None:
         model_id = DEFAULT_MODEL
     elif not os.path.exists(name):
@@ -609,11 +611,11 @@ class ServerHandle:
 
 def build(engine, model_id: str, aliases=(), parallel: int = 4, max_queue: int = 16,
           cache_bytes: int | None = 1 << 30, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-          prefill_chunk: int | None = None) -> Server:
+          prefill_chunk: int = PREFILL_CHUNK, path: str = "") -> Server:
     """A Server (and its started Scheduler) over a loaded engine."""
-    kw = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-    sched = Scheduler(engine, parallel=parallel, max_queue=max_queue, cache_bytes=cache_bytes, **kw).start()
-    return Server(engine, sched, ServerConfig(model_id, tuple(aliases), api_key, max_body))
+    sched = Scheduler(engine, parallel=parallel, max_queue=max_queue, cache_bytes=cache_bytes,
+                      prefill_chunk=prefill_chunk).start()
+    return Server(engine, sched, ServerConfig(model_id, tuple(aliases), api_key, max_body, str(path)))
 
 
 def bind(host: str, port: int) -> socket.socket:
