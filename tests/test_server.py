@@ -532,6 +532,20 @@ def test_full_queue_gets_503_then_everyone_is_served(tiny_engine, monkeypatch):
         h.stop()
 
 
+def test_serve_cli_refuses_bad_options_in_one_line():
+    import socket
+    from test_bad_input import assert_clean_error, cli
+    for args in (["--parallel", "0"], ["--port", "70000"], ["--cache-ram", "-5"], ["--queue", "-1"],
+                 ["--log-level", "loud"], ["--api-key", " "]):
+        assert_clean_error(cli("serve", *args))
+    with socket.socket() as s:  # a port in use: refused before the model loads
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        r = cli("serve", "--port", str(s.getsockname()[1]))
+    assert_clean_error(r)
+    assert "cannot listen" in r.stderr
+
+
 # --------------------------------------------------------------------------- chat-first `edgellm run`
 @pytest.mark.slow
 def test_run_is_chat_first_like_llama_cpp(model_path, llama_cpp, engine):
