@@ -160,7 +160,6 @@ class Scheduler:
             raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
         self.engine, self.parallel, self.max_queue, self.prefill_chunk = engine, parallel, max_queue, prefill_chunk
         self.tokenizer = engine.tokenizer
-        self.n_vocab = engine.cfg.n_vocab
         self.prefix = PrefixCache(cache_bytes)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
