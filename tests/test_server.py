@@ -23,7 +23,7 @@ from edgellm.runtime.sampling import SamplerSettings
 from edgellm.runtime.scheduler import Delta, GenParams, Request, RequestEnd, RequestError, Scheduler
 from edgellm.runtime.server import build, start_in_thread
 
-from conftest import write_tiny_llama
+from tiny_models import write_tiny_llama
 
 openai = pytest.importorskip("openai")
 
