@@ -23,7 +23,7 @@ from edgellm.runtime.sampling import SamplerSettings
 from edgellm.runtime.scheduler import Delta, GenParams, Request, RequestEnd, RequestError, Scheduler
 from edgellm.runtime.server import build, start_in_thread
 
-from tiny_models import write_tiny_llama
+from tiny_models import ARCHS, write_tiny, write_tiny_llama
 
 openai = pytest.importorskip("openai")
 
@@ -418,6 +418,50 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     assert pc.lookup(d + [1])[1] == 0 and pc.lookup(b + [1])[1] == 12 and pc.lookup(e + [1])[1] == 5
     assert not PrefixCache(0).insert(a, filled(a))  # --cache-ram 0: off
     assert not PrefixCache(entry - 1).insert(a, filled(a))  # larger than the whole budget
+
+
+def _ask(sched, prompt, params):
+    """Submit one request to a running scheduler and wait: (its RequestEnd, the ids of its generated tokens)."""
+    done, toks, end = threading.Event(), [], []
+
+    def emit(ev):
+        if isinstance(ev, Delta):
+            toks.extend(i.token for i in ev.logprobs)
+        elif isinstance(ev, (RequestEnd, RequestError)):
+            end.append(ev)
+            done.set()
+    sched.submit(Request(prompt, params, emit))
+    assert done.wait(300) and isinstance(end[0], RequestEnd), end
+    return end[0], toks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cache_on_every_cache_type(arch, tmp_path, monkeypatch):
+    """KV, latent (MLA) and recurrent (linear) caches: a prompt that extends a kept sequence reuses all of it and
+    runs only its new tokens; one that parts inside it reuses the common prefix where the cache can truncate there."""
+    import numba
+    from edgellm.runtime.engine import Engine
+    before = numba.get_num_threads()
+    eng = Engine(write_tiny(tmp_path / f"{arch}.gguf", arch, n_ctx=256), n_ctx=256, threads=1)
+    ban = tuple((t, -100.0) for t in sorted(eng.tokenizer.eog_ids))
+    params = GenParams(max_tokens=4, settings=SamplerSettings(temp=0), logit_bias=ban, logprobs=0)
+    p = list(range(40, 60))
+    probe = eng.new_cache()
+    eng.prefill(p[:6], probe)
+    truncatable = probe.can_truncate(5)
+    calls = instrument(eng, monkeypatch)
+    sched = Scheduler(eng).start()
+    try:
+        e1, gen = _ask(sched, p, params)
+        assert e1.cached_tokens == 0 and e1.prompt_tokens == len(p) and len(gen) == 4
+        calls.clear()
+        e2, _ = _ask(sched, p + gen[:3] + [70, 71], params)  # the first sequence's cache holds p + gen[:3]
+        assert e2.cached_tokens == len(p) + 3 and [c for c in calls if c[0] == "prefill"] == [("prefill", 2)]
+        e3, _ = _ask(sched, p[:5] + [99, 98, 97], params)
+        assert e3.cached_tokens == (5 if truncatable else 0)
+    finally:
+        sched.stop()
+        numba.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- bad requests
