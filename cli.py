@@ -22,14 +22,24 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the n
 CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
 
 
+# the API's parameter names -> this command line's options: runtime errors are worded by parameter (`threads`), the
+# command line names its flag (`--threads`); see runtime/errors.py
+FLAGS = {"threads": "--threads", "n_ctx": "--ctx", "kv": "--kv", "attn": "--attn", "delta_threshold": "--delta-threshold",
+         "delta_sparsity": "--delta-sparsity", "delta_window": "--delta-window", "temp": "--temp", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "token_budget": "--budget",
+         "prm_budget": "--prm-budget", "k": "-k", "prm": "--prm", "strategy": "--strategy", "select": "--select",
+         "reopen": "--reopen", "step_delimiter": "--delimiter", "max_step_tokens": "--max-step-tokens"}
+
+
 def _err(msg: str, code: int = 1):
     print(f"edgellm: error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
 
 
 def _load(model, threads=None, ctx=None, **engine_kw):
+    from . import CONVERTERS
     from .runtime.engine import load
-    return load(model, threads=threads, n_ctx=ctx, **engine_kw)
+    return load(model, threads=threads, n_ctx=ctx, converter=CONVERTERS, **engine_kw)
 
 
 AttnOpt = typer.Option("dense", "--attn", help="Attention: dense, or delta (DeltaLLM's temporal sparsity: scores of keys "
@@ -224,8 +234,9 @@ def serve(model: Optional[str] = ModelArg,
 def inspect(model: Optional[str] = ModelArg,
             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Architecture, parameters, tensor types, file size, context length and tokenizer of a model."""
+    from . import CONVERTERS
     from .runtime.inspect import describe
-    info = describe(model)
+    info = describe(model, CONVERTERS)
     if as_json:
         print(json.dumps(info))
         return
@@ -254,7 +265,8 @@ def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (defaul
         return
     if as_json:
         _err("--json goes with --list")
-    print(_pull(name))
+    from . import CONVERTERS
+    print(_pull(name, converter=CONVERTERS))
 
 
 def _print_models(as_json: bool):
@@ -627,7 +639,10 @@ def main():
     except KeyboardInterrupt:
         print("edgellm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (EdgeLLMError, ValueError, OSError) as e:
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e.worded(FLAGS)}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, OSError) as e:
         print(f"edgellm: error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the last line of defence: still one line, no traceback
