@@ -485,3 +485,115 @@ def test_default_model_structured(engine):
     _check_calls(r["message"], set(PARAMS))
     free = generate(engine, prompt, 30, temp=0.0)
     assert free == generate(engine, prompt, 30, temp=0.0, constraint=None)
+
+
+# ---------------------------------------------------------------------- the server, read by the openai client
+@pytest.fixture(scope="module")
+def oai(tiny):
+    openai = pytest.importorskip("openai")
+    from edgellm.runtime.server import build, start_in_thread
+    handle = start_in_thread(build(tiny, "tiny", parallel=4, max_queue=8))
+    yield openai, openai.OpenAI(base_url=handle.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    handle.stop()
+
+
+GARBAGE = dict(temperature=1.0, top_p=1.0, extra_body={"top_k": 0, "min_p": 0.0})  # sample the whole masked vocab
+
+
+def test_server_response_format(oai):
+    openai, client = oai
+    msgs = [{"role": "user", "content": "Give me JSON."}]
+    rf = {"type": "json_schema", "json_schema": {"name": "nested", "schema": SCHEMAS["nested"], "strict": True}}
+    done = 0
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny", messages=msgs, response_format=rf, n=2, seed=seed,
+                                           max_tokens=300, **GARBAGE)
+        for c in r.choices:
+            assert c.finish_reason in ("stop", "length")
+            if c.finish_reason == "stop":
+                jsonschema.validate(json.loads(c.message.content), SCHEMAS["nested"])
+                done += 1
+    assert done >= 6
+    r = client.chat.completions.create(model="tiny", messages=msgs, response_format={"type": "json_object"},
+                                       max_tokens=300, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    # streamed
+    parts, reason = [], None
+    for chunk in client.chat.completions.create(model="tiny", messages=msgs, response_format=rf, max_tokens=300,
+                                                seed=7, stream=True, **GARBAGE):
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            reason = c.finish_reason or reason
+    assert reason == "stop"
+    jsonschema.validate(json.loads("".join(parts)), SCHEMAS["nested"])
+
+
+@pytest.mark.parametrize("body,msg", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}),
+     "Invalid type: strin"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "needs"),
+    (dict(response_format={"type": "yaml"}), "'yaml' is not supported"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}), "not supported"),
+    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "not in tools"),
+    (dict(tool_choice="required"), "tool_choice needs tools"),
+])
+def test_server_rejects_bad_constraints_and_keeps_serving(oai, body, msg):
+    openai, client = oai
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                       **body)
+    assert e.value.status_code == 400 and msg in str(e.value)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def _valid_call(call, names):
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_server_tool_calls(oai, choice):
+    openai, client = oai
+    names = {"get_weather"} if isinstance(choice, dict) else set(PARAMS)
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice=choice, seed=seed,
+                                           max_tokens=200, parallel_tool_calls=seed % 2 == 1, **GARBAGE)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls and c.message.content is None
+        for call in c.message.tool_calls:
+            _valid_call(call, names)
+    # streamed: the client puts the tool-call deltas together
+    calls, reason = {}, None
+    for chunk in client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice=choice,
+                                                max_tokens=200, seed=11, stream=True, **GARBAGE):
+        for ch in chunk.choices:
+            reason = ch.finish_reason or reason
+            for d in ch.delta.tool_calls or []:
+                calls[d.index] = d
+    assert reason == "tool_calls" and calls
+    for d in calls.values():
+        _valid_call(d, names)
+    # the conversation goes on with the result
+    call = r.choices[0].message.tool_calls[0]
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "12 degrees"}]
+    r2 = client.chat.completions.create(model="tiny", messages=follow, tools=TOOLS, max_tokens=20, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_server_tool_choice_auto_shape(oai):
+    openai, client = oai
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+                                           seed=seed, max_tokens=30, **GARBAGE)
+        c = r.choices[0]
+        if c.message.tool_calls:
+            assert c.finish_reason == "tool_calls"
+            for call in c.message.tool_calls:
+                _valid_call(call, set(PARAMS))
+        else:
+            assert isinstance(c.message.content, str) and c.finish_reason in ("stop", "length")
