@@ -11,9 +11,10 @@ Each turn of the loop, at a step boundary:
 
 A sequence's next token is chosen in one place, `Scheduler.select_token` (logits -> token, given the sequence's
 sampler, history and, for structured output, its constraint's mask; the next mask is computed on a background
-thread while `decode_batch` runs, and a choice whose structure is closed ends with "stop"). Finished sequences give their cache to the prefix cache. Results go back through each
-request's `emit` callback (called on the scheduler thread) as `Delta`, `ChoiceEnd`, `RequestEnd` or
-`RequestError` events; the HTTP layer (server.py) only translates them.
+thread while `decode_batch` runs, and a choice whose structure is closed ends with "stop"). Finished sequences
+give their cache to the prefix cache. Results go back through each request's `emit` callback (called on the
+scheduler thread) as `Delta`, `ChoiceEnd`, `RequestEnd` or `RequestError` events; the HTTP layer (server.py) only
+translates them.
 """
 from __future__ import annotations
 
