@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgellm.runtime.generate import generate
 from edgellm.runtime.sampling import SamplerSettings
 
@@ -32,6 +34,7 @@ def test_inspect_json(model_path):
     assert info["tensor_types"]["Q4_1"] > 0
 
 
+@pytest.mark.slow
 def test_perplexity_json(model_path, tmp_path):
     from conftest import DATA
     p = tmp_path / "t.txt"

@@ -169,6 +169,7 @@ def smollm2_hf(tmp_path_factory, model_path):
     return out
 
 
+@pytest.mark.slow
 def test_smollm2_real_weights_f16_matches_transformers(smollm2_hf, tmp_path, llama_cpp, text):
     out = convert_to_gguf(smollm2_hf, tmp_path / "smol-f16.gguf", "f16")
     eng = Engine(out, n_ctx=256, threads=2)
@@ -194,6 +195,7 @@ def test_smollm2_real_weights_f16_matches_transformers(smollm2_hf, tmp_path, lla
     assert np.abs(c - ref32).max() <= 1e-2
 
 
+@pytest.mark.slow
 def test_smollm2_q8_0_perplexity_within_1pct_of_f16(smollm2_hf, tmp_path, text):
     ppl = {}
     for outtype in ("f16", "q8_0"):

@@ -138,6 +138,7 @@ def ppl(engine_kw, model_path, text, windows=2):
     return edgellm_perplexity(eng, text, ctx=512, max_windows=windows).ppl, eng
 
 
+@pytest.mark.slow
 def test_real_model_delta_theta0_q8_q4_perplexity(model_path, text):
     base, _ = ppl({}, model_path, text)
     d0, eng = ppl(dict(attn="delta", delta_threshold=0.0), model_path, text)

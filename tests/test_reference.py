@@ -62,6 +62,7 @@ def f32_model(tmp_path_factory, model_path, llama_cpp):
     return out
 
 
+@pytest.mark.slow
 def test_teacher_forced_top1_agreement_exact_weights(f32_model, llama_cpp, text):
     # Same weights, no activation rounding on either side: the implementations must agree (measured: 0.9993).
     from edgellm.runtime.engine import Engine
@@ -73,6 +74,7 @@ def test_teacher_forced_top1_agreement_exact_weights(f32_model, llama_cpp, text)
     assert agree >= 0.98
 
 
+@pytest.mark.slow
 def test_teacher_forced_top1_agreement_quantized(both_logits, engine, model_path, llama_cpp, text):
     # llama.cpp rounds activations to 8 bits per block before every quantized product (Q8_1 / Q8_0); edgellm keeps
     # them f32. Tiny upstream differences flip those roundings, so on near-ties the argmax is chaotic: llama.cpp
@@ -85,6 +87,7 @@ def test_teacher_forced_top1_agreement_quantized(both_logits, engine, model_path
     assert agree >= min(0.98, self_agree - 0.01)
 
 
+@pytest.mark.slow
 def test_perplexity_within_1pct_of_llama_cpp(both_logits):
     ws, ours, ref = both_logits
     ppl = []
@@ -134,6 +137,7 @@ def first_difference(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
 
+@pytest.mark.slow
 def test_greedy_continuations_match_llama_cpp_exact_weights(f32_model, llama_cpp):
     from edgellm.runtime.engine import Engine
     eng = Engine(f32_model, n_ctx=256, threads=2)
@@ -149,6 +153,7 @@ def test_greedy_continuations_match_llama_cpp_exact_weights(f32_model, llama_cpp
     assert same >= 4
 
 
+@pytest.mark.slow
 def test_greedy_continuations_quantized(engine, llm):
     # llama.cpp rounds activations to 8 bits per block before every quantized product; edgellm keeps them f32. Long
     # greedy runs therefore part at near-ties, and where they part depends on the CPU's kernels (llama.cpp's own

@@ -257,6 +257,7 @@ def test_stop_strings(server, client, refs):
 
 
 # --------------------------------------------------------------------------- load
+@pytest.mark.slow
 def test_eight_concurrent_clients_get_their_answers(server, client, refs):
     def ask(p, out, i):
         r = client.chat.completions.create(model=MODEL_ID, messages=user(p), max_tokens=N_TOKENS, temperature=0,
