@@ -13,7 +13,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-from .checkpoint import ConversionError, HFCheckpoint
+from .checkpoint import ConversionError, HFCheckpoint, check_conversion
 from .tokenizer import add_tokenizer
 
 OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K,
@@ -99,6 +99,21 @@ def decoder_shapes(n_layer: int, d: int, n_ff: int, n_head: int, n_head_kv: int,
     return shapes
 
 
+# the largest magnitude a tensor may hold in each output type whose values or block scales are float16
+_F16_MAX = 65504.0
+F16_RANGE = {QT.F16: _F16_MAX, QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q4_1: _F16_MAX,
+             QT.TQ1_0: _F16_MAX, QT.TQ2_0: _F16_MAX}
+
+
+def check_range(name: str, data: np.ndarray, qtype: QT) -> None:
+    """A tensor whose values overflow the output type's float16 values or scales is an error (it would be
+    written as infinities)."""
+    lim = F16_RANGE.get(qtype)
+    if lim is not None and data.size and (m := float(np.abs(data).max())) > lim:
+        raise ConversionError(f"tensor {name!r} holds values up to {m:.3g}, beyond what {qtype.name} can store "
+                              f"(|x| <= {lim:.6g}; the outtype f32 keeps them)")
+
+
 def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
@@ -131,6 +146,7 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str
         raise ConversionError(f"model class {ckpt.architecture!r} is not supported "
                               f"(supported: {', '.join(sorted(CONVERTERS))})")
     conv = cls(ckpt)
+    check_conversion(ckpt, OUTTYPES["f16" if outtype == "q4_k" else outtype])  # memory, before any tensor is read
     if outtype == "q4_k":  # gguf-py cannot quantize K-quants: write F16, then llama.cpp's own quantizer
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             f16 = Path(tmp) / "model-f16.gguf"
@@ -169,6 +185,7 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
                                   f"{tuple(expected[gname])}")
         written.add(gname)
         q = conv.quant_type(gname, data, qt)
+        check_range(gname, data, q)
         arr = _quantize(data, q)
         if q in (QT.F32, QT.F16):
             w.add_tensor(gname, arr)

@@ -12,6 +12,7 @@ from ..models.config import ConfigError, ModelConfig
 from .errors import ContextOverflowError, EdgeLLMError, GGUFError, UnsupportedError
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
+from .memory import check_engine, check_weights
 from ..kernels.attention import bytes_per_token
 from .kv_cache import ATTN_KINDS, AttentionConfig, AttentionStats, KVCache, parse_kv
 
@@ -77,6 +78,7 @@ class Engine:
         if arch is None:
             raise UnsupportedError(f"architecture {self.cfg.arch!r} is not supported "
                                    f"(supported: {', '.join(ARCHITECTURES)})")
+        check_weights(self.file)  # runtime/memory.py: refused before it is spent
         self.weights = WeightSource(self.file)
         try:
             self.model = arch(self.cfg, self.weights)
@@ -87,6 +89,7 @@ class Engine:
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if self.n_ctx < 8:
             raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
+        check_engine(self)  # the context's cache must fit before it is made
         self.attn = AttentionConfig()
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if attn == "delta":

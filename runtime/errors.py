@@ -15,3 +15,7 @@ class UnsupportedError(EdgeLLMError):
 
 class ContextOverflowError(EdgeLLMError):
     """A prompt (or prompt + generation) longer than the context window."""
+
+
+class InsufficientMemoryError(EdgeLLMError):
+    """A load, context or conversion that would need more memory than the machine (or the process's limits) has."""
