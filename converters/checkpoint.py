@@ -315,3 +315,16 @@ def check_conversion(ckpt: HFCheckpoint, qtype) -> None:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     check(conversion_bytes(ckpt, size / block), f"converting {ckpt.path}",
           "the output is held in memory until it is written: a smaller outtype (q8_0, q4_0) needs less")
+
+
+def parameter_count(ckpt: HFCheckpoint) -> int:
+    """Parameters the checkpoint holds, from its headers (a packed uint8 tensor holds four ternary values a byte)."""
+    return sum(math.prod(ckpt.shape(n)) * (4 if ckpt.dtype(n) == "U8" else 1) for n in ckpt.tensor_names())
+
+
+def check_torch_memory(ckpt: HFCheckpoint, copies: float, what: str, activations: int = 0, hint: str = "") -> None:
+    """Refuse work on the checkpoint as a float32 torch model (transformers loads it so) that cannot fit:
+    `copies` float32 copies of its parameters (model, teacher, gradients, optimizer moments) plus `activations`
+    bytes, before transformers reads anything."""
+    from ..runtime.memory import check
+    check(int(4 * parameter_count(ckpt) * copies) + activations + (256 << 20), what, hint)

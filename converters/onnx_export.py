@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import ConversionError, HFCheckpoint
+from .checkpoint import ConversionError, HFCheckpoint, check_torch_memory
 from .gguf_convert import check_output
 
 DTYPES = ("fp32", "int4")
@@ -230,6 +230,9 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         known = sorted(BUILDER_EXPORTERS if builder else ONNX_EXPORTERS)
         raise ConversionError(f"model class {arch!r} cannot be exported to ONNX (supported: {', '.join(known)})")
     _need("torch", "transformers", "onnx", "onnxruntime")
+    from .gguf_convert import CONVERTERS
+    CONVERTERS[arch](ckpt)  # config.json and tensors validated as for GGUF, before transformers reads them
+    check_torch_memory(ckpt, 4 if dtype == "fp32" else 6, f"exporting {src} to ONNX")  # model, trace, graph
     if exporter is export_with_optimum and arch in BUILDER_EXPORTERS:
         import importlib.util
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters") is None:
