@@ -123,9 +123,9 @@ def read_chat_template(ckpt) -> str | None:
     if not isinstance(template, str):
         raise ConversionError(f"{where} = {brief(template)} is not a string")
     try:
-        compile_template(template)
+        compile_template(template, where)
     except EdgeLLMError as e:
-        raise ConversionError(f"{where}: {e}") from None
+        raise ConversionError(str(e)) from None
     return template
 
 

@@ -79,25 +79,27 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def compile_template(template: str):
-    """The compiled template (cached); EdgeLLMError with a one-line message if it does not compile."""
+def compile_template(template: str, what: str = "the model's chat template"):
+    """The compiled template (cached); EdgeLLMError "<what> does not compile: <reason>" (one line) if it does
+    not compile."""
     if not isinstance(template, str):
-        raise EdgeLLMError(f"the chat template is a {type(template).__name__}, not a string")
+        raise EdgeLLMError(f"{what} is a {type(template).__name__}, not a string")
     try:
         return _compile(template)
     except Exception as e:  # noqa: BLE001 - jinja2's syntax errors and the like
-        raise EdgeLLMError(f"the model's chat template does not compile: {_one_line(e)}") from None
+        raise EdgeLLMError(f"{what} does not compile: {_one_line(e)}") from None
 
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "", **kwargs) -> str:
+                bos_token: str = "", eos_token: str = "", what: str = "the model's chat template", **kwargs) -> str:
     """The prompt text for a conversation (a list of {"role": ..., "content": ...}) with a Jinja2 chat
     template, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
 
     template: the model's tokenizer.chat_template; None or "" falls back to ChatML
     (CHATML_TEMPLATE). Any error in the template (a syntax error, an undefined name, the
-    template's own raise_exception) raises EdgeLLMError with a one-line message."""
-    compiled = compile_template(template or CHATML_TEMPLATE)
+    template's own raise_exception, a result too large) raises EdgeLLMError with a one-line message
+    that starts with `what` (the template's file and key, when the caller knows them)."""
+    compiled = compile_template(template or CHATML_TEMPLATE, what)
     kwargs.setdefault("tools", None)
     kwargs.setdefault("documents", None)
     try:
@@ -106,10 +108,10 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
                                        bos_token=bos_token, eos_token=eos_token, **kwargs):
             n += len(piece)
             if n > MAX_OUTPUT:
-                raise EdgeLLMError(f"the chat template's output exceeds {MAX_OUTPUT} characters")
+                raise EdgeLLMError(f"{what} renders more than {MAX_OUTPUT} characters")
             out.append(piece)
         return "".join(out)
     except EdgeLLMError:
         raise
     except Exception as e:  # noqa: BLE001 - raise_exception, undefined names, type errors in the template
-        raise EdgeLLMError(f"chat template error: {_one_line(e)}") from None
+        raise EdgeLLMError(f"{what} fails: {_one_line(e)}") from None

@@ -162,8 +162,9 @@ class Tokenizer:
     def __init__(self, hf, *, kind: str, pre: str | None, tokens: list[str], types: list[int], vocab: dict[str, int],
                  bos_id: int | None, eos_id: int | None, eot_id: int | None, unk_id: int | None,
                  eog_ids: set[int], add_bos: bool, add_eos: bool, add_space_prefix: bool, clean_spaces: bool,
-                 chat_template: str | None):
+                 chat_template: str | None, source: str = ""):
         self._hf = hf
+        self.source = source  # the file the vocabulary came from (named in errors)
         self.kind = kind  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
         self.pre = pre
         self.tokens = tokens
@@ -185,10 +186,18 @@ class Tokenizer:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_gguf(cls, f) -> "Tokenizer":
-        """Build from a `GGUFFile` (or its metadata dict). Raises GGUFError for missing or
-        inconsistent metadata, UnsupportedError for a tokenizer type or pre-tokenizer edgellm does
-        not implement."""
-        md = getattr(f, "metadata", f)
+        """Build from a `GGUFFile` (whose path then starts every error message) or its metadata dict. Raises
+        GGUFError for missing or inconsistent metadata, UnsupportedError for a tokenizer type or pre-tokenizer
+        edgellm does not implement."""
+        if isinstance(f, dict):
+            return cls._from_metadata(f)
+        try:
+            return cls._from_metadata(f.metadata, str(f.path))
+        except (GGUFError, UnsupportedError) as e:
+            raise type(e)(f"{f.path}: {e}") from None
+
+    @classmethod
+    def _from_metadata(cls, md: dict, source: str = "") -> "Tokenizer":
         model = md.get(TK.MODEL)
         if model is None:
             raise GGUFError(f"the model has no tokenizer ({TK.MODEL} is missing)")
@@ -295,7 +304,8 @@ class Tokenizer:
         return cls(hf, kind=model, pre=pre_name, tokens=tokens, types=types, vocab=vocab,
                    bos_id=ids[TK.BOS_ID], eos_id=ids[TK.EOS_ID], eot_id=ids[TK.EOT_ID], unk_id=ids[TK.UNK_ID],
                    eog_ids=eog, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
-                   clean_spaces=pre.clean_spaces, chat_template=template if isinstance(template, str) else None)
+                   clean_spaces=pre.clean_spaces, chat_template=template if isinstance(template, str) else None,
+                   source=source)
 
     @classmethod
     def from_hf(cls, folder, n_vocab: int | None = None) -> "Tokenizer":
@@ -460,9 +470,10 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text of a conversation with the model's chat template (ChatML if it has none)."""
         from .chat_template import render_chat
+        what = f"{self.source}: {TK.CHAT_TEMPLATE}" if self.source else "the model's chat template"
         return render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
                            bos_token=self.tokens[self.bos_id] if self.bos_id is not None else "",
-                           eos_token=self.tokens[self.eos_id] if self.eos_id is not None else "", **kwargs)
+                           eos_token=self.tokens[self.eos_id] if self.eos_id is not None else "", what=what, **kwargs)
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.kind}, pre={self.pre!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "

@@ -420,3 +420,102 @@ def convert_mutant(src: str, m: tuple, outtype: str = "f32") -> dict:
         return dict(same=bool(np.array_equal(logits, _REF[key])), tensors_same=tensors_same, config_changed=changed)
     finally:
         shutil.rmtree(work)
+
+
+# ---------------------------------------------------------------------------- GGUF files
+TEXT = "Hello, world! <|im_start|>user\nTo be, or not to be\u2014that is the question 123 \U0001F600<|im_end|>"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Count to 3"}]
+
+
+def exercise(path) -> dict:
+    """What a user does with a model: load it, tokenize text (special tokens included), run the tokens through
+    prefill and one decode step, detokenize, and render the chat template and tokenize the prompt."""
+    from edgellm.runtime.engine import load
+    eng = load(path, n_ctx=64, threads=1)
+    tok = eng.tokenizer
+    ids = tok.encode(TEXT, add_bos=None)
+    text = tok.decode(ids)
+    ids = [i for i in ids if i < eng.cfg.n_vocab][:3] or [0]
+    logits = eng.prefill(ids)
+    eng.decode(int(np.argmax(logits)))
+    prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    chat_ids = tok.encode(prompt, add_bos=None)
+    return dict(finite=bool(np.isfinite(logits).all()), roundtrip=text == TEXT, n_chat=len(chat_ids))
+
+
+def gguf_bytes_mutant(src: str, m: tuple) -> dict:
+    """A byte-level mutation ("bytes", offset, data) / ("truncate", size) of the GGUF file `src`, exercised."""
+    import shutil
+    work = Path(_copy_file(src))
+    try:
+        p = work / "m.gguf"
+        b = bytearray(p.read_bytes())
+        if m[0] == "bytes":
+            b[m[1]:m[1] + len(m[2])] = m[2][:max(0, len(b) - m[1])]
+        else:
+            b = b[:m[1]]
+        p.write_bytes(bytes(b))
+        return exercise(p)
+    finally:
+        shutil.rmtree(work)
+
+
+def _copy_file(src: str) -> Path:
+    import shutil
+    import tempfile
+    work = Path(tempfile.mkdtemp(dir=_workdir()))
+    shutil.copyfile(src, work / "m.gguf")
+    return work
+
+
+def _vtype(v):
+    """The GGUF value type (and element type of an array) a Python value is written as."""
+    from gguf import GGUFValueType as VT
+    if isinstance(v, bool):
+        return VT.BOOL, None
+    if isinstance(v, int):
+        return (VT.INT32 if -2**31 <= v < 2**31 else VT.UINT32 if 0 <= v < 2**32 else VT.INT64 if v < 2**63
+                else VT.UINT64), None
+    if isinstance(v, float):
+        return VT.FLOAT32, None
+    if isinstance(v, str):
+        return VT.STRING, None
+    if isinstance(v, list):
+        return VT.ARRAY, (_vtype(v[0])[0] if v else VT.INT32)
+    raise TypeError(f"no GGUF type for {type(v).__name__}")
+
+
+def rewrite_gguf(src: str, out: Path, changes: dict) -> None:
+    """Write `src` again with its metadata changed: key -> new value (typed by _vtype; DROP removes the key)."""
+    import gguf
+    from gguf import GGUFValueType as VT
+    r = gguf.GGUFReader(src)
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    w = gguf.GGUFWriter(str(out), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE or name in changes:
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], f.types[-1] if f.types[0] == VT.ARRAY else None)
+    for name, v in changes.items():
+        if v != DROP:
+            vt, st = _vtype(v)
+            w.add_key_value(name, v, vt, st)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_meta_mutant(src: str, changes: dict) -> dict:
+    """`src` rewritten with metadata `changes` (e.g. a tokenizer key or the chat template), exercised."""
+    import shutil
+    import tempfile
+    work = Path(tempfile.mkdtemp(dir=_workdir()))
+    try:
+        rewrite_gguf(src, work / "m.gguf", changes)
+        return exercise(work / "m.gguf")
+    finally:
+        shutil.rmtree(work)
