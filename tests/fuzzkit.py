@@ -34,7 +34,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # b1.58 2B4T's (packed ternary projections with weight_scale, sub-norms, ReLU^2), tiny
 LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=320,
-             max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+             max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
              hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=0, eos_token_id=2,
              rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
                                original_max_position_embeddings=8192, rope_type="llama3"),
@@ -517,5 +517,20 @@ def gguf_meta_mutant(src: str, changes: dict) -> dict:
     try:
         rewrite_gguf(src, work / "m.gguf", changes)
         return exercise(work / "m.gguf")
+    finally:
+        shutil.rmtree(work)
+
+
+def folder_mutant(src: str, m: tuple) -> dict:
+    """A mutated copy of the model folder `src` (an ONNX export; mutations as apply_mutation, plus ("remove",
+    file)), exercised."""
+    import shutil
+    work = _copy(Path(src))
+    try:
+        if m[0] == "remove":
+            (work / "in" / m[1]).unlink()
+        else:
+            apply_mutation(work / "in", m)
+        return exercise(work / "in")
     finally:
         shutil.rmtree(work)

@@ -1,0 +1,96 @@
+"""Seeded mutations of an ONNX folder (`edgellm convert --format onnx`: model.onnx, config.json, tokenizer files)
+loaded by `edgellm run`'s loader and used as a user would (tokenize, prefill, decode, detokenize, chat template)
+in long-lived workers under an address-space limit (tests/fuzzkit.py): the graph truncated, bit-flipped or
+overwritten, config.json values changed or dropped, tokenizer files changed or missing. Each either works or
+raises edgellm's error; nothing else, no crash, no kill."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+import fuzzkit
+from fuzzkit import DROP
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+N_FAST = 200
+N_SLOW = 850   # @slow: 1,050 in all
+VALUES = [0, -1, 10**12, 3.5, "x", None, DROP, True, [], {}, 1, 2, 7, 64, 320, 321, 4096, 2**63]
+
+
+def mutations(folder, n: int, seed: int) -> list[tuple]:
+    rng = np.random.default_rng(seed)
+    size = (folder / "model.onnx").stat().st_size
+    cfg = json.loads((folder / "config.json").read_text())
+    keys = sorted(cfg)
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    out = []
+    for i in range(n):
+        r = i % 8
+        if r == 0:
+            out.append(("truncate", "model.onnx", int(rng.integers(0, size))))
+        elif r in (1, 2):  # random bytes: the graph's first kilobytes (structure) or anywhere
+            off = int(rng.integers(0, 2048 if r == 1 else size))
+            out.append(("bytes", "model.onnx", off, bytes(rng.integers(0, 256, int(rng.integers(1, 9)),
+                                                                      dtype=np.uint8))))
+        elif r == 3:  # one bit flipped
+            off = int(rng.integers(0, size))
+            b = (folder / "model.onnx").read_bytes()[off]
+            out.append(("bytes", "model.onnx", off, bytes([b ^ (1 << int(rng.integers(8)))])))
+        elif r in (4, 5):
+            out.append(("json", "config.json", (pick(keys),), pick(VALUES)))
+        elif r == 6:
+            name = pick(["config.json", "tokenizer.json", "tokenizer_config.json"])
+            if rng.random() < 0.3:
+                out.append(("remove", name))
+            else:
+                fsize = (folder / name).stat().st_size
+                out.append(("bytes", name, int(rng.integers(0, fsize)),
+                            bytes(rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8))))
+        else:
+            out.append(pick([("json", "tokenizer_config.json", ("chat_template",),
+                              pick(["{% if %}", "{{ x.y }}", 5, "{{ raise_exception('x') }}", DROP])),
+                             ("json", "tokenizer_config.json", ("eos_token",), pick(VALUES + ["<|im_end|>"])),
+                             ("json", "tokenizer.json", ("model", "vocab", "a"), pick(VALUES)),
+                             ("json", "tokenizer.json", ("model", "merges", 0), pick(VALUES))]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from edgellm.converters.onnx_export import convert_to_onnx
+    d = tmp_path_factory.mktemp("fuzz-onnx")
+    return convert_to_onnx(fuzzkit.write_checkpoint(d / "ck", "llama"), d / "onnx", builder=True)
+
+
+@pytest.fixture(scope="module")
+def pool(folder):
+    p = fuzzkit.Pool(2, warmup=("fuzzkit:exercise", (str(folder),)))
+    yield p
+    p.close()
+
+
+def run_and_check(pool, folder, muts):
+    t0 = time.time()
+    res = pool.run([("fuzzkit:folder_mutant", (str(folder), m)) for m in muts])
+    bad = [(m, r) for m, r in zip(muts, res) if r[0] not in ("ok", "error")]
+    assert not bad, f"{len(bad)} mutations escaped: " + "\n".join(f"{m!r}"[:150] + f": {r[:3]}" for m, r in bad[:8]) \
+        + ("\n" + bad[0][1][3] if bad[0][1][0] == "other" else "")
+    multiline = [r[1] for r in res if r[0] == "error" and "\n" in r[1]]
+    assert not multiline, multiline[:3]
+    t = fuzzkit.tally(res)
+    print(f"onnx folder: {len(muts)} mutations in {time.time() - t0:.1f} s: {t.get('ok', 0)} loaded and ran, "
+          f"{t.get('error', 0)} clear errors")
+
+
+def test_fuzz_onnx_fast(pool, folder):
+    run_and_check(pool, folder, mutations(folder, N_FAST, seed=51))
+
+
+@pytest.mark.slow
+def test_fuzz_onnx_slow(pool, folder):
+    run_and_check(pool, folder, mutations(folder, N_SLOW, seed=61))
