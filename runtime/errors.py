@@ -17,5 +17,10 @@ class ContextOverflowError(EdgeLLMError):
     """A prompt (or prompt + generation) longer than the context window."""
 
 
+class HubError(EdgeLLMError):
+    """A model named on the Hugging Face Hub that cannot be had: unknown or gated repository, no matching file,
+    no network and not in the cache."""
+
+
 class InsufficientMemoryError(EdgeLLMError):
     """A load, context or conversion that would need more memory than the machine (or the process's limits) has."""
