@@ -534,3 +534,21 @@ def folder_mutant(src: str, m: tuple) -> dict:
         return exercise(work / "in")
     finally:
         shutil.rmtree(work)
+
+
+def cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `edgellm` command as a user runs it (no traceback switch)."""
+    env = dict(os.environ, EDGELLM_DEBUG="")
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    """A non-zero exit whose stderr ends in one `edgellm: error:` line (never `internal error`, never a
+    traceback), naming `words`."""
+    assert r.returncode not in (0, -6, -9, -11), (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("edgellm: error:"), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[-1], lines[-1]

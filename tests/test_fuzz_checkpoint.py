@@ -18,8 +18,8 @@ import pytest
 import fuzzkit
 from fuzzkit import DROP
 
-N_FAST = 160   # per kind (llama, bitnet), unmarked
-N_SLOW = 440   # per kind, @slow: 2 x (160 + 440) = 1200 checkpoint mutations in all
+N_FAST = 160   # per kind (llama, bitnet), unmarked; 60 for the transformers 5 dialect
+N_SLOW = 440   # per kind, @slow; 200 for the dialect: 1,460 checkpoint mutations in all
 
 # config.json keys whose values fix the tensors' shapes: a changed value must be an error or mean the same model
 SHAPE_KEYS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -149,7 +149,8 @@ def must_keep_logits(m: tuple, r: dict, data_start: int) -> bool:
 def checkpoints(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz-ckpt")
     return {"llama": fuzzkit.write_checkpoint(base / "llama", "llama"),
-            "bitnet": fuzzkit.write_checkpoint(base / "bitnet", "bitnet")}
+            "bitnet": fuzzkit.write_checkpoint(base / "bitnet", "bitnet"),
+            "llama-tf5": fuzzkit.write_checkpoint(base / "llama-tf5", "llama", dialect="rope_parameters")}
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +180,47 @@ def run_and_check(pool, src, muts, outtype):
     return res
 
 
-@pytest.mark.parametrize("kind", ["llama", "bitnet"])
+SEEDS = {"llama": 11, "bitnet": 12, "llama-tf5": 13}
+
+
+def test_config_dialects_give_the_same_file(checkpoints, tmp_path):
+    """transformers 5's rope_parameters (theta and llama3 scaling inside) and Llama-3.2's rope_theta +
+    rope_scaling describe the same model: the same logits, bit for bit."""
+    from edgellm.converters import convert_to_gguf
+    a = fuzzkit.engine_logits(convert_to_gguf(checkpoints["llama"], tmp_path / "a.gguf", "f32"))
+    b = fuzzkit.engine_logits(convert_to_gguf(checkpoints["llama-tf5"], tmp_path / "b.gguf", "f32"))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bitnet", "llama-tf5"])
 def test_fuzz_checkpoint_fast(checkpoints, pool, kind):
     src = checkpoints[kind]
-    run_and_check(pool, src, mutations(src, N_FAST, seed=11 if kind == "llama" else 12), "f32")
+    run_and_check(pool, src, mutations(src, N_FAST if kind != "llama-tf5" else 60, seed=SEEDS[kind]), "f32")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "bitnet"])
+@pytest.mark.parametrize("kind", ["llama", "bitnet", "llama-tf5"])
 def test_fuzz_checkpoint_slow(checkpoints, pool, kind):
     src = checkpoints[kind]
-    muts = mutations(src, N_SLOW, seed=21 if kind == "llama" else 22)
+    muts = mutations(src, N_SLOW if kind != "llama-tf5" else 200, seed=SEEDS[kind] + 10)
     # most as f32; some quantized (q8_0; ternary for BitNet) to cover the quantizers' input checks
     q = "tq2_0" if kind == "bitnet" else "q8_0"
-    run_and_check(pool, src, muts[: N_SLOW * 3 // 4], "f32")
-    run_and_check(pool, src, muts[N_SLOW * 3 // 4:], q)
+    run_and_check(pool, src, muts[: len(muts) * 3 // 4], "f32")
+    run_and_check(pool, src, muts[len(muts) * 3 // 4:], q)
+
+
+def test_mutants_through_the_cli(checkpoints, tmp_path):
+    """The issue's escapes, as a user meets them: one `edgellm: error:` line naming the file and the field."""
+    import shutil
+    cases = [(("header", "model.layers.0.self_attn.v_proj.weight", "data_offsets", DROP), "data_offsets"),
+             (("json", "config.json", ("num_attention_heads",), "x"), "num_attention_heads"),
+             (("json", "config.json", ("hidden_size",), 32), "hidden_size"),
+             (("truncate", "model.safetensors", 200_000), "model.safetensors"),
+             (("json", "config.json", ("num_hidden_layers",), 10**12), "num_hidden_layers")]
+    for i, (m, word) in enumerate(cases):
+        src = tmp_path / f"m{i}"
+        shutil.copytree(checkpoints["llama"], src)
+        fuzzkit.apply_mutation(src, m)
+        r = fuzzkit.cli("convert", str(src), "-o", str(tmp_path / f"o{i}.gguf"))
+        fuzzkit.assert_clean_error(r, word)
+        assert not (tmp_path / f"o{i}.gguf").exists()

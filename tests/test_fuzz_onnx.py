@@ -94,3 +94,22 @@ def test_fuzz_onnx_fast(pool, folder):
 @pytest.mark.slow
 def test_fuzz_onnx_slow(pool, folder):
     run_and_check(pool, folder, mutations(folder, N_SLOW, seed=61))
+
+
+def test_mutants_through_the_cli(folder, tmp_path):
+    import shutil
+    data = (folder / "model.onnx").read_bytes()
+    cases = [(("truncate", "model.onnx", len(data) // 2), "model.onnx"),
+             (("bytes", "model.onnx", 0, b"\xff" * 16), "model.onnx"),
+             (("remove", "tokenizer.json"), "tokenizer.json"),
+             (("json", "tokenizer.json", ("model", "merges", 0), 7), "merges")]
+    for i, (m, word) in enumerate(cases):
+        dst = tmp_path / f"m{i}"
+        shutil.copytree(folder, dst)
+        if m[0] == "remove":
+            (dst / m[1]).unlink()
+        else:
+            fuzzkit.apply_mutation(dst, m)
+        r = fuzzkit.cli("run", str(dst), "-p", "hi", "-n", "2")
+        fuzzkit.assert_clean_error(r, word)
+        assert "EP Error" not in r.stdout + r.stderr  # onnxruntime's own banner is not shown

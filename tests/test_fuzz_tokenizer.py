@@ -181,3 +181,18 @@ def test_fuzz_tokenizer_slow(pool, model_file, metadata):
 @pytest.mark.slow
 def test_fuzz_chat_template_slow(pool, model_file, templates):
     run_and_check(pool, model_file, template_mutations(templates, N_SLOW, seed=42), "chat template")
+
+
+def test_mutants_through_the_cli(model_file, tmp_path):
+    cases = [({TK.CHAT_TEMPLATE: "{% for m in messages %}{{ m.content }"}, ["--chat"], "tokenizer.chat_template"),
+             ({TK.CHAT_TEMPLATE: "{{ raise_exception('roles must alternate') }}"}, ["--chat"], "roles must alternate"),
+             ({TK.MERGES: ["zz qq"]}, [], "tokenizer.ggml.merges"),
+             ({TK.BOS_ID: 10**6}, [], "tokenizer.ggml.bos_token_id")]
+    for i, (changes, extra, word) in enumerate(cases):
+        p = tmp_path / f"m{i}.gguf"
+        fuzzkit.rewrite_gguf(str(model_file), p, changes)
+        r = fuzzkit.cli("run", str(p), "-p", "hi", "-n", "2", *extra)
+        fuzzkit.assert_clean_error(r, word, str(p))
+    # a broken template does not stop plain completion
+    r = fuzzkit.cli("run", str(tmp_path / "m0.gguf"), "-p", "hi", "-n", "2", "--temp", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
