@@ -486,23 +486,34 @@ def _vtype(v):
     raise TypeError(f"no GGUF type for {type(v).__name__}")
 
 
+def _read_gguf(src: str):
+    """(architecture, [(key, value, type, element type)], [(name, array, type)]) of a GGUF, cached per worker."""
+    import gguf
+    from gguf import GGUFValueType as VT
+    key = ("gguf", src)
+    if key not in _REF:
+        r = gguf.GGUFReader(src)
+        fields = [(name, f.contents(), f.types[0], f.types[-1] if f.types[0] == VT.ARRAY else None)
+                  for name, f in r.fields.items() if not name.startswith("GGUF.")]
+        tensors = [(t.name, np.array(t.data), gguf.GGMLQuantizationType(t.tensor_type)) for t in r.tensors]
+        _REF[key] = (r.fields[gguf.Keys.General.ARCHITECTURE].contents(), fields, tensors)
+    return _REF[key]
+
+
 def rewrite_gguf(src: str, out: Path, changes: dict) -> None:
     """Write `src` again with its metadata changed: key -> new value (typed by _vtype; DROP removes the key)."""
     import gguf
-    from gguf import GGUFValueType as VT
-    r = gguf.GGUFReader(src)
-    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    arch, fields, tensors = _read_gguf(src)
     w = gguf.GGUFWriter(str(out), arch)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE or name in changes:
-            continue
-        w.add_key_value(name, f.contents(), f.types[0], f.types[-1] if f.types[0] == VT.ARRAY else None)
+    for name, value, vt, st in fields:
+        if name != gguf.Keys.General.ARCHITECTURE and name not in changes:
+            w.add_key_value(name, value, vt, st)
     for name, v in changes.items():
         if v != DROP:
             vt, st = _vtype(v)
             w.add_key_value(name, v, vt, st)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
+    for name, data, qtype in tensors:
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
