@@ -210,6 +210,11 @@ class Tokenizer:
         if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) - {str}:
             raise GGUFError(f"{TK.LIST} is missing, empty or not a list of strings")
         n = len(tokens)
+        arch = md.get(Keys.General.ARCHITECTURE)
+        n_model = md.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
+        if isinstance(n_model, int) and not isinstance(n_model, bool) and n > n_model:
+            raise GGUFError(f"{TK.LIST} has {n} tokens, more than the model's {arch}.vocab_size of {n_model} "
+                            "(a token past it has no embedding)")
         if not all(tokens):  # llama.cpp names empty tokens so that they cannot collide
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         vocab = dict(zip(tokens, range(n)))

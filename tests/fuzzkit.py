@@ -423,7 +423,8 @@ def convert_mutant(src: str, m: tuple, outtype: str = "f32") -> dict:
 
 
 # ---------------------------------------------------------------------------- GGUF files
-TEXT = "Hello, world! <|im_start|>user\nTo be, or not to be\u2014that is the question 123 \U0001F600<|im_end|>"
+TEXT = ("Hello, world! <|im_start|>user\nTo be, or not to be\u2014that is the question 123 \U0001F600<|im_end|>"
+        "<|new|>")  # (a token some mutations add)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Count to 3"}]
 
@@ -436,8 +437,7 @@ def exercise(path) -> dict:
     tok = eng.tokenizer
     ids = tok.encode(TEXT, add_bos=None)
     text = tok.decode(ids)
-    ids = [i for i in ids if i < eng.cfg.n_vocab][:3] or [0]
-    logits = eng.prefill(ids)
+    logits = eng.prefill(ids[:3] or [0])
     eng.decode(int(np.argmax(logits)))
     prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
     chat_ids = tok.encode(prompt, add_bos=None)

@@ -59,6 +59,9 @@ def tokenizer_mutations(md: dict, n: int, seed: int) -> list[dict]:
             out.append({TK.LIST: t})
         elif r == 3:  # the token list resized or replaced
             k = int(rng.integers(1, 40))
+            if rng.random() < 0.3:  # a user-defined token the text holds, past the model's vocabulary
+                out.append({TK.LIST: tokens + ["<|new|>"], TK.TOKEN_TYPE: types + [4]})
+                continue
             out.append({TK.LIST: pick([tokens[:-k], tokens + [f"extra{j}" for j in range(k)], [1, 2, 3],
                                        tokens[:1], tokens[::-1]])})  # (gguf-py cannot write an empty array)
         elif r == 4:  # token types
