@@ -148,6 +148,38 @@ def write_checkpoint(out: Path, kind: str = "llama", seed: int = 0, dialect: str
     return out
 
 
+def shard_checkpoint(src: Path, out: Path, n: int = 2) -> Path:
+    """A copy of the checkpoint `src` with its model.safetensors split into n shards and an index, as
+    save_pretrained writes large models (model-0000i-of-0000n.safetensors, model.safetensors.index.json)."""
+    import shutil
+    shutil.copytree(src, out)
+    _, header = read_safetensors_header(out / "model.safetensors")
+    header.pop("__metadata__", None)
+    blob = (out / "model.safetensors").read_bytes()
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    names = list(header)
+    weight_map = {}
+    for k in range(n):
+        part = names[k * len(names) // n:(k + 1) * len(names) // n]
+        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        ts = {}
+        for name in part:
+            e = header[name]
+            a, b = e["data_offsets"]
+            raw = np.frombuffer(blob[8 + hlen + a:8 + hlen + b], dtype=np.uint8)
+            ts[name] = (e["dtype"], raw.reshape(-1))
+            weight_map[name] = fname
+        _save_safetensors(out / fname, ts)
+        # the raw bytes were saved as a flat uint8 array: put the real dtypes and shapes back
+        _, h = read_safetensors_header(out / fname)
+        for name in part:
+            h[name]["shape"] = header[name]["shape"]
+        write_safetensors_header(out / fname, h)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
 # ---------------------------------------------------------------------------- the worker pool
 def _vm_size() -> int:
     with open("/proc/self/status") as f:
@@ -388,9 +420,12 @@ def _copy(src: Path) -> Path:
 
 
 def _tensor_entries(folder: Path) -> dict:
-    _, h = read_safetensors_header(folder / "model.safetensors")
-    h.pop("__metadata__", None)
-    return h
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        _, h = read_safetensors_header(f)
+        h.pop("__metadata__", None)
+        out[f.name] = h
+    return out
 
 
 def convert_mutant(src: str, m: tuple, outtype: str = "f32") -> dict:
@@ -408,7 +443,10 @@ def convert_mutant(src: str, m: tuple, outtype: str = "f32") -> dict:
             shutil.rmtree(work)
     work = _copy(src)
     try:
-        apply_mutation(work / "in", m)
+        if m[0] == "remove":
+            (work / "in" / m[1]).unlink()
+        else:
+            apply_mutation(work / "in", m)
         out = convert_to_gguf(work / "in", work / "out.gguf", outtype)
         logits = engine_logits(out)
         try:

@@ -224,3 +224,40 @@ def test_mutants_through_the_cli(checkpoints, tmp_path):
         r = fuzzkit.cli("convert", str(src), "-o", str(tmp_path / f"o{i}.gguf"))
         fuzzkit.assert_clean_error(r, word)
         assert not (tmp_path / f"o{i}.gguf").exists()
+
+
+def index_mutations(src, n: int, seed: int) -> list[tuple]:
+    """Mutations of a sharded checkpoint: its index (weight_map entries, shard names), a shard removed or cut."""
+    rng = np.random.default_rng(seed)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    names, shards = sorted(index["weight_map"]), sorted(set(index["weight_map"].values()))
+    pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    out = []
+    for i in range(n):
+        r = i % 4
+        if r == 0:
+            out.append(("json", "model.safetensors.index.json", ("weight_map", pick(names)),
+                        pick(shards + ["../config.json", "missing.safetensors", "", 5, None, DROP])))
+        elif r == 1:
+            out.append(("json", "model.safetensors.index.json", ("weight_map", "model.extra.weight"), pick(shards)))
+        elif r == 2:
+            out.append(("json", "model.safetensors.index.json", pick([("weight_map",), ("metadata",)]),
+                        pick(VALUES)))
+        else:
+            shard = pick(shards)
+            out.append(pick([("remove", shard), ("truncate", shard, int(rng.integers(0, (src / shard).stat().st_size)))]))
+    return out
+
+
+def test_fuzz_sharded_checkpoint(checkpoints, pool, tmp_path):
+    src = fuzzkit.shard_checkpoint(checkpoints["llama"], tmp_path / "sharded")
+    from edgellm.converters import convert_to_gguf
+    whole = fuzzkit.engine_logits(convert_to_gguf(checkpoints["llama"], tmp_path / "a.gguf", "f32"))
+    assert np.array_equal(fuzzkit.engine_logits(convert_to_gguf(src, tmp_path / "b.gguf", "f32")), whole)
+    muts = index_mutations(src, 60, seed=14)
+    res = pool.run([("fuzzkit:convert_mutant", (str(src), m, "f32")) for m in muts])
+    bad = [(m, r) for m, r in zip(muts, res) if r[0] not in ("ok", "error")]
+    assert not bad, bad[:5]
+    # an index entry that still names the right shard (or metadata) changes nothing
+    assert all(r[1]["same"] for m, r in zip(muts, res) if r[0] == "ok")
+    print(f"sharded: {len(muts)} mutations: {fuzzkit.tally(res)}")
