@@ -93,7 +93,8 @@ class BitNetConverter(Converter):
             wq = f"{w}: quantization_config"
             cfg_str(qc, "quant_method", wq, None, ("bitnet",))
             # transformers' BitLinear divides its output by weight_scale; AutoBitLinear multiplies by it
-            self.divide_scale = cfg_str(qc, "linear_class", wq, "bitlinear", ("bitlinear", "autobitlinear")) == "bitlinear"
+            linear = cfg_str(qc, "linear_class", wq, "bitlinear", ("bitlinear", "autobitlinear"))
+            self.divide_scale = linear == "bitlinear"
         else:
             self.divide_scale = True
         self.packed = check_tensors(ckpt, h)
