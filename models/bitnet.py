@@ -1,6 +1,7 @@
 """BitNet b1.58 (GGUF `bitnet`, as transformers' BitNetForCausalLM computes it): a Llama-shaped decoder whose
 projections are ternary with per-token int8 activations (absmax), with sub-norms before the output and down
-projections and a squared-ReLU gated feed-forward (2B4T; `bitnet.hidden_act` = silu selects SiLU).
+projections and a squared-ReLU gated feed-forward (2B4T; `bitnet.hidden_act` or llama.cpp's
+`bitnet.hidden_activation` = silu selects SiLU).
 
     h = x + W_o(subnorm_a(attn(norm_a(x))));  x' = h + W_down(subnorm_f(act(W_gate n) * W_up n)), n = norm_f(h)
 
@@ -29,7 +30,7 @@ class BitNet(Llama):
     def __init__(self, cfg: ModelConfig, w):
         self.cfg = cfg
         d, dkv, hd, H, Hkv = cfg.n_embd, cfg.n_embd_kv, cfg.head_dim, cfg.n_head, cfg.n_head_kv
-        self.act = str(cfg.extra.get("hidden_act", "relu2"))
+        self.act = str(cfg.extra.get("hidden_act", cfg.extra.get("hidden_activation", "relu2")))  # edgellm's, llama.cpp's
         if self.act not in ("relu2", "silu"):
             raise ValueError(f"bitnet.hidden_act {self.act!r} is not supported (relu2, silu)")
         self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
