@@ -17,21 +17,27 @@ from fuzzkit import DROP
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-N_FAST = 200
-N_SLOW = 850   # @slow: 1,050 in all
+N_FAST = 200   # the folder with the weights inside model.onnx
+N_SLOW = 600   # @slow; and 250 of the folder whose weights are in model.onnx_data: 1,050 in all
+N_EXTERNAL = 250
 VALUES = [0, -1, 10**12, 3.5, "x", None, DROP, True, [], {}, 1, 2, 7, 64, 320, 321, 4096, 2**63]
 
 
 def mutations(folder, n: int, seed: int) -> list[tuple]:
     rng = np.random.default_rng(seed)
     size = (folder / "model.onnx").stat().st_size
+    data = folder / "model.onnx_data"  # external weights (models over 2 GB): cut or overwritten too
     cfg = json.loads((folder / "config.json").read_text())
     keys = sorted(cfg)
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
     out = []
     for i in range(n):
         r = i % 8
-        if r == 0:
+        if r == 0 and data.exists() and rng.random() < 0.6:
+            dsize = data.stat().st_size
+            out.append(pick([("truncate", data.name, int(rng.integers(0, dsize))), ("remove", data.name),
+                             ("bytes", data.name, int(rng.integers(0, dsize)), bytes([int(rng.integers(256))]))]))
+        elif r == 0:
             out.append(("truncate", "model.onnx", int(rng.integers(0, size))))
         elif r in (1, 2):  # random bytes: the graph's first kilobytes (structure) or anywhere
             off = int(rng.integers(0, 2048 if r == 1 else size))
@@ -68,6 +74,18 @@ def folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def folder_external(folder):
+    """The same export with its weights in model.onnx_data beside the graph (how models over 2 GB are stored)."""
+    import shutil
+    import onnx
+    out = folder.parent / "onnx-external"
+    shutil.copytree(folder, out)
+    onnx.save_model(onnx.load(str(folder / "model.onnx")), str(out / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=1024)
+    return out
+
+
+@pytest.fixture(scope="module")
 def pool(folder):
     p = fuzzkit.Pool(2, warmup=("fuzzkit:exercise", (str(folder),)))
     yield p
@@ -94,6 +112,12 @@ def test_fuzz_onnx_fast(pool, folder):
 @pytest.mark.slow
 def test_fuzz_onnx_slow(pool, folder):
     run_and_check(pool, folder, mutations(folder, N_SLOW, seed=61))
+
+
+@pytest.mark.slow
+def test_fuzz_onnx_external_data_slow(pool, folder_external):
+    assert fuzzkit.exercise(folder_external)["finite"]
+    run_and_check(pool, folder_external, mutations(folder_external, N_EXTERNAL, seed=71))
 
 
 def test_mutants_through_the_cli(folder, tmp_path):
