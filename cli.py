@@ -63,10 +63,9 @@ def _engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
 
 
 def _attn_line(eng) -> str:
-    st = getattr(eng, "attention_stats", None)
-    if st is None:
+    d = eng.attention_stats()
+    if not d:  # a backend without attention statistics (onnxruntime)
         return ""
-    d = st()
     s = f"; kv {d['kv']} ({d['kv_bytes_per_token']} B/token)"
     if d["attn"] == "delta":
         s += (f", delta attention: sparsity {d['sparsity']:.1%} (prefill {d['prefill']['sparsity']:.1%}, "
@@ -242,13 +241,12 @@ def perplexity(model: Optional[str] = ModelArg,
         _err(f"{file} is not UTF-8 text")
     eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
                                                   kv, text))
-    if hasattr(eng, "attn_stats"):
-        eng.attn_stats.reset()  # count the scored windows only (not the calibration)
+    eng.reset_attention_stats()  # count the scored windows only (not the calibration)
     with progress_bar("perplexity", "windows") as update:
         res = edgellm_perplexity(eng, text, ctx=ctx, max_windows=chunks, progress=update)
     if as_json:
         d = res.as_dict()
-        st = eng.attention_stats() if hasattr(eng, "attention_stats") else {}
+        st = eng.attention_stats()
         d.update(sparsity=st.get("sparsity", 0.0), kv_bytes_per_token=st.get("kv_bytes_per_token"),
                  attn=st.get("attn", "dense"), kv=st.get("kv", "f32"))
         if st.get("attn") == "delta":

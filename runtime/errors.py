@@ -22,5 +22,10 @@ class HubError(EdgeLLMError):
     no network and not in the cache."""
 
 
+class CacheError(EdgeLLMError):
+    """A cache operation that is not possible: truncating past the tokens held or, for a recurrent state, anywhere
+    but the start; restoring into a cache that is not empty or from snapshots that do not fit."""
+
+
 class InsufficientMemoryError(EdgeLLMError):
     """A load, context or conversion that would need more memory than the machine (or the process's limits) has."""

@@ -22,56 +22,17 @@ pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-DATA = Path(__file__).parent / "data"
 PROMPT = "To be, or not to be, that is the question: whether 'tis nobler"
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+from tiny_models import _norms_near_one, write_tiny_hf_llama, write_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- fixtures
-def write_tokenizer(out: Path) -> int:
-    """A byte-level BPE (GPT-2 pre-tokenizer) trained on Shakespeare, with ChatML specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = (DATA / "shakespeare_60k.txt").read_text(encoding="utf-8")
-    tr = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], tr)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
-        "add_bos_token": False, "model_max_length": 1024, "chat_template": CHAT_TEMPLATE}))
-    return tok.get_vocab_size()
-
-
-def _norms_near_one(model):
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-
-
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory) -> Path:
     """Llama-3.2's structure, tiny: llama3 rope scaling, 8 query heads over 2 kv heads, tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    out = tmp_path_factory.mktemp("llama") / "hf"
-    out.mkdir()
-    V = write_tokenizer(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                      initializer_range=0.08,
-                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    m = LlamaForCausalLM(cfg)
-    _norms_near_one(m)
-    m.save_pretrained(out)
-    return out
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("llama") / "hf")
 
 
 def pack_ternary(t):
