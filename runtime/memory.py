@@ -9,9 +9,11 @@ Available memory is the system's (psutil's `available`), bounded by the process'
 """
 from __future__ import annotations
 
+import math
 import os
 import resource
 
+from ..models.cache_spec import KV, STATE
 from .errors import InsufficientMemoryError
 
 FIXED_BUFFERS = 96 << 20  # per engine: score blocks (kernels/attention.SCORE_BLOCK), dequantized tiles, scratch
@@ -125,9 +127,11 @@ def check_context(cfg, n_ctx: int, kv_bytes_per_token: int, kv: str | None = Non
 
 
 def check_engine(engine) -> None:
-    """The engine hook: its context (engine.n_ctx at engine.kv) must fit before the cache is made (a recurrent
-    model's constant state is small: the fixed buffers cover it)."""
-    check_context(engine.cfg, engine.n_ctx, engine.kv_bytes_per_token, engine.kv)
+    """The engine hook: its context (engine.n_ctx, a cache of engine.spec's kind at engine.kv) must fit before the
+    cache is made."""
+    spec = engine.spec
+    state = 4 * sum(math.prod(s) for s in spec.state_shapes.values()) if spec.kind == STATE else 0
+    check_context(engine.cfg, engine.n_ctx, engine.kv_bytes_per_token, engine.kv if spec.kind == KV else None, state)
 
 
 def check_weights(file) -> None:

@@ -1,4 +1,5 @@
-"""Seeded byte mutations of tiny GGUF files (F32, Q8_0, Q4_0 Llamas; a TQ2_0 BitNet), each loaded and used as a
+"""Seeded byte mutations of tiny GGUF files (F32, Q8_0, Q4_0 Llamas; a TQ2_0 BitNet; deci, deepseek2 and
+edgellm-linear files with their per-architecture metadata), each loaded and used as a
 user would (tokenize, prefill, decode, detokenize, chat template) in long-lived workers under an address-space
 limit (tests/fuzzkit.py): each either works or raises edgellm's error; nothing else, no crash, no kill.
 (test_bad_input.py mutates the real default model's header the same way, 300 times, in-process.)"""
@@ -12,8 +13,10 @@ import pytest
 
 import fuzzkit
 
-N_FAST = 100   # per file, unmarked (4 files: 400)
-N_SLOW = 250   # per file, @slow (1,000): 1,400 here, and test_bad_input.py mutates the real model 300 times
+N_FAST = 100   # per Llama/BitNet file, unmarked (4 files: 400); 40 per other architecture (120)
+N_SLOW = 250   # per Llama/BitNet file, @slow (1,000); 100 per other architecture (300): 1,820 here, and
+#                test_bad_input.py mutates the real model 300 times
+OTHER = ("deci", "deepseek2", "edgellm-linear")
 
 
 def header_regions(path) -> dict[str, tuple[int, int]]:
@@ -55,7 +58,7 @@ def mutations(path, n: int, seed: int) -> list[tuple]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     import gguf
-    from conftest import write_tiny_llama
+    from tiny_models import write_tiny, write_tiny_llama
     from edgellm.converters import convert_to_gguf
     d = tmp_path_factory.mktemp("fuzz-gguf")
     qt = gguf.GGMLQuantizationType
@@ -63,6 +66,8 @@ def files(tmp_path_factory):
            "q8_0": write_tiny_llama(d / "q8.gguf", n_embd=64, n_ff=96, qtype=qt.Q8_0, seed=2),
            "q4_0": write_tiny_llama(d / "q4.gguf", n_embd=64, n_ff=96, qtype=qt.Q4_0, seed=3, tied=False)}
     out["tq2_0"] = convert_to_gguf(fuzzkit.write_checkpoint(d / "bitnet", "bitnet"), d / "tq2.gguf", "tq2_0")
+    for arch in OTHER:
+        out[arch] = write_tiny(d / f"{arch}.gguf", arch)
     return out
 
 
@@ -87,12 +92,14 @@ def run_and_check(pool, path, muts):
     return t
 
 
-@pytest.mark.parametrize("name", ["f32", "q8_0", "q4_0", "tq2_0"])
+@pytest.mark.parametrize("name", ["f32", "q8_0", "q4_0", "tq2_0", *OTHER])
 def test_fuzz_gguf_fast(files, pool, name):
-    run_and_check(pool, files[name], mutations(files[name], N_FAST, seed=100 + len(name)))
+    run_and_check(pool, files[name], mutations(files[name], N_FAST if name not in OTHER else 40,
+                                               seed=100 + len(name)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["f32", "q8_0", "q4_0", "tq2_0"])
+@pytest.mark.parametrize("name", ["f32", "q8_0", "q4_0", "tq2_0", *OTHER])
 def test_fuzz_gguf_slow(files, pool, name):
-    run_and_check(pool, files[name], mutations(files[name], N_SLOW, seed=200 + len(name)))
+    run_and_check(pool, files[name], mutations(files[name], N_SLOW if name not in OTHER else 100,
+                                               seed=200 + len(name)))
