@@ -111,18 +111,25 @@ def context_hint(n_ctx: int, per_token: int, fixed: int, kv: str | None) -> str:
     return " ".join(parts)
 
 
-def check_context(cfg, n_ctx: int, kv_bytes_per_token: int, kv: str | None = None, state_bytes: int = 0,
-                  what: str | None = None) -> None:
-    """Refuse a context that cannot fit, before its cache is allocated."""
-    need = context_bytes(cfg, n_ctx, kv_bytes_per_token, state_bytes)
+def check_context(cfg, n_ctx: int, kv_bytes_per_token: int, kv: str | None = None, state_bytes: int = 0) -> None:
+    """Refuse a context of a GGUF model that cannot fit, before its cache is allocated."""
+    per_token = kv_bytes_per_token + 24 * (cfg.rope_dim // 2)  # the cache and the rotary tables grow with n_ctx
+    check_cache(n_ctx, per_token, context_bytes(cfg, n_ctx, kv_bytes_per_token, state_bytes) - per_token * n_ctx,
+                kv, kv_bytes_per_token)
+
+
+def check_cache(n_ctx: int, per_token: int, fixed: int, kv: str | None = None, kv_per_token: int | None = None,
+                what: str | None = None) -> None:
+    """Refuse a context of n_ctx tokens that needs per_token bytes a token plus `fixed` bytes when that does not fit;
+    the message says how much of it is the KV cache (kv: its type) and what would fit."""
+    need = per_token * n_ctx + fixed
     avail = available_bytes()
     if need > avail:
-        per_token = kv_bytes_per_token + 24 * (cfg.rope_dim // 2)
-        fixed = need - per_token * n_ctx
+        kv_per_token = per_token if kv_per_token is None else kv_per_token
         kvs = f"KV cache {kv}" if kv else "KV cache"
         raise InsufficientMemoryError(
             f"{what or f'a context of {n_ctx:,} tokens'} needs {fmt_bytes(need)} "
-            f"({kvs}: {fmt_bytes(kv_bytes_per_token * n_ctx)}), {fmt_bytes(avail)} available: "
+            f"({kvs}: {fmt_bytes(kv_per_token * n_ctx)}), {fmt_bytes(avail)} available: "
             + context_hint(n_ctx, per_token, fixed, kv))
 
 

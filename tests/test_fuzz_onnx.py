@@ -17,9 +17,9 @@ from fuzzkit import DROP
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-N_FAST = 200   # the folder with the weights inside model.onnx
-N_SLOW = 600   # @slow; and 250 of the folder whose weights are in model.onnx_data: 1,050 in all
-N_EXTERNAL = 250
+N_FAST = 150   # the folder with the weights inside model.onnx; and 50 of the folder whose weights are in
+N_SLOW = 600   # model.onnx_data (a graph of structure only); @slow: 600 and 250 more: 1,050 in all
+N_EXTERNAL = (50, 250)
 VALUES = [0, -1, 10**12, 3.5, "x", None, DROP, True, [], {}, 1, 2, 7, 64, 320, 321, 4096, 2**63]
 
 
@@ -105,8 +105,9 @@ def run_and_check(pool, folder, muts):
           f"{t.get('error', 0)} clear errors")
 
 
-def test_fuzz_onnx_fast(pool, folder):
+def test_fuzz_onnx_fast(pool, folder, folder_external):
     run_and_check(pool, folder, mutations(folder, N_FAST, seed=51))
+    run_and_check(pool, folder_external, mutations(folder_external, N_EXTERNAL[0], seed=52))
 
 
 @pytest.mark.slow
@@ -117,7 +118,7 @@ def test_fuzz_onnx_slow(pool, folder):
 @pytest.mark.slow
 def test_fuzz_onnx_external_data_slow(pool, folder_external):
     assert fuzzkit.exercise(folder_external)["finite"]
-    run_and_check(pool, folder_external, mutations(folder_external, N_EXTERNAL, seed=71))
+    run_and_check(pool, folder_external, mutations(folder_external, N_EXTERNAL[1], seed=71))
 
 
 def test_mutants_through_the_cli(folder, tmp_path):
@@ -137,3 +138,47 @@ def test_mutants_through_the_cli(folder, tmp_path):
         r = fuzzkit.cli("run", str(dst), "-p", "hi", "-n", "2")
         fuzzkit.assert_clean_error(r, word)
         assert "EP Error" not in r.stdout + r.stderr  # onnxruntime's own banner is not shown
+
+
+def test_graph_that_loads_but_fails_to_run(folder, tmp_path):
+    """A corrupted attribute onnxruntime checks only when the node runs: one line at the first prefill."""
+    import shutil
+    import onnx
+    from edgellm.runtime.engine import load
+    from edgellm.runtime.errors import EdgeLLMError
+    dst = tmp_path / "bad"
+    shutil.copytree(folder, dst)
+    m = onnx.load(str(folder / "model.onnx"))
+    node = next(n for n in m.graph.node if n.name == "/rotary/Concat")  # the rotary angles, run before any use
+    next(a for a in node.attribute if a.name == "axis").i = -(1 << 47) - 1  # (a bit flip found by the fuzz)
+    onnx.save(m, str(dst / "model.onnx"))
+    eng = load(dst, n_ctx=64, threads=1)
+    with pytest.raises(EdgeLLMError, match="onnxruntime cannot run"):
+        eng.prefill([1, 2, 3])
+
+
+def test_onnx_config_and_banner(folder, tmp_path, capsys):
+    """config.json values are typed and must agree with the graph; onnxruntime's own banner is not printed."""
+    import shutil
+    from edgellm.runtime.engine import load
+    from edgellm.runtime.errors import EdgeLLMError, InsufficientMemoryError
+    dst = tmp_path / "f"
+    shutil.copytree(folder, dst)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value, words in [("vocab_size", 321, "vocab_size = 321"), ("max_position_embeddings", "x", "max_position"),
+                              ("max_position_embeddings", 3.5, "max_position")]:
+        (dst / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        with pytest.raises(EdgeLLMError, match=words):
+            load(dst, threads=1)
+    (dst / "config.json").write_text("[1, 2]")
+    with pytest.raises(EdgeLLMError, match="JSON object"):
+        load(dst, threads=1)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InsufficientMemoryError, match="smaller context"):
+        load(dst, n_ctx=10**12, threads=1)
+    data = (folder / "model.onnx").read_bytes()
+    i = data.find(b"\x05embed") + 1  # a node input's name: invalid UTF-8 ends in an error whose message onnxruntime
+    (dst / "model.onnx").write_bytes(data[:i] + b"\xee" + data[i + 1:])  # cannot decode: it prints a banner, retries
+    with pytest.raises(EdgeLLMError, match="onnxruntime cannot load"):
+        load(dst, threads=1)
+    assert "EP Error" not in capsys.readouterr().out
