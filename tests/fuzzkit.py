@@ -217,6 +217,9 @@ def worker_main() -> None:
     while True:
         job = _recv(inp)
         if job is None:
+            if _WORK:
+                import shutil
+                shutil.rmtree(_WORK[0], ignore_errors=True)
             return
         func, args = job
         if func == "limit":
