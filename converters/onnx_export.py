@@ -236,7 +236,8 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         raise ConversionError(f"model class {arch!r} cannot be exported to ONNX (supported: {', '.join(known)})")
     _need("torch", "transformers", "onnx", "onnxruntime")
     from .gguf_convert import CONVERTERS
-    CONVERTERS[arch](ckpt)  # config.json and tensors validated as for GGUF, before transformers reads them
+    from .tokenizer import check_tokenizer
+    check_tokenizer(ckpt, CONVERTERS[arch](ckpt).vocab_size())  # config.json, tensors, tokenizer files: as for GGUF
     check_torch_memory(ckpt, 4 if dtype == "fp32" else 6, f"exporting {src} to ONNX")  # model, trace, graph
     if exporter is export_with_optimum and arch in BUILDER_EXPORTERS:
         import importlib.util

@@ -291,10 +291,12 @@ def check_variant(src: Path, variant: str, heal_steps: int, batch: int, seq_len:
     activations of a calibration batch), before transformers reads the checkpoint."""
     from .checkpoint import check_torch_memory
     from .llama import LlamaConverter
+    from .tokenizer import check_tokenizer
     ckpt = HFCheckpoint(src)
     if ckpt.architecture != "LlamaForCausalLM":
         raise ConversionError(f"variants take a LlamaForCausalLM checkpoint (got {ckpt.architecture!r})")
     h = LlamaConverter(ckpt).h
+    check_tokenizer(ckpt, h.n_vocab)
     trains = heal_steps > 0 or variant == "prune"
     tokens = batch * seq_len
     act = 4 * tokens * (8 * h.n_vocab + h.n_layer * (12 * h.n_embd + 4 * h.n_ff)) * (2 if trains else 1)
@@ -351,7 +353,11 @@ def convert_variant(src, out, variant: str, opts: dict | None = None, heal_steps
     log = log or (lambda msg: None)
     ckpt, teacher = load_teacher(src)
     teacher.requires_grad_(False)
-    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    try:
+        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors, as one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConversionError(f"{src / 'tokenizer.json'}: the tokenizers library cannot read it ({reason})") from None
     if calib is not None:
         windows = tokenize_windows(tok, calib, seq_len)
         if eval_text is None:  # hold out the last windows of the calibration text
