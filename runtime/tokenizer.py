@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from gguf import Keys, TokenType
 
-from .errors import GGUFError, UnsupportedError
+from .errors import GGUFError, ModelFileError, UnsupportedError
 
 TK = Keys.Tokenizer
 
@@ -331,20 +331,20 @@ class Tokenizer:
             try:
                 data = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
             except (OSError, ValueError, RecursionError) as e:  # unreadable, JSONDecodeError, UnicodeDecodeError
-                raise GGUFError(f"{p}: invalid JSON ({e})") from None
+                raise ModelFileError(f"{p}: invalid JSON ({e})") from None
             if not isinstance(data, dict):
-                raise GGUFError(f"{p}: expected a JSON object, found a JSON {type(data).__name__}")
+                raise ModelFileError(f"{p}: expected a JSON object, found a JSON {type(data).__name__}")
             return data
 
         cfg = read("config.json")
         if n_vocab is None:
             n_vocab = cfg.get("vocab_size")
             if not isinstance(n_vocab, int) or isinstance(n_vocab, bool) or n_vocab < 1:
-                raise GGUFError(f"{folder / 'config.json'}: 'vocab_size' = {n_vocab!r} is not a positive integer")
+                raise ModelFileError(f"{folder / 'config.json'}: 'vocab_size' = {n_vocab!r} is not a positive integer")
         try:
             hf = read_hf_tokenizer(folder, cfg, read("tokenizer_config.json"), n_vocab)
         except ConfigError as e:
-            raise GGUFError(str(e)) from None
+            raise ModelFileError(str(e)) from None
         return cls.from_metadata(hf.metadata(), str(folder))
 
     # ------------------------------------------------------------------ encoding
