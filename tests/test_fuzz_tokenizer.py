@@ -196,6 +196,6 @@ def test_mutants_through_the_cli(model_file, tmp_path):
         fuzzkit.rewrite_gguf(str(model_file), p, changes)
         r = fuzzkit.cli("run", str(p), "-p", "hi", "-n", "2", *extra)
         fuzzkit.assert_clean_error(r, word, str(p))
-    # a broken template does not stop plain completion
-    r = fuzzkit.cli("run", str(tmp_path / "m0.gguf"), "-p", "hi", "-n", "2", "--temp", "0")
+    # a broken template does not stop raw completion
+    r = fuzzkit.cli("run", str(tmp_path / "m0.gguf"), "-p", "hi", "-n", "2", "--temp", "0", "--no-chat")
     assert r.returncode == 0, r.stderr[-2000:]
