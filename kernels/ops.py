@@ -10,7 +10,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-_JIT = dict(cache=True, fastmath=True, nogil=True)
+_JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 
 
 # ---------------------------------------------------------------- RMSNorm
