@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,18 @@ def test_check_asm_fails_on_scalar_code():
                        env=dict(os.environ, NUMBA_OPT="0"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "not vectorized" in r.stderr and "matvec_q4: no" in r.stderr and "matvec_ternary_q: no" in r.stderr
+
+
+def test_an_empty_jit_cache_is_cold_and_says_so(tmp_path):
+    code = ("import io; from edgellm.runtime import jit; f = io.StringIO(); cold = jit.cold_kernels(); "
+            "assert jit.compile_notice(f); print(len(cold)); print(f.getvalue())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, line = r.stdout.strip().splitlines()
+    assert int(n) == 8  # the core kernels and all three mat-vec kernels
+    assert re.fullmatch(r"edgellm: compiling kernels, once: ~\d+0 s \(later runs load them from the cache\)", line)
+    assert not list(tmp_path.rglob("*.nbi"))  # knowing it compiled nothing
 
 
 def _edgellm(*args, cache_dir):
