@@ -10,7 +10,7 @@
 #
 # usage: tests/arm64/run.sh        (as root: it installs debootstrap/qemu-user-static if missing, registers binfmt)
 # env:   EDGELLM_ARM64_CACHE  cache dir (default ~/.cache/edgellm-arm64): the bootstrapped root and the installed
-#                             dependencies as tarballs, pip's download cache; used when present and valid, rebuilt
+#                             dependencies as tarballs, the downloaded wheels; used when present and valid, rebuilt
 #                             otherwise (the script never depends on it)
 #        EDGELLM_ARM64_CPUS   CPU settings to check (default "cortex-a76 cortex-a72")
 #        EDGELLM_ARM64_KEEP=1 keep the root (printed) instead of deleting it at exit
@@ -20,14 +20,14 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-CACHE=${EDGELLM_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm-arm64}
+CACHE=$(realpath -m "${EDGELLM_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm-arm64}")
 CPUS=${EDGELLM_ARM64_CPUS:-"cortex-a76 cortex-a72"}
 PY=${PYTHON:-python3}
 SUITE=bookworm
 PYVER=3.11            # bookworm's python3, as on 64-bit Raspberry Pi OS
 INCLUDE=python3,python3-venv
 PROMPT="The three primary colors are"
-NGEN=32
+NGEN=16
 start=$(date +%s)
 t0=$start
 
@@ -133,11 +133,16 @@ mkdir -p "$WORK/src"
     || { tail -20 "$WORK/wheel.log" >&2; die "building the edgellm wheel"; }
 WHL=$(ls "$WORK"/dist/edgellm-*.whl)
 # edgellm's dependencies as its wheel declares them, plus pytest: aarch64 / CPython 3.11 binary wheels only,
-# resolved afresh each time (pip's download cache under the cache dir saves the transfer)
-"$PY" -m pip download -q --cache-dir "$CACHE/pip" --only-binary=:all: --platform manylinux_2_28_aarch64 \
-    --platform manylinux2014_aarch64 --python-version $PYVER --implementation cp --abi cp311 \
-    -d "$ROOT/tmp/wheels" "$WHL" pytest > "$WORK/download.log" 2>&1 \
-    || { tail -20 "$WORK/download.log" >&2; die "pip download of aarch64 wheels (log above)"; }
+# resolved afresh each time; files already in the cache dir are not downloaded again, and only the files this
+# resolution chose go into the root
+mkdir -p "$CACHE/wheels"
+"$PY" -m pip download --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+    --python-version $PYVER --implementation cp --abi cp311 -d "$CACHE/wheels" "$WHL" pytest \
+    > "$WORK/download.log" 2>&1 || { tail -20 "$WORK/download.log" >&2; die "pip download of aarch64 wheels (log above)"; }
+sed -nE 's/^ *(Saved|File was already downloaded) (.*\.whl)$/\2/p' "$WORK/download.log" | grep -v '/edgellm-[^/]*$' \
+    | while read -r f; do cp "$f" "$ROOT/tmp/wheels/"; done || true
+rm -f "$CACHE"/wheels/edgellm-*.whl
+[ "$(ls "$ROOT/tmp/wheels" | wc -l)" -gt 10 ] || { cat "$WORK/download.log" >&2; die "no aarch64 wheels collected"; }
 cp "$WHL" "$ROOT/tmp/wheels/"
 lap "wheels ready ($(ls "$ROOT"/tmp/wheels | wc -l) files)"
 
