@@ -83,7 +83,7 @@ def _cli_without_llama_cpp(*args):
 
 
 def test_bench_without_llama_cpp_runs_edgellm_and_says_why_llama_cpp_is_skipped(tmp_path):
-    from conftest import write_tiny_llama
+    from tiny_models import write_tiny_llama
     path = write_tiny_llama(tmp_path / "tiny.gguf")
     r = _cli_without_llama_cpp("bench", str(path), "-p", "16", "-n", "4", "-r", "1", "--no-ceiling", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
