@@ -75,19 +75,33 @@ FLAGS=$(sed -n 's/^flags: //p' $BINFMT/qemu-aarch64)
 lap "host tools and binfmt ready"
 
 # ---------------------------------------------------------------- work dir, cleanup
+mounts_under() { awk -v r="$1" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/mounts | sort -r; }
+remove_work() {  # unmount what is mounted under a work dir, then delete it (never across a mount)
+    local m
+    for m in $(mounts_under "$1"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+    if [ -n "$(mounts_under "$1")" ]; then
+        echo "arm64: still mounted under $1, not deleting it: $(mounts_under "$1" | tr '\n' ' ')" >&2
+        return 1
+    fi
+    rm -rf --one-file-system "$1"
+}
+# work dirs of runs that were killed (their process is gone) are removed; running ones are left alone
+for old in /tmp/edgellm-arm64.*; do
+    [ -f "$old/pid" ] && ! kill -0 "$(cat "$old/pid")" 2>/dev/null && remove_work "$old" || true
+done
 WORK=$(mktemp -d /tmp/edgellm-arm64.XXXXXX)
+echo $$ > "$WORK/pid"
 ROOT=$WORK/root
 mkdir -p "$ROOT" "$CACHE"
-mounts_under_root() { awk -v r="$ROOT" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/mounts | sort -r; }
 cleanup() {
-    local rc=$? m
-    for m in $(mounts_under_root); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
-    if [ -n "$(mounts_under_root)" ]; then
-        echo "arm64: still mounted under $ROOT, not deleting it: $(mounts_under_root | tr '\n' ' ')" >&2
-    elif [ "${EDGELLM_ARM64_KEEP:-0}" = 1 ]; then
+    local rc=$?
+    if [ "${EDGELLM_ARM64_KEEP:-0}" = 1 ]; then
+        local m
+        for m in $(mounts_under "$ROOT"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
+        rm -f "$WORK/pid"
         say "kept the root: $ROOT"
     else
-        rm -rf --one-file-system "$WORK"
+        remove_work "$WORK" || true
     fi
     exit $rc
 }
