@@ -221,6 +221,7 @@ cpu=${CPUS%% *}
 "$PY" -m edgellm.cli run --temp 0 -t 2 -n $NGEN -p "$PROMPT" > "$WORK/x86.txt" 2> "$WORK/x86.err" \
     || { cat "$WORK/x86.err" >&2; die "edgellm run on the host"; }
 [ -s "$WORK/x86.txt" ] || die "the x86 run produced no text"
+lap "x86 reference run"
 # a cold JIT cache of its own (the kernel tests above filled the package's): what a new Pi user starts with
 first_run() { in_root "$cpu" /usr/bin/env NUMBA_CACHE_DIR=/root/.cache/numba-first-run "$@"; }
 first_run edgellm pull --compile > "$WORK/pull.out" 2> "$WORK/pull.err" \
