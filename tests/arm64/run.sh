@@ -5,7 +5,8 @@
 #   - the quant, ops and ternary kernel tests;
 #   - tests/arm64/check_asm.py: the hot mat-vec loops are vectorized (NEON fmla / int16 lanes);
 # and once (cortex-a76): `edgellm pull --compile` from a cold JIT cache (must say it compiles), then
-# `edgellm run --temp 0` on the default model, whose text must equal the x86 run's, with no warning on stderr.
+# `edgellm run --temp 0` on the default model, whose text must equal the x86 run's, and `edgellm bench` without
+# llama-cpp-python (edgellm alone, llama.cpp skipped with the reason), none of them printing a warning.
 # Anything that does not work fails the script (no silent skip).
 #
 # usage: tests/arm64/run.sh        (as root: it installs debootstrap/qemu-user-static if missing, registers binfmt)
@@ -233,6 +234,14 @@ first_run edgellm run --temp 0 -t 2 -n $NGEN -p "$PROMPT" > "$WORK/arm64.txt" 2>
     || { cat "$WORK/arm64.err" >&2; die "[$cpu] edgellm run"; }
 cat "$WORK/arm64.err"
 lap "[$cpu] edgellm run (warm JIT cache)"
+# `edgellm bench` where llama-cpp-python cannot be installed (no wheel, no compiler): edgellm alone, and why
+first_run edgellm bench -p 16 -n 4 -r 1 --no-ceiling --json > "$WORK/bench.json" 2> "$WORK/bench.err" \
+    || { cat "$WORK/bench.err" >&2; die "[$cpu] edgellm bench without llama-cpp-python"; }
+grep -q "llama.cpp skipped: llama-cpp-python is not installed" "$WORK/bench.err" \
+    || { cat "$WORK/bench.err" >&2; die "[$cpu] edgellm bench did not say why llama.cpp was skipped"; }
+"$PY" -c "import json, sys; rows = json.load(open(sys.argv[1])); assert {r['backend'] for r in rows} == {'edgellm'} \
+and len(rows) == 2 and all(r['avg_ts'] > 0 for r in rows), rows" "$WORK/bench.json" || die "[$cpu] edgellm bench rows"
+lap "[$cpu] edgellm bench without llama-cpp-python (edgellm alone)"
 failed=0
 if cmp -s "$WORK/x86.txt" "$WORK/arm64.txt"; then
     say "greedy text identical to x86 ($NGEN tokens): $(head -c 200 "$WORK/arm64.txt" | tr '\n' ' ')"
@@ -244,7 +253,7 @@ fi
 if grep -q "compiling kernels" "$WORK/arm64.err"; then
     echo "arm64: FAILED: [$cpu] a warm JIT cache still says it compiles kernels" >&2; failed=1
 fi
-if grep -i "warning" "$WORK/pull.err" "$WORK/arm64.err" >&2; then
+if grep -i "warning" "$WORK/pull.err" "$WORK/arm64.err" "$WORK/bench.err" >&2; then
     echo "arm64: FAILED: [$cpu] warnings on start (above)" >&2; failed=1
 fi
 [ $failed = 0 ] || exit 1
