@@ -235,7 +235,7 @@ first_run edgellm run --temp 0 -t 2 -n $NGEN -p "$PROMPT" > "$WORK/arm64.txt" 2>
 cat "$WORK/arm64.err"
 lap "[$cpu] edgellm run (warm JIT cache)"
 # `edgellm bench` where llama-cpp-python cannot be installed (no wheel, no compiler): edgellm alone, and why
-first_run edgellm bench -p 16 -n 4 -r 1 --no-ceiling --json > "$WORK/bench.json" 2> "$WORK/bench.err" \
+first_run edgellm bench -p 4 -n 2 -r 1 --no-ceiling --json > "$WORK/bench.json" 2> "$WORK/bench.err" \
     || { cat "$WORK/bench.err" >&2; die "[$cpu] edgellm bench without llama-cpp-python"; }
 grep -q "llama.cpp skipped: llama-cpp-python is not installed" "$WORK/bench.err" \
     || { cat "$WORK/bench.err" >&2; die "[$cpu] edgellm bench did not say why llama.cpp was skipped"; }
