@@ -71,7 +71,7 @@ def generate_step(engine: Backend, prompt: Sequence[int], sampler: Sampler, max_
     del history[keep:]
     if len(prompt) >= cache.n_ctx:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the context holds {cache.n_ctx} "
-                                   "(use --ctx to enlarge it)")
+                                   "(a larger n_ctx holds it)", "n_ctx")
     stats.prompt_tokens, stats.prompt_tokens_cached = len(prompt), keep
     t0 = time.perf_counter()
     logits = engine.prefill(prompt[keep:], cache)

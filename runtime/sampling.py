@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ArgumentError
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -19,15 +21,15 @@ class SamplerSettings:
 
     def __post_init__(self):
         if self.temp < 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temp})")
+            raise ArgumentError(f"temp must be >= 0 (got {self.temp})", "temp")
         if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (got {self.top_k})")
+            raise ArgumentError(f"top_k must be >= 0 (got {self.top_k})", "top_k")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1] (got {self.top_p})")
+            raise ArgumentError(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min-p must be in [0, 1] (got {self.min_p})")
+            raise ArgumentError(f"min_p must be in [0, 1] (got {self.min_p})", "min_p")
         if self.repeat_penalty <= 0:
-            raise ValueError(f"repeat penalty must be > 0 (got {self.repeat_penalty})")
+            raise ArgumentError(f"repeat_penalty must be > 0 (got {self.repeat_penalty})", "repeat_penalty")
 
 
 def apply_repetition_penalty(logits: np.ndarray, history, penalty: float, last_n: int) -> np.ndarray:
