@@ -96,6 +96,9 @@ ROOT=$WORK/root
 mkdir -p "$ROOT" "$CACHE"
 cleanup() {
     local rc=$?
+    # a step still running (interrupted or timed out) stops first: the emulated one with its whole process group
+    if [ -n "${STEP:-}" ]; then kill -TERM -- "-$STEP" 2>/dev/null && sleep 3 || true; fi
+    pkill -TERM -P $$ 2>/dev/null && sleep 2 || true
     if [ "${EDGELLM_ARM64_KEEP:-0}" = 1 ]; then
         local m
         for m in $(mounts_under "$ROOT"); do umount "$m" 2>/dev/null || umount -l "$m" || true; done
@@ -199,12 +202,19 @@ mount -t proc proc "$ROOT/proc"
 mount -t tmpfs -o size=256m tmpfs "$ROOT/dev/shm"
 [ -c "$ROOT/dev/null" ] || die "no /dev/null in the root"
 
-# run a command in the root under emulation with a CPU setting; stdout/stderr as the caller redirects them
+# run a command in the root under emulation with a CPU setting; stdout/stderr as the caller redirects them. It runs
+# in a process group of its own that the shell waits for, so that INT/TERM (e.g. CI's timeout) reach the traps at
+# once and cleanup stops the whole group (the command and what it started)
+STEP=
 in_root() {
-    local cpu=$1; shift
-    chroot "$ROOT" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
+    local cpu=$1 rc=0; shift
+    setsid chroot "$ROOT" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
         EDGELLM_CACHE=/root/.cache/edgellm QEMU_CPU=max NUMBA_CPU_NAME="$cpu" NUMBA_CPU_FEATURES="$(cpu_features "$cpu")" \
-        "$@"
+        "$@" &
+    STEP=$!
+    wait "$STEP" || rc=$?
+    STEP=
+    return $rc
 }
 
 # ---------------------------------------------------------------- under emulation, per CPU setting
