@@ -117,9 +117,18 @@ def run(model: Optional[str] = ModelArg,
         attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
         delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
         delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
+        json_schema: Optional[str] = typer.Option(None, "--json-schema", "-j", help="Constrain the output to this "
+                                                  "JSON Schema: a file, or the schema's JSON text itself."),
+        json_object: bool = typer.Option(False, "--json", help="Constrain the output to a JSON object (any)."),
+        regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the whole output to match this regular "
+                                            "expression."),
+        grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to a grammar file: Lark "
+                                              "(a 'start:' rule) or llama.cpp GBNF ('root ::= ...')."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No timings on stderr.")):
     """Generate text for a prompt; text streams to stdout, timings go to stderr. An instruct model's chat template
-    is applied by default (the prompt is the user's turn); --no-chat continues raw text."""
+    is applied by default (the prompt is the user's turn); --no-chat continues raw text. With --json-schema, --json,
+    --regex or --grammar every token is sampled from those the constraint allows (see docs/structured-output.md):
+    the output matches when the stop reason is eos; 'length' means -n cut it short."""
     from .runtime.generate import stream_generate
     if (prompt is None) == (file is None):
         _err("give the prompt with either --prompt or --file")
@@ -132,6 +141,7 @@ def run(model: Optional[str] = ModelArg,
     if chat is False and system_prompt is not None:
         _err("--system-prompt needs the chat template (drop --no-chat)")
     settings = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    spec = _constraint_spec(json_schema, json_object, regex, grammar)  # a bad schema fails before the model loads
     # --delta-sparsity calibrates on --delta-calib, else on a long prompt, else on text the model samples itself
     calib = prompt if len(prompt) > 2000 else None
     eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
@@ -142,15 +152,60 @@ def run(model: Optional[str] = ModelArg,
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
             [{"role": "user", "content": prompt}]
         prompt = eng.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    constraint = None
+    if spec is not None:
+        from .runtime.constraints import compile_constraint
+        constraint = compile_constraint(eng.tokenizer, spec, n_vocab=eng.cfg.n_vocab)
     last = None
-    for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop):
+    for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop, constraint=constraint):
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r
     if not quiet and last is not None:
+        mask = f", mask {last.stats.mask_ms_per_token:.3f} ms/token" if constraint is not None else ""
         print(file=sys.stderr)
-        print(f"edgellm: {_stats_line(last.stats)}; load {eng.load_seconds:.2f} s, {eng.threads} threads"
+        print(f"edgellm: {_stats_line(last.stats)}{mask}; load {eng.load_seconds:.2f} s, {eng.threads} threads"
               f"{_attn_line(eng)}", file=sys.stderr)
+
+
+def _constraint_spec(json_schema, json_object, regex, grammar):
+    """run's structured-output options as a ConstraintSpec (None without one); errors name the option."""
+    from .runtime.constraints import grammar_spec, json_object_spec, json_schema_spec, regex_spec
+    from .runtime.errors import ConstraintError
+    given = [o for o, v in (("--json-schema", json_schema), ("--json", json_object or None), ("--regex", regex),
+                            ("--grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        _err(f"give at most one of --json-schema, --json, --regex and --grammar (got {' and '.join(given)})")
+    if not given:
+        return None
+    flag = given[0]
+    try:
+        if json_schema is not None:
+            text = json_schema
+            if not json_schema.lstrip().startswith(("{", "[")) and json_schema.strip() not in ("true", "false"):
+                try:
+                    text = Path(json_schema).read_text(encoding="utf-8")
+                except FileNotFoundError:
+                    _err(f"--json-schema: {json_schema} is neither a file nor JSON text")
+                except OSError as e:
+                    _err(f"--json-schema: cannot read {json_schema}: {e.strerror or e}")
+                except UnicodeDecodeError:
+                    _err(f"--json-schema: {json_schema} is not UTF-8 text")
+            return json_schema_spec(text, what="JSON schema")
+        if regex is not None:
+            return regex_spec(regex, what="regular expression")
+        if grammar is not None:
+            flag = f"--grammar {grammar}"
+            try:
+                text = Path(grammar).read_text(encoding="utf-8")
+            except OSError as e:
+                _err(f"{flag}: cannot read it: {e.strerror or e}")
+            except UnicodeDecodeError:
+                _err(f"{flag}: not UTF-8 text")
+            return grammar_spec(text)
+        return json_object_spec()
+    except ConstraintError as e:
+        _err(f"{flag}: {e}")
 
 
 @app.command()

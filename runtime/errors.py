@@ -60,3 +60,8 @@ class CacheError(EdgeLLMError):
     """A cache operation that is not possible: truncating past the tokens held or, for a recurrent state, anywhere
     but the start; restoring into a cache that is not empty or from snapshots that do not fit; a cache of another
     model."""
+
+
+class ConstraintError(EdgeLLMError):
+    """An invalid or unsupported JSON schema, regular expression, grammar or tool definition (reported before
+    any token is generated)."""

@@ -71,10 +71,15 @@ class Sampler:
         self.s = settings or SamplerSettings()
         self.rng = np.random.default_rng(self.s.seed)
 
-    def __call__(self, logits: np.ndarray, history=()) -> int:
+    def __call__(self, logits: np.ndarray, history=(), allowed: np.ndarray | None = None) -> int:
+        """The next token. allowed: a (V,) bool mask from a constraint (runtime/constraints.py); tokens outside
+        it get -inf after the repetition penalty, so no later step (top-k, top-p, min-p, temperature, greedy)
+        can pick them."""
         s = self.s
         logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), history, s.repeat_penalty,
                                           s.repeat_last_n)
+        if allowed is not None:
+            return self._masked(logits, allowed)
         if s.temp == 0:
             return int(np.argmax(logits))
         if 0 < s.top_k < len(logits):
@@ -89,6 +94,17 @@ class Sampler:
         p = np.exp(lg - lg.max())
         p /= p.sum()
         return int(ids[self.rng.choice(len(ids), p=p)])
+
+    def _masked(self, logits: np.ndarray, allowed: np.ndarray) -> int:
+        # logits (V,), allowed (V,) bool -> a token with allowed[token]
+        if allowed.shape != logits.shape:
+            raise ValueError(f"the mask has {allowed.shape[0]} entries for {logits.shape[0]} logits")
+        if not allowed.any():
+            raise ValueError("the mask allows no token")
+        tok = self(np.where(allowed, logits, -np.inf))
+        if not allowed[tok]:  # cannot happen: every step keeps the largest logits; checked all the same
+            raise RuntimeError(f"the sampler picked token {tok} outside the mask")
+        return tok
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

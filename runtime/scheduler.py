@@ -10,9 +10,11 @@ Each turn of the loop, at a step boundary:
 4. every running sequence advances by one token in one `engine.decode_batch` call (one read of the weights).
 
 A sequence's next token is chosen in one place, `Scheduler.select_token` (logits -> token, given the sequence's
-sampler and history). Finished sequences give their cache to the prefix cache. Results go back through each
-request's `emit` callback (called on the scheduler thread) as `Delta`, `ChoiceEnd`, `RequestEnd` or
-`RequestError` events; the HTTP layer (server.py) only translates them.
+sampler, history and, for structured output, its constraint's mask; the next mask is computed on a background
+thread while `decode_batch` runs, and a choice whose structure is closed ends with "stop"). Finished sequences
+give their cache to the prefix cache. Results go back through each request's `emit` callback (called on the
+scheduler thread) as `Delta`, `ChoiceEnd`, `RequestEnd` or `RequestError` events; the HTTP layer (server.py) only
+translates them.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Callable, Sequence as Seq
 import numpy as np
 
 from .engine import set_threads
-from .errors import EdgeLLMError
+from .errors import ConstraintError, EdgeLLMError
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplerSettings, log_softmax
 
@@ -56,6 +58,7 @@ class GenParams:
     presence_penalty: float = 0.0        # OpenAI's: over the generated tokens only
     frequency_penalty: float = 0.0
     cache_prompt: bool = True            # llama.cpp's: reuse (and keep) caches through the prefix cache
+    constraint: object = None            # a compiled constraints.Constraint: each choice samples from a fork of it
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -127,10 +130,12 @@ class Sequence:
     """One choice being generated: its cache, its tokens (prompt + generated; the last one not yet in the cache
     while `next_token` is set), its sampler and its text state."""
     __slots__ = ("req", "index", "cache", "tokens", "sampler", "decoder", "pending", "n_gen", "next_token",
-                 "counts", "infos")
+                 "counts", "infos", "constraint")
 
     def __init__(self, req: Request, index: int, cache, sampler: Sampler, decoder):
         self.req, self.index, self.cache, self.sampler, self.decoder = req, index, cache, sampler, decoder
+        c = req.params.constraint
+        self.constraint = c.fork() if c is not None else None  # this choice's grammar state (structured output)
         self.tokens = list(req.prompt)
         self.pending = ""           # text held back: it could be the start of a stop string
         self.n_gen = 0
@@ -303,7 +308,8 @@ class Scheduler:
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(seqs)
         for seq, row in zip(seqs, logits):
-            self._advance(seq, row)
+            if seq.cache is not None:  # not ended meanwhile (a failed constraint ends its request's choices)
+                self._advance(seq, row)
 
     def select_token(self, seq: Sequence, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
         """The next token of `seq` from its logits (n_vocab,): logit bias and presence / frequency penalties, then
@@ -319,7 +325,7 @@ class Scheduler:
                 ids = np.fromiter(seq.counts.keys(), dtype=np.int64, count=len(seq.counts))
                 cnt = np.fromiter(seq.counts.values(), dtype=np.float32, count=len(seq.counts))
                 x[ids] -= p.frequency_penalty * cnt + p.presence_penalty
-        tok = seq.sampler(x, seq.tokens)
+        tok = seq.sampler(x, seq.tokens, seq.constraint.allowed() if seq.constraint is not None else None)
         info = None
         if p.logprobs is not None:
             lp = log_softmax(np.asarray(logits))
@@ -334,7 +340,15 @@ class Scheduler:
 
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
         """Choose seq's next token from `logits`, emit its text, and finish the sequence or queue the token."""
-        tok, info = self.select_token(seq, logits)
+        try:
+            tok, info = self.select_token(seq, logits)
+            if seq.constraint is not None:
+                seq.constraint.advance(tok)
+        except ConstraintError as e:  # a grammar that hit llguidance's limits: this request fails, not the batch
+            self._fail(seq.req, e)
+            for s in [s for s in self._running if s.req is seq.req]:
+                self._end_sequence(s, None)
+            return
         req, p = seq.req, seq.req.params
         seq.n_gen += 1
         req.completion_tokens += 1
@@ -357,11 +371,16 @@ class Scheduler:
         if cut > 0:
             text, seq.pending = seq.pending[:cut], seq.pending[cut:]
             self._emit_delta(seq, text)
+        if seq.constraint is not None and seq.constraint.is_finished:  # the structure is closed: nothing can follow
+            self._end_sequence(seq, "stop")
+            return
         if seq.n_gen >= p.max_tokens or seq.cache.n >= seq.cache.n_ctx:
             self._end_sequence(seq, "length")
             return
         seq.tokens.append(tok)
         seq.next_token = tok
+        if seq.constraint is not None:
+            seq.constraint.prefetch()  # the next mask is computed while decode_batch runs
 
     def _emit_delta(self, seq: Sequence, text: str) -> None:
         infos, seq.infos = seq.infos, []

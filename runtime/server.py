@@ -17,12 +17,12 @@ import secrets
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import EdgeLLMError
+from .errors import ConstraintError, EdgeLLMError
 from .sampling import SamplerSettings
 from .scheduler import (PREFILL_CHUNK, ChoiceEnd, Delta, GenParams, QueueFullError, Request, RequestEnd, RequestError,
                         Scheduler, SchedulerStoppedError, TokenLogprob)
@@ -79,7 +79,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # structured output and tool calls: defined, answered with 400 until the constraint API lands (issue 17)
+    # structured output and tool calls (runtime/constraints.py, runtime/tools.py)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
@@ -255,18 +255,14 @@ class Server:
                            code="context_length_exceeded")
         return ids
 
-    def _chat_prompt(self, r: ChatCompletionRequest) -> list[int]:
-        if r.tools:
-            raise ApiError(400, "tools are not supported yet", param="tools", code="unsupported")
-        if r.tool_choice is not None and r.tool_choice not in ("none", "auto"):
-            raise ApiError(400, "tool_choice is not supported yet", param="tool_choice", code="unsupported")
-        if r.response_format is not None and r.response_format.get("type", "text") != "text":
-            raise ApiError(400, f"response_format {r.response_format.get('type')!r} is not supported yet "
-                                "(only 'text')", param="response_format", code="unsupported")
-        messages = []
+    def _chat_prompt(self, r: ChatCompletionRequest):
+        """(prompt ids, tool plan or None, compiled constraint or None) of a chat request. A bad schema, tool or
+        tool_choice is a 400 here, before anything is queued (compiling a constraint can take a moment: this runs
+        off the event loop)."""
+        from .constraints import compile_constraint, json_object_spec, json_schema_spec
+        from .tools import plan_tools, plain_messages, template_messages
+        messages, tool_turns = [], False
         for i, m in enumerate(r.messages):
-            if m.role == "tool" or m.tool_calls:
-                raise ApiError(400, "tool messages are not supported yet", param=f"messages.{i}", code="unsupported")
             content = m.content
             if isinstance(content, list):
                 texts = []
@@ -277,13 +273,55 @@ class Server:
                     texts.append(part["text"])
                 content = "\n".join(texts)
             role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": content or ""})
+            msg = {"role": role, "content": content or ""}
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            tool_turns = tool_turns or role == "tool" or bool(m.tool_calls)
+            messages.append(msg)
         tok = self.tokenizer
+        plan, spec, param = None, None, "response_format"
+        rf = r.response_format
+        kind = "text" if rf is None else rf.get("type")
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            if kind == "json_object":
+                spec = json_object_spec()
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or "schema" not in js:
+                    raise ApiError(400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": '
+                                        '{...}}}', param="response_format.json_schema", code="invalid_value")
+                param = "response_format.json_schema.schema"
+                spec = json_schema_spec(js["schema"], what="response_format.json_schema.schema")
+            elif kind != "text":
+                raise ApiError(400, f"response_format type {kind!r} is not supported (text, json_object, "
+                                    "json_schema)", param="response_format.type", code="invalid_value")
+            if r.tools:
+                param = "tools"
+                plan = plan_tools(tok, r.tools, r.tool_choice, r.parallel_tool_calls, messages)
+                if spec is not None and plan.mode != "none":
+                    raise ApiError(400, "response_format json_object / json_schema together with tools is not "
+                                        "supported (give tool_choice 'none', or leave out one of them)",
+                                   param="response_format", code="unsupported")
+                if plan.mode == "none":
+                    plan = None
+                else:
+                    spec = plan.constraint_spec()
+            elif r.tool_choice not in (None, "none", "auto"):
+                raise ApiError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+            if plan is not None:
+                text = plan.prompt(tok, messages)
+            else:
+                text = tok.apply_chat_template(plain_messages(messages) if tool_turns else template_messages(messages),
+                                               add_generation_prompt=True)
+            constraint = compile_constraint(tok, spec, n_vocab=self.n_vocab) if spec is not None else None
+        except ConstraintError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_value") from None
         except EdgeLLMError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-        return self._check_prompt(tok.encode(text, add_bos=None, parse_special=True), "messages")
+        ids = self._check_prompt(tok.encode(text, add_bos=None, parse_special=True), "messages")
+        return ids, plan, constraint
 
     def _completion_prompts(self, r: CompletionRequest) -> list[list[int]]:
         if r.echo:
@@ -376,8 +414,10 @@ class Server:
             raise ApiError(400, "top_logprobs needs logprobs = true", param="top_logprobs", code="invalid_value")
         max_tokens = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
         params = self._params(r, max_tokens, (r.top_logprobs or 0) if r.logprobs else None)
-        ids = await _in_thread(self._chat_prompt, r)
-        return await self._respond(request, r, [ids], params, chat=True)
+        ids, plan, constraint = await _in_thread(self._chat_prompt, r)
+        if constraint is not None:
+            params = replace(params, constraint=constraint)
+        return await self._respond(request, r, [ids], params, chat=True, plan=plan)
 
     async def completions(self, request):
         r = await self._read_json(request, CompletionRequest)
@@ -386,11 +426,11 @@ class Server:
         prompts = await _in_thread(self._completion_prompts, r)
         return await self._respond(request, r, prompts, params, chat=False)
 
-    async def _respond(self, request, r: _Sampling, prompts, params: GenParams, chat: bool):
+    async def _respond(self, request, r: _Sampling, prompts, params: GenParams, chat: bool, plan=None):
         from starlette.responses import JSONResponse, StreamingResponse
         reqs, queue = self._submit(prompts, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        shaper = _Shaper(self, rid, chat, params)
+        shaper = _Shaper(self, rid, chat, params, plan)
         events = self._events(reqs, queue, self._watch(request, reqs))
         if r.stream:
             usage = bool(r.stream_options and r.stream_options.include_usage)
@@ -415,9 +455,11 @@ class Server:
                     yield _sse(ApiError(500, ev.message, "server_error").body())
                     return
                 shaper.add(ev)
-                if isinstance(ev, Delta):
+                if isinstance(ev, Delta) and shaper.plan is None:  # with tools, a choice is sent whole at its end
                     yield _sse(shaper.chunk([shaper.delta_choice(ev)], include_usage))
                 elif isinstance(ev, ChoiceEnd):
+                    if shaper.plan is not None:
+                        yield _sse(shaper.chunk([shaper.tool_delta(ev.index)], include_usage))
                     yield _sse(shaper.chunk([shaper.end_choice(ev)], include_usage))
             if include_usage:
                 yield _sse(shaper.chunk([], False) | {"usage": shaper.usage()})
@@ -447,8 +489,10 @@ async def _wait_disconnect(request) -> None:
 class _Shaper:
     """Collects one HTTP request's events and shapes them as OpenAI's response or stream chunks."""
 
-    def __init__(self, server: Server, rid: str, chat: bool, params: GenParams):
+    def __init__(self, server: Server, rid: str, chat: bool, params: GenParams, plan=None):
         self.server, self.id, self.chat, self.params = server, rid, chat, params
+        self.plan = plan  # tools.ToolPlan: each choice's text is read for tool calls
+        self.calls: dict[int, tuple[str | None, list]] = {}
         self.tok = server.tokenizer
         self.created = int(time.time())
         self.text: dict[int, list[str]] = {}
@@ -464,6 +508,11 @@ class _Shaper:
                 self.lps.setdefault(ev.index, []).extend(ev.logprobs)
         elif isinstance(ev, ChoiceEnd):
             self.finish[ev.index] = ev.finish_reason
+            if self.plan is not None:
+                from .tools import openai_finish_reason
+                content, calls = self.plan.parse("".join(self.text.get(ev.index, [])), ev.finish_reason != "length")
+                self.calls[ev.index] = (content, calls)
+                self.finish[ev.index] = openai_finish_reason(ev.finish_reason, calls)
         elif isinstance(ev, RequestEnd):
             self.prompt_tokens += ev.prompt_tokens
             self.cached_tokens += ev.cached_tokens
@@ -515,8 +564,14 @@ class _Shaper:
             text = "".join(self.text.get(i, []))
             reason = self.finish.get(i, "length")
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": self._chat_logprobs(self.lps.get(i)), "finish_reason": reason})
+                message = {"role": "assistant", "content": text, "refusal": None}
+                if self.plan is not None:
+                    content, calls = self.calls.get(i, (text, []))
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = calls
+                choices.append({"index": i, "message": message, "logprobs": self._chat_logprobs(self.lps.get(i)),
+                                "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": text, "logprobs": self._completion_logprobs(i, self.lps.get(i)),
                                 "finish_reason": reason})
@@ -540,9 +595,19 @@ class _Shaper:
         return {"index": ev.index, "text": ev.text, "logprobs": self._completion_logprobs(ev.index, ev.logprobs),
                 "finish_reason": None}
 
+    def tool_delta(self, index: int) -> dict:
+        """A tools request's choice, sent whole once it has ended: its content or its tool calls."""
+        content, calls = self.calls.get(index, ("".join(self.text.get(index, [])), []))
+        delta: dict = {"content": content}
+        if calls:
+            delta["tool_calls"] = [dict(c, index=k) for k, c in enumerate(calls)]
+        return {"index": index, "delta": delta, "logprobs": self._chat_logprobs(self.lps.get(index)),
+                "finish_reason": None}
+
     def end_choice(self, ev: ChoiceEnd) -> dict:
         if self.chat:
-            return {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
+            return {"index": ev.index, "delta": {}, "logprobs": None,
+                    "finish_reason": self.finish.get(ev.index, ev.finish_reason)}
         return {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}
 
 

@@ -457,6 +457,12 @@ class Tokenizer:
     def stream_decoder(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special)
 
+    @property
+    def backend(self):
+        """The Hugging Face `tokenizers.Tokenizer` that does the merging (built from the GGUF vocabulary; no
+        decoder and no special tokens: what surrounds it is done here, as llama.cpp does it)."""
+        return self._hf
+
     def token_text(self, token_id: int) -> str:
         """The token's string as stored in the vocabulary."""
         return self.tokens[token_id]

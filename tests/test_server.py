@@ -493,8 +493,10 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         ({**ok, "messages": user("hello " * 1500)}, 400, "context_length_exceeded"),
         ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "unsupported"),
-        ({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported"),
-        ({**ok, "response_format": {"type": "json_object"}}, 400, "unsupported"),
+        ({**ok, "tools": [{"type": "function", "function": {"name": "not a name"}}]}, 400, "invalid_value"),
+        ({**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}, 400,
+         "invalid_value"),
+        ({**ok, "response_format": {"type": "yaml"}}, 400, "invalid_value"),
     ]
     for body, want, code in cases:
         st, resp = http(server.url, "POST", chat, body)
