@@ -10,7 +10,7 @@ from .delta import axpy_rows_gi, delta_scores_prefill, delta_step
 from .kv_store import TJ, fwht_rows, tile, tile_buf
 from .ops import exp_inplace
 
-_JIT = dict(cache=True, fastmath=True, nogil=True)
+_JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 
 
 # ================================================================ row helpers (vectorized along tokens)

@@ -18,6 +18,7 @@ from .fetch import resolve_model
 from .gguf_file import GGUFFile
 from .hub import CheckpointConverter
 from .kv_cache import AttentionConfig, AttentionStats, KVCache
+from .memory import check_engine, check_weights
 from .weights import WeightSource
 
 
@@ -41,6 +42,7 @@ class Engine(EngineBase):
         if arch is None:
             raise UnsupportedError(f"architecture {self.cfg.arch!r} is not supported "
                                    f"(supported: {', '.join(ARCHITECTURES)})")
+        check_weights(self.file)  # runtime/memory.py: refused before it is spent
         self.weights = WeightSource(self.file)
         try:
             self.model = arch(self.cfg, self.weights)
@@ -51,6 +53,7 @@ class Engine(EngineBase):
         self.spec = self.model.cache_spec()
         check_options(self.spec, o.kv, o.attn)
         self.n_ctx = self._context(self.cfg.n_ctx_train)
+        check_engine(self)  # runtime/memory.py: the context's cache must fit before it is made
         self.attn = AttentionConfig()
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if o.attn == "delta":

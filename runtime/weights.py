@@ -19,7 +19,10 @@ class QMatrix:
 
     def __init__(self, qtype: QT, raw: np.ndarray, rows: int, cols: int, name: str = ""):
         self.qtype, self.rows, self.cols, self.name = int(qtype), rows, cols, name
-        self.packed = mv.pack(self.qtype, raw)
+        try:
+            self.packed = mv.pack(self.qtype, raw)
+        except ValueError as e:  # block scales that are not finite: a corrupted file
+            raise GGUFError(f"tensor {name!r}: {e}") from None
         self.nbytes = int(raw.nbytes)  # bytes of the file's encoding: what one mat-vec reads
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
@@ -69,6 +72,8 @@ class WeightSource:
         if t.qtype not in types:
             raise UnsupportedError(f"tensor {name!r} has type {t.qtype.name}, which edgellm does not support "
                                    f"(supported: {', '.join(q.name for q in types)})")
+        if t.qtype in VECTOR_TYPES and not np.isfinite(t.data).all():  # quantized scales: checked by the packer
+            raise GGUFError(f"{self.f.path}: tensor {name!r} holds NaN or infinite values")
         self.used.add(name)
         return t
 

@@ -1,0 +1,88 @@
+"""The kernels' JIT cache: is it cold on this machine (then the first run compiles for a while, and says so), and
+compiling ahead of a run (`edgellm pull --compile`).
+
+Numba compiles each kernel at its first call and keeps the machine code in a cache beside the kernel's source
+(`cache=True`), keyed on the signature, the CPU (name and features) and the function's bytecode; the source file's
+stamp invalidates it. A kernel is warm when its cache index holds an entry whose key is what this process would
+compute for it now. That is a few small file reads, no compiling.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+import time
+
+from ..kernels import attention, kv_store, matvec, ops, ternary
+
+# kernels every dense decode step calls, whatever the weight type ...
+CORE_KERNELS = (ops.rmsnorm, ops.rope_inplace, ops.swiglu, attention.attention_decode, kv_store.store_kv)
+# ... and one of these mat-vec kernels (which one depends on the model's weights)
+MATVEC_KERNELS = (matvec.matvec_q4, matvec.matvec_q8, ternary.matvec_ternary_q)
+
+# a cold compile of a run's kernels takes about this many times the probe's CPU time (measured on x86 and under
+# qemu's emulation of aarch64, where both Python and LLVM slow down alike)
+COMPILE_PER_PROBE = 1500.0
+
+
+def _probe() -> None:
+    # a fixed piece of pure-Python work (~16 ms on a recent x86 core): the machine's speed at what a compile does
+    d = {}
+    for i in range(200_000):
+        d[i % 97] = d.get(i % 97, 0) + i * 3
+
+
+def probe_seconds() -> float:
+    """CPU seconds of the probe (CPU time: a busy machine does not inflate it)."""
+    t = time.process_time()
+    _probe()
+    return time.process_time() - t
+
+
+def is_cached(kernel) -> bool:
+    """Whether Numba's cache holds machine code of `kernel` for this CPU and this version of its source."""
+    cache = kernel._cache  # a FunctionCache (the kernels are @njit(cache=True))
+    codegen = kernel.targetctx.codegen()
+    index = cache._cache_file._load_index()  # {} when missing or stale
+    return any(cache._index_key(key[0], codegen) == key for key in index)
+
+
+def cold_kernels() -> list[str] | None:
+    """Names of the kernels a run needs that would compile now ([] when the cache is warm; None when this Numba's
+    cache cannot be read so: the notice is then left out rather than the run failing — tests/arm64/test_pi.py
+    checks that it can be read with the Numba installed)."""
+    try:
+        cold = [k.__name__ for k in CORE_KERNELS if not is_cached(k)]
+        if not any(is_cached(k) for k in MATVEC_KERNELS):
+            cold += [k.__name__ for k in MATVEC_KERNELS]
+    except (AttributeError, TypeError, ValueError, IndexError, OSError, EOFError, pickle.UnpicklingError):
+        return None
+    return cold
+
+
+def estimate_seconds() -> int:
+    """A rough cold-compile time on this machine, from a short speed probe (rounded to 10 s, at least 10)."""
+    s = min(probe_seconds() for _ in range(3)) * COMPILE_PER_PROBE
+    return max(10, int(round(s / 10.0)) * 10)
+
+
+def compile_notice(file=None) -> bool:
+    """Say on stderr that kernels compile, once, when the JIT cache is cold; whether it was."""
+    if not cold_kernels():
+        return False
+    print(f"edgellm: compiling kernels, once: ~{estimate_seconds()} s (later runs load them from the cache)",
+          file=file or sys.stderr, flush=True)
+    return True
+
+
+def compile_ahead(model=None, threads: int | None = None) -> float:
+    """Compile (or load from the cache) every kernel a run of `model` calls: a prompt long enough for the batched
+    path, a short one and a decode step. Returns the seconds it took."""
+    from .engine import load
+    t = time.perf_counter()
+    eng = load(model, threads=threads, n_ctx=64)
+    n = min(eng.cfg.n_vocab, 1000)
+    cache = eng.new_cache(64)
+    eng.prefill([i % n for i in range(1, 2 * matvec.BATCH_MAX + 1)], cache)  # prefill: dequantized tiles + BLAS
+    eng.prefill([1, 2, 3], cache)  # a short prompt: the fused kernels with a few rows
+    eng.decode(4, cache)
+    return time.perf_counter() - t
