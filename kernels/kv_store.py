@@ -233,6 +233,21 @@ def store_kv(kd, ks, vd, vs, k, v, p0, rot_k, rot_v):
 
 
 # ================================================================ reading tiles (dequantizing)
+@njit(**_JIT)
+def block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, out):
+    # scales (Hkv, hd/32, n_ctx) f16 bits -> out (t1 - t0,) f32: the scales of block b (dims 32 b .. 32 b + 31) of kv
+    # head kh at tokens t0 .. t1 - 1, when all_rows or a dimension of the block is needed; -> whether it was
+    use = all_rows
+    if not use:
+        for i in range(32 * b, 32 * b + 32):
+            use = use or need[i]
+    if use:
+        ssrc = scales[kh, b, t0:t1]
+        for u in range(t1 - t0):
+            out[u] = tbl[ssrc[u]]
+    return use
+
+
 def tile(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
     """-> (src, off): src[i, off + j - t0] = dim i of kv head kh at token j, for t0 <= j < t1 and the rows i with
     need[i] or all_rows (f32: the cache itself, no copy; other formats: decoded into buf (hd + hd/32, >= t1 - t0))."""
@@ -265,16 +280,9 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             nb = D // 32
             m = t1 - t0
             for b in range(nb):
-                use = all_rows
-                if not use:
-                    for i in range(32 * b, 32 * b + 32):
-                        use = use or need[i]
-                if not use:
-                    continue
                 sc = buf[D + b, :m]
-                ssrc = scales[kh, b, t0:t1]
-                for u in range(m):
-                    sc[u] = tbl[ssrc[u]]
+                if not block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, sc):
+                    continue
                 for i in range(32 * b, 32 * b + 32):
                     if all_rows or need[i]:
                         src = data[kh, i, t0:t1]
@@ -289,16 +297,9 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             nb = D // 32
             m = t1 - t0
             for b in range(nb):
-                use = all_rows
-                if not use:
-                    for i in range(32 * b, 32 * b + 32):
-                        use = use or need[i]
-                if not use:
-                    continue
                 sc = buf[D + b, :m]
-                ssrc = scales[kh, b, t0:t1]
-                for u in range(m):
-                    sc[u] = tbl[ssrc[u]]
+                if not block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, sc):
+                    continue
                 for k in range(16):
                     i0 = 32 * b + k
                     i1 = i0 + 16
