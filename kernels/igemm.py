@@ -30,6 +30,7 @@ from . import simd
 from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, splat, vec
 
 R = 16  # rows per group
+QK8 = 32  # values per activation block of the q formats
 TT = 16  # rows of X per tile in a mat-mul (each unpacked weight vector is used TT times)
 
 
@@ -142,35 +143,73 @@ def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XF, fofs, fstride, nt
     return sig, codegen
 
 
+@njit(inline="always", nogil=True)
+def _gemm(isa, fmt, W, XQ, XF, out, nchunk):
+    # W (G, nb, rec) u8, XQ (N, cols) i8, XF (N, parts, 2) f32 -> out (N, rows) f32 = X @ W.T (rows <= G*R);
+    # row groups split into nchunk parallel chunks, rows of X in tiles of TT; isa, fmt: string literals
+    G, nb, rec = W.shape
+    N, cols = XQ.shape
+    nparts = XF.shape[1]
+    rows = out.shape[1]
+    vpb = cols // nb
+    ppb = nparts // nb
+    nchunk = max(1, min(G, nchunk))
+    for c in prange(nchunk):
+        acc = np.empty(TT * R, dtype=np.float32)
+        for g in range(c * G // nchunk, (c + 1) * G // nchunk):
+            for t0 in range(0, N, TT):
+                nt = min(TT, N - t0)
+                acc[:nt * R] = 0.0
+                for k in range(nb):
+                    block(isa, fmt, W, (g * nb + k) * rec, XQ, t0 * cols + k * vpb, cols,
+                          XF, (t0 * nparts + k * ppb) * 2, nparts * 2, nt, acc, 0)
+                for t in range(nt):
+                    for l in range(min(R, rows - g * R)):
+                        out[t0 + t, g * R + l] = acc[t * R + l]
+    return out
+
+
 def _make_igemm(isa: str, fmt: str):
-    # the kernel with the instruction set and format as constants (typed as literals: one compiled, cached
-    # function per pair, no dispatch on strings at call time)
+    # the kernels with the instruction set and format as constants (closure strings are typed as literals: one
+    # compiled, cached function per pair, no dispatch on strings at call time): igemm takes quantized
+    # activations, igemm_x quantizes f32 activations to Q8 blocks first (one call from Python instead of two)
     @njit(parallel=True, cache=True, nogil=True)
     def igemm(W, XQ, XF, out, nchunk):
-        # W (G, nb, rec) u8, XQ (N, cols) i8, XF (N, parts, 2) f32 -> out (N, rows) f32 = X @ W.T (rows <= G*R);
-        # row groups split into nchunk parallel chunks, rows of X in tiles of TT
-        G, nb, rec = W.shape
-        N, cols = XQ.shape
-        nparts = XF.shape[1]
-        rows = out.shape[1]
-        vpb = cols // nb
-        ppb = nparts // nb
-        nchunk = max(1, min(G, nchunk))
-        for c in prange(nchunk):
-            acc = np.empty(TT * R, dtype=np.float32)
-            for g in range(c * G // nchunk, (c + 1) * G // nchunk):
-                for t0 in range(0, N, TT):
-                    nt = min(TT, N - t0)
-                    acc[:nt * R] = 0.0
-                    for k in range(nb):
-                        block(isa, fmt, W, (g * nb + k) * rec, XQ, t0 * cols + k * vpb, cols,
-                              XF, (t0 * nparts + k * ppb) * 2, nparts * 2, nt, acc, 0)
-                    for t in range(nt):
-                        for l in range(min(R, rows - g * R)):
-                            out[t0 + t, g * R + l] = acc[t * R + l]
-        return out
+        _gemm(isa, fmt, W, XQ, XF, out, nchunk)  # returns nothing: see below
 
-    return igemm
+    @njit(parallel=True, cache=True, nogil=True)
+    def igemm_x(W, X, XQ, XF, out, nchunk):
+        # X (N, cols) f32 quantized into XQ, XF (Q8 blocks of 32), then as igemm
+        if X.shape[0] > TT:
+            for t in prange(X.shape[0]):
+                quantize_q8_row(X, XQ, XF, t)
+        else:
+            for t in range(X.shape[0]):
+                quantize_q8_row(X, XQ, XF, t)
+        _gemm(isa, fmt, W, XQ, XF, out, nchunk)
+
+    # (the closures share one qualified name: a cached one that returned an array failed to box it when
+    # reloaded in another process, 'descr' is NULL; they fill `out` and return None)
+    return igemm, igemm_x
+
+
+@njit(cache=True, nogil=True, inline="always")
+def quantize_q8_row(x, xq, xf, t):
+    # row t of x (N, nb*32) f32 -> xq[t] i8, xf[t] (nb, 2) = (d, sum q) per block of 32, as llama.cpp's Q8_0/Q8_1:
+    # d = max|x| / 127, q = rint(x * (127 / max|x|)) within [-127, 127]; an all-zero block gives d = 0, q = 0
+    n = x.shape[1]
+    for k in range(n // QK8):
+        amax = np.float32(0.0)
+        for i in range(QK8):
+            amax = max(amax, abs(x[t, k * QK8 + i]))
+        iv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        s = 0
+        for i in range(QK8):
+            q = np.int32(np.rint(x[t, k * QK8 + i] * iv))
+            xq[t, k * QK8 + i] = q
+            s += q
+        xf[t, k, 0] = amax / np.float32(127.0)
+        xf[t, k, 1] = s
 
 
 _KERNELS: dict = {}
@@ -183,7 +222,13 @@ def kernel(isa: str, fmt: str):
     k = _KERNELS.get((isa, fmt))
     if k is None:
         k = _KERNELS[(isa, fmt)] = _make_igemm(isa, fmt)
-    return k
+    return k[0]
+
+
+def kernel_x(isa: str, fmt: str):
+    """The same with f32 activations quantized inside (Q8 blocks): kernel_x(W, X, XQ, XF, out, nchunk)."""
+    kernel(isa, fmt)
+    return _KERNELS[(isa, fmt)][1]
 
 
 def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XF: np.ndarray, out: np.ndarray) -> None:
@@ -205,7 +250,20 @@ def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XF: np.ndarray, out: np.ndarr
 def matmul(isa: str, fmt: str, W, XQ, XF, out):
     """out (N, rows) = X @ W.T with X given as (XQ, XF); checked, then the compiled kernel for `isa`."""
     check(fmt, W, XQ, XF, out)
-    return kernel(isa, fmt)(W, XQ, XF, out, 4 * numba.get_num_threads())
+    kernel(isa, fmt)(W, XQ, XF, out, 4 * numba.get_num_threads())
+    return out
+
+
+def matmul_x(isa: str, fmt: str, W, X, out):
+    """out (N, rows) = X @ W.T for f32 X (N, cols), quantized to Q8 blocks of 32 inside the same call (q formats)."""
+    N, cols = X.shape
+    if fmt == "tq2" or X.dtype != np.float32 or not X.flags.c_contiguous:
+        raise ValueError(f"matmul_x takes contiguous f32 activations and a q format, got {X.dtype} for {fmt}")
+    XQ = np.empty((N, cols), dtype=np.int8)
+    XF = np.empty((N, cols // QK8, 2), dtype=np.float32)
+    check(fmt, W, XQ, XF, out)
+    kernel_x(isa, fmt)(W, X, XQ, XF, out, 4 * numba.get_num_threads())
+    return out
 
 
 # ---------------------------------------------------------------- NumPy reference (exact integer sums)

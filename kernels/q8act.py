@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import quants
-from .igemm import FORMATS, R, aligned_empty
+from .igemm import FORMATS, R, aligned_empty, quantize_q8_row
 from .simd import half_to_float
 
 QFORMATS = {QT.Q4_0: "q4_0", QT.Q4_1: "q4_1", QT.Q8_0: "q8_0"}
@@ -54,28 +54,11 @@ def pack(qtype: int, raw: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- activations
-@njit(cache=True, nogil=True, inline="always")
-def _quantize_row(x, xq, xf, t):
-    n = x.shape[1]
-    for k in range(n // QK):
-        amax = np.float32(0.0)
-        for i in range(QK):
-            amax = max(amax, abs(x[t, k * QK + i]))
-        iv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        s = 0
-        for i in range(QK):
-            q = np.int32(np.rint(x[t, k * QK + i] * iv))
-            xq[t, k * QK + i] = q
-            s += q
-        xf[t, k, 0] = amax / np.float32(127.0)
-        xf[t, k, 1] = s
-
-
 @njit(cache=True, nogil=True)
 def quantize_q8(x, xq, xf):
     # x (N, nb*32) f32 -> xq (N, nb*32) i8, xf (N, nb, 2) f32 (d, sum q) per block of 32
     for t in range(x.shape[0]):
-        _quantize_row(x, xq, xf, t)
+        quantize_q8_row(x, xq, xf, t)
     return xq
 
 
@@ -83,7 +66,7 @@ def quantize_q8(x, xq, xf):
 def quantize_q8_parallel(x, xq, xf):
     # as quantize_q8, rows over threads (prefill)
     for t in prange(x.shape[0]):
-        _quantize_row(x, xq, xf, t)
+        quantize_q8_row(x, xq, xf, t)
     return xq
 
 

@@ -59,8 +59,7 @@ class QMatrix:
         if self.fmt:
             if X.shape[1] != self.cols:
                 raise ValueError(f"{self.name}: input {X.shape} does not fit ({self.rows}, {self.cols})")
-            xq, xf = q8act.quantize(X)
-            igemm.matmul(self.isa, self.fmt, self.W, xq, xf, out)
+            igemm.matmul_x(self.isa, self.fmt, self.W, X, out)
         else:
             mv.matmul(self.qtype, self.packed, X, out)
         return out

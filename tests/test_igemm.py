@@ -17,6 +17,8 @@ from edgellm.runtime import weights
 from edgellm.runtime.errors import EdgeLLMError
 
 RUNNABLE = simd.runnable_isas()  # always includes "generic": the same arithmetic on any CPU
+# this machine's own choice and the portable variant in the fast loop; the other sets it can run are slow (compiles)
+ISA_PARAMS = [pytest.param(i, marks=() if i in (simd.target_isa(), "generic") else pytest.mark.slow) for i in RUNNABLE]
 FMTS = list(igemm.FORMATS)
 
 
@@ -43,7 +45,7 @@ def random_acts(fmt, N, nb, rng, unit_scale=False, extreme=False):
 
 
 # ---------------------------------------------------------------- the kernel: exact integers, every variant
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_integer_sums_are_exact(isa, fmt):
     # unit scales: the output is the integer sum itself (far below 2^24, so exact in f32); N = 19 spans two tiles
@@ -60,7 +62,7 @@ def test_integer_sums_are_exact(isa, fmt):
         np.testing.assert_array_equal(out.astype(np.float64), igemm.matmul_ref(fmt, W, rows, XQ, XF))
 
 
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_scaled_products_match_float64(isa, fmt):
     rng = np.random.default_rng(7)
@@ -71,6 +73,20 @@ def test_scaled_products_match_float64(isa, fmt):
     igemm.matmul(isa, fmt, W, XQ, XF, out)
     ref = igemm.matmul_ref(fmt, W, rows, XQ, XF)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("N", [1, 40])  # 40: the activations quantized by rows over threads
+def test_fused_quantization_is_the_same_product(N):
+    rng = np.random.default_rng(11)
+    isa = simd.target_isa() or "generic"
+    W = random_records("q4_1", 3, 4, rng)
+    X = rng.standard_normal((N, 128)).astype(np.float32)
+    a, b = np.empty((N, 40), np.float32), np.empty((N, 40), np.float32)
+    igemm.matmul_x(isa, "q4_1", W, X, a)
+    igemm.matmul(isa, "q4_1", W, *q8act.quantize(X), b)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        igemm.matmul_x(isa, "tq2", random_records("tq2", 1, 1, rng), X[:, :256], a)
 
 
 def test_bad_shapes_are_refused():
