@@ -259,7 +259,10 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
           ppl_ctx: int = typer.Option(512, "--ppl-ctx", help="Window of --ppl-file's perplexity."),
           ppl_chunks: int = typer.Option(8, "--ppl-chunks", help="Windows of --ppl-file's perplexity."),
           startup: bool = typer.Option(False, "--startup", help="Also time a fresh `edgellm run` process to its first "
-                                                                "token, warm and cold JIT cache.")):
+                                                                "token, warm and cold JIT cache."),
+          profile: bool = typer.Option(False, "--profile", help="Instead: where each token's time goes in edgellm "
+                                       "(mat-vecs, attention, norms/rope/activation, the rest), kernel calls and bytes "
+                                       "per token against the measured bandwidth (bench/profile.py).")):
     """Prompt processing (pp) and generation (tg) speed after llama-bench, edgellm beside llama.cpp (and
     onnxruntime) in the same run: mean ± std tok/s, warm-up discarded, ratios to llama.cpp, first-logits
     time, peak RSS, KV bytes and the fraction of the machine's read bandwidth a decode reaches.
@@ -275,6 +278,12 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
             _err(f"--threads must be >= 1 (got {threads})")
         info = machine_info(threads)
         print(json.dumps(info, indent=2) if as_json else machine_line(info))
+        return
+    if profile:
+        from .bench.profile import format_report, run as run_profile
+        for m in model or [None]:
+            res = run_profile(m, max(1, n_prompt), max(1, n_gen), threads, measure_bw=ceiling)
+            print(json.dumps(res) if as_json else format_report(res))
         return
     s = suite.Settings(model=model, backends=suite.parse_list(backends, "--backends"), n_prompt=n_prompt, n_gen=n_gen,
                        depths=suite.parse_depths(depth) if depth is not None else [0], reps=reps, threads=threads,

@@ -113,9 +113,10 @@ def profile(engine, n_prompt: int = 64, n_gen: int = 32, seed: int = 0) -> dict:
     """Prefill n_prompt tokens (random ids), then decode n_gen greedily; per-token seconds and calls per part."""
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, engine.cfg.n_vocab, max(1, n_prompt))
-    warm = engine.new_cache(n_prompt + n_gen + 8)
-    engine.decode(int(engine.prefill(prompt[:8], warm).argmax()), warm)  # compile / load every kernel first
-    engine.prefill(prompt, warm)
+    warm = engine.new_cache(n_prompt + n_gen + 8)  # the same steps once first: compile / load every kernel
+    logits = engine.prefill(prompt, warm)
+    for _ in range(min(n_gen, 2)):
+        logits = engine.decode(int(logits.argmax()), warm)
     cache = engine.new_cache(n_prompt + n_gen + 8)
     rec = Recorder()
     out = {}
