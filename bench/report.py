@@ -1,4 +1,4 @@
-"""What a benchmark run writes: a Markdown table (with ratios to llama.cpp), CSV, JSON, and a report
+"""What a benchmark run writes: a Markdown table (with ratios to llama.cpp), CSV, JSON, JSON lines, and a report
 (Markdown + JSON lines) that carries the machine, package versions, model file hash and every setting."""
 from __future__ import annotations
 
@@ -48,14 +48,19 @@ def _f(x, fmt: str, none: str = "-") -> str:
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
-    many = len({r.model_filename for r in rows}) > 1  # several models: a model column
-    lines = [("| model " if many else "") + "| backend | test | t/s | vs llama.cpp | first logits ms | peak RSS MiB | "
-             "KV MiB | GB/s read | of ceiling |", ("|---" if many else "") + "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per test; a model column when several models were measured, a threads column when several
+    thread counts were (llama-bench shows what varies)."""
+    many = len({r.model_filename for r in rows}) > 1
+    threads = len({r.n_threads for r in rows}) > 1
+    lines = [("| model " if many else "") + "| backend " + ("| threads " if threads else "") +
+             "| test | t/s | vs llama.cpp | first logits ms | peak RSS MiB | KV MiB | GB/s read | of ceiling |",
+             ("|---" if many else "") + "|---" + ("|---:" if threads else "") + "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            (f"| {Path(r.model_filename).name} " if many else "") + f"| {r.backend} | {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | {_f(r.ratio_vs_llama_cpp, '.2f')}"
-            f"{'x' if r.ratio_vs_llama_cpp is not None else ''} | {r.ttft_ms:.1f} | {r.peak_rss_bytes / 2**20:.0f} | "
-            f"{r.kv_bytes / 2**20:.1f} | {_f(r.bandwidth_gbs, '.2f')} | "
+            (f"| {Path(r.model_filename).name} " if many else "") + f"| {r.backend} "
+            + (f"| {r.n_threads} " if threads else "") + f"| {r.test} | {r.avg_ts:.2f} ± {r.stddev_ts:.2f} | "
+            f"{_f(r.ratio_vs_llama_cpp, '.2f')}{'x' if r.ratio_vs_llama_cpp is not None else ''} | {r.ttft_ms:.1f} | "
+            f"{r.peak_rss_bytes / 2**20:.0f} | {r.kv_bytes / 2**20:.1f} | {_f(r.bandwidth_gbs, '.2f')} | "
             f"{_f(None if r.bandwidth_frac is None else 100 * r.bandwidth_frac, '.0f')}"
             f"{'%' if r.bandwidth_frac is not None else ''} |")
     return "\n".join(lines)
@@ -108,7 +113,13 @@ def to_csv(rows: list[BenchRow]) -> str:
 
 
 def to_json(rows: list[BenchRow]) -> str:
+    """llama-bench's -o json: one array of row objects."""
     return json.dumps([r.as_dict() for r in rows], indent=2)
+
+
+def to_jsonl(rows: list[BenchRow]) -> str:
+    """llama-bench's -o jsonl: one row object per line."""
+    return "".join(json.dumps(r.as_dict()) + "\n" for r in rows)
 
 
 def write_report(out_dir, rows: list[BenchRow], meta: dict, extra: dict | None = None) -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """`edgellm bench` from options to output: check the settings, measure the machine's ceiling, run every
-backend with a progress bar, then print (table / JSON / CSV), write the report and plots. On Ctrl-C what
-was measured so far is still printed and written."""
+backend with a progress bar, then print (as llama-bench's `-o`: md, csv, json, jsonl), write the report
+and plots. On Ctrl-C what was measured so far is still printed and written."""
 from __future__ import annotations
 
 import sys
@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import EdgeLLMError
-from .llama_bench import BenchRow, add_ratios, run_bench
+from .llama_bench import BenchRow, add_ratios, as_list, run_bench
 
+FORMATS = ("md", "csv", "json", "jsonl")   # llama-bench's -o (less sql)
 SWEEPS = {"ctx": (0, 512, 1024, 2048, 4096)}  # later: delta-attention sparsity, KV types
 
 
@@ -17,11 +18,11 @@ SWEEPS = {"ctx": (0, 512, 1024, 2048, 4096)}  # later: delta-attention sparsity,
 class Settings:
     model: str | list | None = None   # one model, or several compared in one table (e.g. a variant and its original)
     backends: list = field(default_factory=lambda: ["edgellm", "llama.cpp"])
-    n_prompt: int = 512
-    n_gen: int = 128
+    n_prompt: int | list = 512     # each: one value or a list (every combination runs, as in llama-bench)
+    n_gen: int | list = 128
     depths: list = field(default_factory=lambda: [0])
     reps: int = 5
-    threads: int | None = None
+    threads: int | list | None = None   # None: the physical cores
     n_batch: int = 512
     onnx: str | None = None
     seed: int = 0
@@ -48,14 +49,26 @@ def parse_list(text: str, what: str) -> list[str]:
     return items
 
 
-def parse_depths(text: str) -> list[int]:
-    try:
-        depths = [int(x) for x in parse_list(text, "--depth")]
-    except ValueError:
-        raise EdgeLLMError(f"--depth must be comma-separated token counts (got {text!r})") from None
-    if any(d < 0 for d in depths):
-        raise EdgeLLMError(f"--depth values must be >= 0 (got {text!r})")
-    return sorted(set(depths))
+def parse_ints(texts, what: str, minimum: int = 0) -> list[int]:
+    """llama-bench's list values: comma-separated, and/or the option given several times ("64,128" or
+    ["64", "128"]) -> [64, 128] in the order given, each once."""
+    texts = [texts] if isinstance(texts, (str, int)) else list(texts)
+    out = []
+    for t in texts:
+        for x in parse_list(t, what):
+            try:
+                v = int(x)
+            except ValueError:
+                raise EdgeLLMError(f"{what} takes comma-separated whole numbers (got {t!r})") from None
+            if v < minimum:
+                raise EdgeLLMError(f"{what} values must be >= {minimum} (got {v})")
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def parse_depths(text) -> list[int]:
+    return sorted(parse_ints(text, "--depth"))
 
 
 def check(s: Settings) -> None:
@@ -63,11 +76,11 @@ def check(s: Settings) -> None:
     from .backends import check_backends
     if s.reps < 1:
         raise EdgeLLMError("--repetitions must be >= 1")
-    if s.n_prompt < 0 or s.n_gen < 0:
+    if any(n < 0 for n in as_list(s.n_prompt) + as_list(s.n_gen)):
         raise EdgeLLMError("--n-prompt and --n-gen must be >= 0")
-    if s.n_prompt == 0 and s.n_gen == 0:
-        raise EdgeLLMError("nothing to measure: --n-prompt and --n-gen are both 0")
-    if s.threads is not None and s.threads < 1:
+    if not any(n > 0 for n in as_list(s.n_prompt) + as_list(s.n_gen)):
+        raise EdgeLLMError("nothing to measure: --n-prompt and --n-gen are all 0")
+    if s.threads is not None and (not as_list(s.threads) or min(as_list(s.threads)) < 1):
         raise EdgeLLMError(f"--threads must be >= 1 (got {s.threads})")
     if s.n_batch < 1:
         raise EdgeLLMError("--batch-size must be >= 1")
@@ -128,10 +141,14 @@ def run_suite(s: Settings, progress=None) -> Result:
             ppl_text = Path(s.ppl_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise EdgeLLMError(f"cannot read --ppl-file {s.ppl_file}: {e}") from None
-    s.threads = set_threads(s.threads or physical_cores())
+    asked = as_list(s.threads or physical_cores())
+    s.threads = list(dict.fromkeys(set_threads(t) for t in asked))   # numba runs at most NUMBA_NUM_THREADS
+    if len(s.threads) < len(asked) or any(t not in s.threads for t in asked):
+        print(f"edgellm: threads {','.join(map(str, asked))} run as {','.join(map(str, s.threads))} "
+              f"(at most NUMBA_NUM_THREADS)", file=sys.stderr)
     if s.sweep and s.depths == [0]:
         s.depths = list(SWEEPS[s.sweep])
-    machine = machine_info(s.threads) if s.ceiling else None
+    machine = machine_info(max(s.threads)) if s.ceiling else None
     rows, interrupted, models = [], False, []
     for path in paths:
         backends = [b for b in s.backends if b != "llama.cpp" or llama_cpp_knows(path)]
@@ -139,7 +156,7 @@ def run_suite(s: Settings, progress=None) -> Result:
             print(f"edgellm: llama.cpp does not know the architecture of {Path(path).name}: edgellm only",
                   file=sys.stderr)
         if s.ppl_file is not None or len(paths) > 1:
-            models.append(model_summary(path, ppl_text, s.ppl_ctx, s.ppl_chunks, s.threads))
+            models.append(model_summary(path, ppl_text, s.ppl_ctx, s.ppl_chunks, s.threads[0]))
         r, interrupted = run_bench(path, backends, s.n_prompt, s.n_gen, s.depths, s.reps, s.threads, s.n_batch,
                                    s.onnx, s.seed, machine["bandwidth_gbs"] if machine else None, progress=progress)
         add_ratios(r)
@@ -156,18 +173,24 @@ def run_suite(s: Settings, progress=None) -> Result:
     return Result(rows, interrupted, machine, meta, models)
 
 
-def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) -> list[Path]:
-    """Print the rows (fmt: table, json, csv) and write the report and plot; the paths written."""
-    from .report import ceiling_line, machine_line, markdown_table, models_table, to_csv, to_json, write_report
+def emit(res: Result, fmt: str = "md", report_dir=None, plot=None, out=None) -> list[Path]:
+    """Print the rows (fmt: md, csv, json, jsonl) and write the report and plot; the paths written."""
+    from .report import (ceiling_line, machine_line, markdown_table, models_table, to_csv, to_json, to_jsonl,
+                         write_report)
+    if fmt not in FORMATS:
+        raise EdgeLLMError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
     out = out or sys.stdout
     written = []
     if fmt == "json":
         out.write(to_json(res.rows) + "\n")
+    elif fmt == "jsonl":
+        out.write(to_jsonl(res.rows))
     elif fmt == "csv":
         out.write(to_csv(res.rows))
     else:
         m = res.meta
-        out.write(f"model {Path(m['model']).name}, {m['settings']['threads']} threads, "
+        threads = ",".join(map(str, as_list(m["settings"]["threads"])))
+        out.write(f"model {', '.join(Path(x).name for x in m.get('models', [m['model']]))}, {threads} threads, "
                   f"{m['settings']['reps']} runs after a discarded warm-up\n")
         if res.machine:
             out.write(f"machine: {machine_line(res.machine)}\n")
@@ -180,7 +203,7 @@ def emit(res: Result, fmt: str = "table", report_dir=None, plot=None, out=None) 
         written += list(write_report(report_dir, res.rows, res.meta, {"models": res.models} if res.models else None))
     if plot and res.rows:
         from .plot import plot_bars, plot_depth_sweep
-        title = f"{Path(res.meta['model']).name}, {res.meta['settings']['threads']} threads"
+        title = f"{Path(res.meta['model']).name}, {','.join(map(str, as_list(res.meta['settings']['threads'])))} threads"
         many_depths = len({r.n_depth for r in res.rows}) > 1
         written.append((plot_depth_sweep if many_depths else plot_bars)(res.rows, plot, title))
     return written

@@ -15,3 +15,8 @@ class UnsupportedError(EdgeLLMError):
 
 class ContextOverflowError(EdgeLLMError):
     """A prompt (or prompt + generation) longer than the context window."""
+
+
+class HubError(EdgeLLMError):
+    """A model named on the Hugging Face Hub that cannot be had: unknown or gated repository, no matching file,
+    no network and not in the cache."""

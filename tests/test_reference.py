@@ -104,12 +104,16 @@ PROMPTS = [
 ]
 
 
-def greedy_llama(llm, prompt_ids, n=32):
+def greedy_llama(llm, prompt_ids, n=32, scores=None):
+    """llama.cpp's greedy continuation; its logits at each step are appended to `scores` if given."""
     llm.reset()
     llm.eval(prompt_ids)
     out = []
     for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        if scores is not None:
+            scores.append(row)
+        t = int(np.argmax(row))
         out.append(t)
         llm.eval([t])
     return out
@@ -145,23 +149,23 @@ def test_greedy_continuations_match_llama_cpp_exact_weights(f32_model, llama_cpp
     assert same >= 4
 
 
-def test_greedy_continuations_quantized(engine, llm, llama_cpp, model_path):
-    # As for top-1 agreement: with 8-bit activation rounding in llama.cpp, long greedy runs part at near-ties;
-    # llama.cpp's flash-attention path matched its default path on 1 of these 5 prompts (first parting at
-    # token 10 or later). edgellm must do at least as well against llama.cpp's default path.
-    llm_fa = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, logits_all=True, n_threads=2, verbose=False,
-                             flash_attn=True)
-    ours_first, self_first, same, self_same = [], [], 0, 0
+def test_greedy_continuations_quantized(engine, llm):
+    # llama.cpp rounds activations to 8 bits per block before every quantized product; edgellm keeps them f32. Long
+    # greedy runs therefore part at near-ties, and where they part depends on the CPU's kernels (llama.cpp's own
+    # flash-attention path parted from its default path on 4 of these 5 prompts, at tokens 8-22, on an AVX-512
+    # machine). What must hold: where edgellm's text parts from llama.cpp's, llama.cpp itself hardly preferred its
+    # token — its logit margin over edgellm's choice is below 1.0 (measured at most 0.33; llama.cpp's flash path
+    # parted at margins up to 0.27). A bug (a wrong weight, rope or cache row) parts at a confident position.
+    margins = []
     for p in PROMPTS:
         ids = engine.tokenizer.encode(p, add_bos=None)
-        ref, ref_fa, ours = greedy_llama(llm, ids), greedy_llama(llm_fa, ids), greedy_ours(engine, ids)
-        ours_first.append(first_difference(ours, ref))
-        self_first.append(first_difference(ref_fa, ref))
-        same, self_same = same + (ours == ref), self_same + (ref_fa == ref)
-    llm_fa.close()
-    print(f"identical: edgellm {same}/5, llama.cpp fa-vs-default {self_same}/5; first parting {ours_first} / {self_first}")
-    assert same >= min(4, self_same)
-    assert sum(f >= 8 for f in ours_first) >= 4
+        scores = []
+        ref, ours = greedy_llama(llm, ids, scores=scores), greedy_ours(engine, ids)
+        i = first_difference(ours, ref)
+        if i < len(ref):
+            margins.append((i, float(scores[i][ref[i]] - scores[i][ours[i]])))
+    print(f"edgellm parts from llama.cpp (position, llama.cpp's logit margin): {margins}")
+    assert all(m < 1.0 for _, m in margins)
 
 
 def test_generate_api_streams_text(engine):
