@@ -13,9 +13,10 @@ one record of bytes per (group, block of `vpb` values):
 The 4 bytes [l][0..3] are one 32-bit lane: row l's four codes meet four activation bytes broadcast to all
 lanes, so each lane accumulates one row and no horizontal sums are needed.
 
-Activations: XQ (N, cols) int8 within [-127, 127] and XF (N, parts, 2) f32 = (dx, sx) per part of the row (a part
-is 32 values for the q formats, 64 for tq2): x = dx * XQ, sx = sum of XQ over the part (for zero points and
-minimums). Per row r and part p:  out += d_rp * dx_p * (sum_e code_e * xq_e - zero_p * sx_p) [+ m_rp * dx_p * sx_p].
+Activations: XQ (N, cols) int8 within [-127, 127], XD (N, parts) f32 = dx and XS (N, parts) int32 = sx per part of
+the row (a part is 32 values for the q formats, 64 for tq2): x = dx * XQ, sx = sum of XQ over the part (for zero
+points and minimums). Per row r and part p:  out += d_rp * dx_p * (sum_e code_e * xq_e - zero_p * sx_p)
+[+ m_rp * dx_p * sx_p]. Every zero point the kernels subtract is a power of two (a shift of the broadcast sum).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ FORMATS = {
 }
 
 
-def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, fp, fofs, fstride, nt, ap, aofs):
+def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp_, sp, fofs, fstride, nt, ap, aofs):
     """IR: for every row sub-vector h and part, unpack the codes once, then loop over the nt rows of X."""
     V = isa.V
     n8 = 4 * V
@@ -92,7 +93,8 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, fp
                 if mask is not None:
                     a = builder.and_(a, const_vec(I8, n8, mask))
                 prepped.append((isa.prep(builder, a, umax), xoff))
-            corr = zero - isa.z_done(umax)
+            corr = zero - isa.z_done(umax)  # 0 or +- a power of two (tq2's last part on sdot: 64 - 128)
+            assert abs(corr) & (abs(corr) - 1) == 0
             with cgutils.for_range(builder, nt) as loop:
                 t = loop.index
                 xrow = builder.gep(xp, [builder.add(xofs, builder.mul(t, xstride))])
@@ -101,55 +103,59 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, fp
                     xb = builder.load(builder.bitcast(builder.gep(xrow, [ir.Constant(I64, xoff)]), I32.as_pointer()),
                                       align=1)
                     pairs.append((a, builder.bitcast(splat(builder, xb, V), t8)))
-                acc = isa.dot(builder, ir.Constant(vec(I32, V), None), pairs, umax)
-                fi = builder.add(builder.add(fofs, builder.mul(t, fstride)), ir.Constant(I64, 2 * pi))
-                dx = builder.load(builder.gep(fp, [fi]))
-                sx = builder.load(builder.gep(fp, [builder.add(fi, ir.Constant(I64, 1))]))
-                if corr:
-                    c32 = builder.mul(builder.fptosi(sx, I32), ir.Constant(I32, corr))
-                    acc = builder.sub(acc, splat(builder, c32, V))
+                fi = builder.add(builder.add(fofs, builder.mul(t, fstride)), ir.Constant(I64, pi))
+                sx = builder.load(builder.gep(sp, [fi]))
+                acc0 = ir.Constant(vec(I32, V), None)
+                if corr:  # the dot products start from -corr * sx
+                    v = builder.sub(ir.Constant(I32, 0), sx) if corr > 0 else sx
+                    acc0 = builder.shl(splat(builder, v, V), const_vec(I32, V, abs(corr).bit_length() - 1))
+                acc = isa.dot(builder, acc0, pairs, umax)
+                dx = builder.load(builder.gep(dp_, [fi]))
                 aptr = builder.bitcast(builder.gep(ap, [builder.add(aofs, builder.add(
                     builder.mul(t, ir.Constant(I64, R)), ir.Constant(I64, h * V)))]), vf.as_pointer())
                 av = builder.load(aptr, align=4)
                 av = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dp, splat(builder, dx, V)), av])
                 if m is not None:
-                    av = builder.call(fma, [m, splat(builder, builder.fmul(dx, sx), V), av])
+                    av = builder.call(fma, [m, splat(builder, builder.fmul(dx, builder.sitofp(sx, F32)), V), av])
                 builder.store(av, aptr, align=4)
 
 
 @intrinsic
-def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XF, fofs, fstride, nt, ACC, aofs):
+def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride, nt, ACC, aofs):
     """ACC[aofs + t*R + l] += the contribution of the record at W + wofs to rows l < R, for X rows t < nt (XQ rows
-    at xofs + t*xstride, their (dx, sx) at XF + fofs + t*fstride + 2*part). Offsets are in elements; the caller
+    at xofs + t*xstride, their dx, sx at XD, XS + fofs + t*fstride + part). Offsets are in elements; the caller
     checks every bound."""
     for lit in (isa, fmt):
         if not isinstance(lit, types.StringLiteral):
             raise errors.RequireLiteralValue(lit)
     if isa.literal_value not in simd.ISAS or fmt.literal_value not in FORMATS:
         raise errors.TypingError(f"unknown instruction set / format {isa.literal_value}, {fmt.literal_value}")
-    if W.dtype != types.uint8 or XQ.dtype != types.int8 or XF.dtype != types.float32 or ACC.dtype != types.float32:
-        raise errors.TypingError("block(): W u8, XQ i8, XF f32, ACC f32 arrays")
-    sig = types.none(isa, fmt, W, wofs, XQ, xofs, xstride, XF, fofs, fstride, nt, ACC, aofs)
+    if W.dtype != types.uint8 or XQ.dtype != types.int8 or XD.dtype != types.float32 or XS.dtype != types.int32 \
+            or ACC.dtype != types.float32:
+        raise errors.TypingError("block(): W u8, XQ i8, XD f32, XS i32, ACC f32 arrays")
+    sig = types.none(isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride, nt, ACC, aofs)
     the_isa, the_fmt = simd.Isa(isa.literal_value), FORMATS[fmt.literal_value]
 
     def codegen(context, builder, signature, args):
-        _, _, w, wo, x, xo, xs, f, fo, fs, n, a, ao = args
-        arr = [context.make_array(signature.args[i])(context, builder, v) for i, v in ((2, w), (4, x), (7, f), (11, a))]
+        _, _, w, wo, x, xo, xs, xd, xsum, fo, fs, n, a, ao = args
+        arr = [context.make_array(signature.args[i])(context, builder, v)
+               for i, v in ((2, w), (4, x), (7, xd), (8, xsum), (12, a))]
         wp = builder.bitcast(arr[0].data, I8.as_pointer())
         xp = builder.bitcast(arr[1].data, I8.as_pointer())
-        _gen_block(the_isa, the_fmt, builder, wp, wo, xp, xo, xs, arr[2].data, fo, fs, n, arr[3].data, ao)
+        _gen_block(the_isa, the_fmt, builder, wp, wo, xp, xo, xs, arr[2].data, arr[3].data, fo, fs, n,
+                   arr[4].data, ao)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @njit(inline="always", nogil=True)
-def _gemm(isa, fmt, W, XQ, XF, out, nchunk):
-    # W (G, nb, rec) u8, XQ (N, cols) i8, XF (N, parts, 2) f32 -> out (N, rows) f32 = X @ W.T (rows <= G*R);
+def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk):
+    # W (G, nb, rec) u8, XQ (N, cols) i8, XD (N, parts) f32, XS (N, parts) i32 -> out (N, rows) f32 = X @ W.T;
     # row groups split into nchunk parallel chunks, rows of X in tiles of TT; isa, fmt: string literals
     G, nb, rec = W.shape
     N, cols = XQ.shape
-    nparts = XF.shape[1]
+    nparts = XD.shape[1]
     rows = out.shape[1]
     vpb = cols // nb
     ppb = nparts // nb
@@ -162,7 +168,7 @@ def _gemm(isa, fmt, W, XQ, XF, out, nchunk):
                 acc[:nt * R] = 0.0
                 for k in range(nb):
                     block(isa, fmt, W, (g * nb + k) * rec, XQ, t0 * cols + k * vpb, cols,
-                          XF, (t0 * nparts + k * ppb) * 2, nparts * 2, nt, acc, 0)
+                          XD, XS, t0 * nparts + k * ppb, nparts, nt, acc, 0)
                 for t in range(nt):
                     for l in range(min(R, rows - g * R)):
                         out[t0 + t, g * R + l] = acc[t * R + l]
@@ -174,19 +180,19 @@ def _make_igemm(isa: str, fmt: str):
     # compiled, cached function per pair, no dispatch on strings at call time): igemm takes quantized
     # activations, igemm_x quantizes f32 activations to Q8 blocks first (one call from Python instead of two)
     @njit(parallel=True, cache=True, nogil=True)
-    def igemm(W, XQ, XF, out, nchunk):
-        _gemm(isa, fmt, W, XQ, XF, out, nchunk)  # returns nothing: see below
+    def igemm(W, XQ, XD, XS, out, nchunk):
+        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk)  # returns nothing: see below
 
     @njit(parallel=True, cache=True, nogil=True)
-    def igemm_x(W, X, XQ, XF, out, nchunk):
-        # X (N, cols) f32 quantized into XQ, XF (Q8 blocks of 32), then as igemm
+    def igemm_x(W, X, XQ, XD, XS, out, nchunk):
+        # X (N, cols) f32 quantized into XQ, XD, XS (Q8 blocks of 32), then as igemm
         if X.shape[0] > TT:
             for t in prange(X.shape[0]):
-                quantize_q8_row(X, XQ, XF, t)
+                quantize_q8_row(X, XQ, XD, XS, t)
         else:
             for t in range(X.shape[0]):
-                quantize_q8_row(X, XQ, XF, t)
-        _gemm(isa, fmt, W, XQ, XF, out, nchunk)
+                quantize_q8_row(X, XQ, XD, XS, t)
+        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk)
 
     # (the closures share one qualified name: a cached one that returned an array failed to box it when
     # reloaded in another process, 'descr' is NULL; they fill `out` and return None)
@@ -194,8 +200,8 @@ def _make_igemm(isa: str, fmt: str):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def quantize_q8_row(x, xq, xf, t):
-    # row t of x (N, nb*32) f32 -> xq[t] i8, xf[t] (nb, 2) = (d, sum q) per block of 32, as llama.cpp's Q8_0/Q8_1:
+def quantize_q8_row(x, xq, xd, xs, t):
+    # row t of x (N, nb*32) f32 -> xq[t] i8, xd[t] (nb,) = d, xs[t] (nb,) = sum q per block of 32, as llama.cpp's Q8_0/Q8_1:
     # d = max|x| / 127, q = rint(x * (127 / max|x|)) within [-127, 127]; an all-zero block gives d = 0, q = 0
     n = x.shape[1]
     for k in range(n // QK8):
@@ -208,15 +214,15 @@ def quantize_q8_row(x, xq, xf, t):
             q = np.int32(np.rint(x[t, k * QK8 + i] * iv))
             xq[t, k * QK8 + i] = q
             s += q
-        xf[t, k, 0] = amax / np.float32(127.0)
-        xf[t, k, 1] = s
+        xd[t, k] = amax / np.float32(127.0)
+        xs[t, k] = s
 
 
 _KERNELS: dict = {}
 
 
 def kernel(isa: str, fmt: str):
-    """The compiled mat-mul for an instruction set and a format: kernel(W, XQ, XF, out, nchunk)."""
+    """The compiled mat-mul for an instruction set and a format: kernel(W, XQ, XD, XS, out, nchunk)."""
     if isa not in simd.ISAS or fmt not in FORMATS:
         raise ValueError(f"no integer kernel for instruction set {isa!r} and format {fmt!r}")
     k = _KERNELS.get((isa, fmt))
@@ -226,12 +232,12 @@ def kernel(isa: str, fmt: str):
 
 
 def kernel_x(isa: str, fmt: str):
-    """The same with f32 activations quantized inside (Q8 blocks): kernel_x(W, X, XQ, XF, out, nchunk)."""
+    """The same with f32 activations quantized inside (Q8 blocks): kernel_x(W, X, XQ, XD, XS, out, nchunk)."""
     kernel(isa, fmt)
     return _KERNELS[(isa, fmt)][1]
 
 
-def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XF: np.ndarray, out: np.ndarray) -> None:
+def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XD: np.ndarray, XS: np.ndarray, out: np.ndarray) -> None:
     """Every size the kernel relies on (it does no bounds checking)."""
     f = FORMATS[fmt]
     if W.dtype != np.uint8 or W.ndim != 3 or W.shape[2] != f.rec or not W.flags.c_contiguous:
@@ -240,17 +246,19 @@ def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XF: np.ndarray, out: np.ndarr
     N = XQ.shape[0]
     if XQ.dtype != np.int8 or XQ.shape != (N, nb * f.vpb) or not XQ.flags.c_contiguous:
         raise ValueError(f"activations must be ({N}, {nb * f.vpb}) contiguous int8, got {XQ.shape} {XQ.dtype}")
-    if XF.dtype != np.float32 or XF.shape != (N, nb * f.ppb, 2) or not XF.flags.c_contiguous:
-        raise ValueError(f"activation factors must be ({N}, {nb * f.ppb}, 2) contiguous f32, got {XF.shape}")
+    for a, dt in ((XD, np.float32), (XS, np.int32)):
+        if a.dtype != dt or a.shape != (N, nb * f.ppb) or not a.flags.c_contiguous:
+            raise ValueError(f"activation scales / sums must be ({N}, {nb * f.ppb}) contiguous {np.dtype(dt).name}, "
+                             f"got {a.shape} {a.dtype}")
     if out.dtype != np.float32 or out.ndim != 2 or out.shape[0] != N or not 0 < out.shape[1] <= G * R \
             or out.strides[1] != 4:
         raise ValueError(f"output must be ({N}, rows <= {G * R}) f32 with unit stride, got {out.shape} {out.dtype}")
 
 
-def matmul(isa: str, fmt: str, W, XQ, XF, out):
-    """out (N, rows) = X @ W.T with X given as (XQ, XF); checked, then the compiled kernel for `isa`."""
-    check(fmt, W, XQ, XF, out)
-    kernel(isa, fmt)(W, XQ, XF, out, 4 * numba.get_num_threads())
+def matmul(isa: str, fmt: str, W, XQ, XD, XS, out):
+    """out (N, rows) = X @ W.T with X given as (XQ, XD, XS); checked, then the compiled kernel for `isa`."""
+    check(fmt, W, XQ, XD, XS, out)
+    kernel(isa, fmt)(W, XQ, XD, XS, out, 4 * numba.get_num_threads())
     return out
 
 
@@ -260,9 +268,10 @@ def matmul_x(isa: str, fmt: str, W, X, out):
     if fmt == "tq2" or X.dtype != np.float32 or not X.flags.c_contiguous:
         raise ValueError(f"matmul_x takes contiguous f32 activations and a q format, got {X.dtype} for {fmt}")
     XQ = np.empty((N, cols), dtype=np.int8)
-    XF = np.empty((N, cols // QK8, 2), dtype=np.float32)
-    check(fmt, W, XQ, XF, out)
-    kernel_x(isa, fmt)(W, X, XQ, XF, out, 4 * numba.get_num_threads())
+    XD = np.empty((N, cols // QK8), dtype=np.float32)
+    XS = np.empty((N, cols // QK8), dtype=np.int32)
+    check(fmt, W, XQ, XD, XS, out)
+    kernel_x(isa, fmt)(W, X, XQ, XD, XS, out, 4 * numba.get_num_threads())
     return out
 
 
@@ -292,7 +301,7 @@ def unpack_ref(fmt: str, W: np.ndarray, rows: int):
     return codes, d, m, zeros
 
 
-def matmul_ref(fmt: str, W: np.ndarray, rows: int, XQ: np.ndarray, XF: np.ndarray) -> np.ndarray:
+def matmul_ref(fmt: str, W: np.ndarray, rows: int, XQ: np.ndarray, XD: np.ndarray, XS: np.ndarray) -> np.ndarray:
     """float64 out (N, rows): per block the exact integer sum of (code - zero) * xq, times d * dx (+ m * dx * sx)."""
     f = FORMATS[fmt]
     codes, d, m, zero = unpack_ref(fmt, W, rows)
@@ -302,9 +311,9 @@ def matmul_ref(fmt: str, W: np.ndarray, rows: int, XQ: np.ndarray, XF: np.ndarra
     q = (codes - zero).reshape(rows, nb * f.ppb, psz)
     x = XQ.astype(np.int64).reshape(N, nb * f.ppb, psz)
     isum = np.einsum("rpv,npv->nrp", q, x)  # exact integers (N, rows, parts)
-    dx = XF[..., 0].astype(np.float64)  # (N, parts)
+    dx = XD.astype(np.float64)  # (N, parts)
     dd = np.repeat(d.astype(np.float64), f.ppb, axis=1)  # (rows, parts)
     out = np.einsum("nrp,rp,np->nr", isum.astype(np.float64), dd, dx)
     if m is not None:
-        out += np.einsum("rp,np->nr", np.repeat(m.astype(np.float64), f.ppb, axis=1), dx * XF[..., 1])
+        out += np.einsum("rp,np->nr", np.repeat(m.astype(np.float64), f.ppb, axis=1), dx * x.sum(-1))
     return out

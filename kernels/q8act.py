@@ -3,8 +3,8 @@
 row dequantizer, each with its NumPy reference.
 
 Activations, per row and block of 32 values:  d = max|x| / 127,  q = rint(x * (127 / max|x|))  (q within
-[-127, 127], all-zero blocks give d = 0 and q = 0),  s = sum q;  stored as XQ (N, cols) int8, XF (N, cols/32, 2)
-= (d, s) f32.
+[-127, 127], all-zero blocks give d = 0 and q = 0),  s = sum q;  stored as XQ (N, cols) int8, XD (N, cols/32) f32
+= d, XS (N, cols/32) int32 = s.
 """
 from __future__ import annotations
 
@@ -55,31 +55,32 @@ def pack(qtype: int, raw: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- activations
 @njit(cache=True, nogil=True)
-def quantize_q8(x, xq, xf):
-    # x (N, nb*32) f32 -> xq (N, nb*32) i8, xf (N, nb, 2) f32 (d, sum q) per block of 32
+def quantize_q8(x, xq, xd, xs):
+    # x (N, nb*32) f32 -> xq (N, nb*32) i8, xd (N, nb) f32 = d, xs (N, nb) i32 = sum q, per block of 32
     for t in range(x.shape[0]):
-        quantize_q8_row(x, xq, xf, t)
+        quantize_q8_row(x, xq, xd, xs, t)
     return xq
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def quantize_q8_parallel(x, xq, xf):
+def quantize_q8_parallel(x, xq, xd, xs):
     # as quantize_q8, rows over threads (prefill)
     for t in prange(x.shape[0]):
-        quantize_q8_row(x, xq, xf, t)
+        quantize_q8_row(x, xq, xd, xs, t)
     return xq
 
 
 def quantize(x: np.ndarray):
-    """x (N, cols) f32, cols a multiple of 32 -> (XQ, XF) for kernels/igemm.py."""
+    """x (N, cols) f32, cols a multiple of 32 -> (XQ, XD, XS) for kernels/igemm.py."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     N, cols = x.shape
     if cols % QK:
         raise ValueError(f"activations of {cols} values are not whole blocks of {QK}")
     xq = np.empty((N, cols), dtype=np.int8)
-    xf = np.empty((N, cols // QK, 2), dtype=np.float32)
-    (quantize_q8_parallel if N > 8 else quantize_q8)(x, xq, xf)
-    return xq, xf
+    xd = np.empty((N, cols // QK), dtype=np.float32)
+    xs = np.empty((N, cols // QK), dtype=np.int32)
+    (quantize_q8_parallel if N > 8 else quantize_q8)(x, xq, xd, xs)
+    return xq, xd, xs
 
 
 def quantize_ref(x: np.ndarray):
@@ -90,8 +91,7 @@ def quantize_ref(x: np.ndarray):
     with np.errstate(divide="ignore"):
         iv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
     q = np.rint(b * iv[..., None]).astype(np.int8)
-    xf = np.stack([amax / np.float32(127.0), q.astype(np.int64).sum(-1).astype(np.float32)], -1)
-    return q.reshape(N, cols), xf.astype(np.float32)
+    return q.reshape(N, cols), (amax / np.float32(127.0)).astype(np.float32), q.sum(-1, dtype=np.int32)
 
 
 # ---------------------------------------------------------------- rows back to f32 (embeddings, BLAS tiles)

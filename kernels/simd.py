@@ -153,19 +153,17 @@ class Isa:
         <= umax and b within [-127, 127]."""
         V = self.V
         n8 = 4 * V
-        if self.kind in ("vnni", "sdot"):  # two independent chains: the instruction's latency is ~5 cycles
-            chains = [acc, ir.Constant(acc.type, None)] if len(pairs) >= 4 else [acc]
-            for i, (a, b) in enumerate(pairs):
-                c = i % len(chains)
+        if self.kind in ("vnni", "sdot"):
+            for a, b in pairs:
                 if self.kind == "sdot":
-                    chains[c] = _call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [chains[c], a[0], b])
+                    acc = _call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [acc, a[0], b])
                     continue
                 name = "llvm.x86.avx512.vpdpbusd.512" if V == 16 else "llvm.x86.avx512.vpdpbusd.256"
                 aa, bb = a[0], b
                 if not _VNNI_I8_OPERANDS:
                     aa, bb = builder.bitcast(aa, vec(I32, V)), builder.bitcast(bb, vec(I32, V))
-                chains[c] = _call(builder, name, acc.type, [chains[c], aa, bb])
-            return chains[0] if len(chains) == 1 else builder.add(chains[0], chains[1])
+                acc = _call(builder, name, acc.type, [acc, aa, bb])
+            return acc
         if self.kind == "maddubs":
             mb = "llvm.x86.avx512.pmaddubs.w.512" if V == 16 else "llvm.x86.avx2.pmadd.ub.sw"
             mw = "llvm.x86.avx512.pmaddw.d.512" if V == 16 else "llvm.x86.avx2.pmadd.wd"

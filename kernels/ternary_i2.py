@@ -10,8 +10,8 @@ instruction takes 64 / 32 codes at once after a single AND per vector, so the ke
 at memory speed with little arithmetic; tables would pay where there is no dot product (Cortex-A72), which
 keeps the f32 path (kernels/ternary.py).
 
-Activations: BitNet's per-token absmax, q = clamp(rint(x * 127 / max|x|)) within [-127, 127]; XF holds
-(1, sum q) per 64 values; the product is divided by the token's scale and multiplied by the tensor's scale after.
+Activations: BitNet's per-token absmax, q = clamp(rint(x * 127 / max|x|)) within [-127, 127]; XD = 1 and
+XS = sum q per 64 values; the product is divided by the token's scale and multiplied by the tensor's scale after.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def pack(raw: np.ndarray, bytes_per_block: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- activations
 @njit(cache=True, nogil=True, inline="always")
-def _absmax_row(x, xq, xf, scales, t):
+def _absmax_row(x, xq, xd, xs, scales, t):
     n = x.shape[1]
     m = np.float32(1e-5)
     for i in range(n):
@@ -64,29 +64,29 @@ def _absmax_row(x, xq, xf, scales, t):
             q = np.int32(min(max(np.rint(x[t, i] * s), np.float32(-127.0)), np.float32(127.0)))
             xq[t, i] = q
             acc += q
-        xf[t, p, 0] = 1.0
-        xf[t, p, 1] = acc
+        xd[t, p] = 1.0
+        xs[t, p] = acc
 
 
 @njit(cache=True, nogil=True)
-def quantize_absmax(x, xq, xf, scales):
-    # x (N, n) f32 -> xq (N, n) i8, xf (N, n/64, 2) f32 (1, sum q), scales (N,): BitNet b1.58's per-token absmax
+def quantize_absmax(x, xq, xd, xs, scales):
+    # x (N, n) f32 -> xq (N, n) i8, xd (N, n/64) = 1, xs (N, n/64) i32 = sum q, scales (N,): BitNet's absmax
     for t in range(x.shape[0]):
-        _absmax_row(x, xq, xf, scales, t)
+        _absmax_row(x, xq, xd, xs, scales, t)
     return xq
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def quantize_absmax_parallel(x, xq, xf, scales):
+def quantize_absmax_parallel(x, xq, xd, xs, scales):
     # as quantize_absmax, tokens over threads (prefill)
     for t in prange(x.shape[0]):
-        _absmax_row(x, xq, xf, scales, t)
+        _absmax_row(x, xq, xd, xs, scales, t)
     return xq
 
 
 @njit(cache=True, nogil=True)
-def from_values(v, xq, xf):
-    # v (N, n) f32 holding integers within [-127, 127] (kernels/ternary.py's quantized activations) -> xq, xf
+def from_values(v, xq, xd, xs):
+    # v (N, n) f32 holding integers within [-127, 127] (kernels/ternary.py's quantized activations) -> xq, xd, xs
     N, n = v.shape
     for t in range(N):
         for p in range(n // PART):
@@ -95,22 +95,27 @@ def from_values(v, xq, xf):
                 q = np.int32(v[t, i])
                 xq[t, i] = q
                 acc += q
-            xf[t, p, 0] = 1.0
-            xf[t, p, 1] = acc
+            xd[t, p] = 1.0
+            xs[t, p] = acc
     return xq
 
 
+def _buffers(N: int, cols: int):
+    return (np.empty((N, cols), dtype=np.int8), np.empty((N, cols // PART), dtype=np.float32),
+            np.empty((N, cols // PART), dtype=np.int32))
+
+
 def quantize(x: np.ndarray):
-    """x (N, cols) f32 -> (XQ int8, XF, scales (N,)): per-token absmax int8, as BitNet b1.58 (and kernels/ternary.py)."""
+    """x (N, cols) f32 -> (XQ int8, XD, XS, scales (N,)): per-token absmax int8, as BitNet b1.58 (and
+    kernels/ternary.py)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     N, cols = x.shape
     if cols % PART:
         raise ValueError(f"ternary activations of {cols} values are not whole parts of {PART}")
-    xq = np.empty((N, cols), dtype=np.int8)
-    xf = np.empty((N, cols // PART, 2), dtype=np.float32)
+    xq, xd, xs = _buffers(N, cols)
     scales = np.empty(N, dtype=np.float32)
-    (quantize_absmax_parallel if N > 8 else quantize_absmax)(x, xq, xf, scales)
-    return xq, xf, scales
+    (quantize_absmax_parallel if N > 8 else quantize_absmax)(x, xq, xd, xs, scales)
+    return xq, xd, xs, scales
 
 
 def quantize_ref(x: np.ndarray):
@@ -119,8 +124,8 @@ def quantize_ref(x: np.ndarray):
     N, cols = x.shape
     s = (np.float32(127.0) / np.maximum(np.abs(x).max(-1), np.float32(1e-5))).astype(np.float32)
     q = np.clip(np.rint(x * s[:, None]), -127, 127).astype(np.int8)
-    sums = q.reshape(N, cols // PART, PART).astype(np.int64).sum(-1).astype(np.float32)
-    return q, np.stack([np.ones_like(sums), sums], -1), s
+    sums = q.reshape(N, cols // PART, PART).sum(-1, dtype=np.int32)
+    return q, np.ones(sums.shape, np.float32), sums, s
 
 
 # ---------------------------------------------------------------- rows back to f32 (BLAS tiles, tests)
@@ -161,11 +166,10 @@ class TernaryI2Matrix:
         N = xq.shape[0]
         if xq.shape != (N, self.cols):
             raise ValueError(f"{self.name}: activations {xq.shape} do not fit ({self.rows}, {self.cols})")
-        XQ = np.empty((N, self.cols), dtype=np.int8)
-        XF = np.empty((N, self.cols // PART, 2), dtype=np.float32)
-        from_values(np.ascontiguousarray(xq, dtype=np.float32), XQ, XF)
+        XQ, XD, XS = _buffers(N, self.cols)
+        from_values(np.ascontiguousarray(xq, dtype=np.float32), XQ, XD, XS)
         out = np.empty((N, self.rows), dtype=np.float32)
-        igemm.matmul(self.isa, "tq2", self.W, XQ, XF, out)
+        igemm.matmul(self.isa, "tq2", self.W, XQ, XD, XS, out)
         out *= self.scale / xscale[:, None]
         return out
 

@@ -39,9 +39,9 @@ def random_acts(fmt, N, nb, rng, unit_scale=False, extreme=False):
     XQ = rng.integers(-127, 128, (N, nb * f.vpb)).astype(np.int8)
     if extreme:
         XQ[:] = np.where(rng.random(XQ.shape) < 0.5, -127, 127)
-    s = XQ.reshape(N, nb * f.ppb, -1).astype(np.int64).sum(-1).astype(np.float32)
-    dx = np.ones_like(s) if unit_scale else rng.uniform(1e-3, 0.1, s.shape).astype(np.float32)
-    return XQ, np.ascontiguousarray(np.stack([dx, s], -1))
+    s = XQ.reshape(N, nb * f.ppb, -1).sum(-1, dtype=np.int32)
+    dx = np.ones(s.shape, np.float32) if unit_scale else rng.uniform(1e-3, 0.1, s.shape).astype(np.float32)
+    return XQ, dx, s
 
 
 # ---------------------------------------------------------------- the kernel: exact integers, every variant
@@ -56,10 +56,10 @@ def test_integer_sums_are_exact(isa, fmt):
         if extreme:  # every code at its largest: saturation of int16 pair sums would show here
             f = igemm.FORMATS[fmt]
             W[..., :f.code_bytes] = 0xAA if fmt == "tq2" else 0xFF
-        XQ, XF = random_acts(fmt, N, nb, rng, unit_scale=True, extreme=extreme)
+        X = random_acts(fmt, N, nb, rng, unit_scale=True, extreme=extreme)
         out = np.full((N, rows), np.nan, np.float32)
-        igemm.matmul(isa, fmt, W, XQ, XF, out)
-        np.testing.assert_array_equal(out.astype(np.float64), igemm.matmul_ref(fmt, W, rows, XQ, XF))
+        igemm.matmul(isa, fmt, W, *X, out)
+        np.testing.assert_array_equal(out.astype(np.float64), igemm.matmul_ref(fmt, W, rows, *X))
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
@@ -68,10 +68,10 @@ def test_scaled_products_match_float64(isa, fmt):
     rng = np.random.default_rng(7)
     G, nb, rows, N = 4, 5, 4 * igemm.R, 3
     W = random_records(fmt, G, nb, rng)
-    XQ, XF = random_acts(fmt, N, nb, rng)
+    X = random_acts(fmt, N, nb, rng)
     out = np.empty((N, rows), np.float32)
-    igemm.matmul(isa, fmt, W, XQ, XF, out)
-    ref = igemm.matmul_ref(fmt, W, rows, XQ, XF)
+    igemm.matmul(isa, fmt, W, *X, out)
+    ref = igemm.matmul_ref(fmt, W, rows, *X)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
@@ -83,7 +83,7 @@ def test_fused_quantization_is_the_same_product(N):
     X = rng.standard_normal((N, 128)).astype(np.float32)
     a, b = np.empty((N, 40), np.float32), np.empty((N, 40), np.float32)
     igemm.matmul_x(isa, "q4_1", W, X, a)
-    igemm.matmul(isa, "q4_1", W, *q8act.quantize(X), b)
+    igemm.matmul(isa, "q4_1", W, *q8act.quantize(X), b)  # the quantizer and the kernel in two calls
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
         igemm.matmul_x(isa, "tq2", random_records("tq2", 1, 1, rng), X[:, :256], a)
@@ -92,11 +92,12 @@ def test_fused_quantization_is_the_same_product(N):
 def test_bad_shapes_are_refused():
     rng = np.random.default_rng(0)
     W = random_records("q4_0", 2, 2, rng)
-    XQ, XF = random_acts("q4_0", 1, 2, rng)
+    XQ, XD, XS = random_acts("q4_0", 1, 2, rng)
     ok = np.empty((1, 32), np.float32)
-    for args in ((W[:, :1], XQ, XF, ok), (W, XQ[:, :32], XF, ok), (W, XQ, XF[:, :1], ok),
-                 (W, XQ, XF, np.empty((1, 33), np.float32)), (W, XQ, XF, np.empty((2, 32), np.float32)),
-                 (W.astype(np.int8), XQ, XF, ok), (W, XQ.astype(np.uint8), XF, ok)):
+    for args in ((W[:, :1], XQ, XD, XS, ok), (W, XQ[:, :32], XD, XS, ok), (W, XQ, XD[:, :1], XS, ok),
+                 (W, XQ, XD, XS.astype(np.float32), ok), (W, XQ, XD, XS[:, :1], ok),
+                 (W, XQ, XD, XS, np.empty((1, 33), np.float32)), (W, XQ, XD, XS, np.empty((2, 32), np.float32)),
+                 (W.astype(np.int8), XQ, XD, XS, ok), (W, XQ.astype(np.uint8), XD, XS, ok)):
         with pytest.raises(ValueError):
             igemm.matmul("generic", "q4_0", *args)
     with pytest.raises(ValueError):
@@ -142,13 +143,15 @@ def test_q8_activations_are_llama_cpp_blocks():
     x[0, :32] = 0  # an all-zero block: d = 0, q = 0
     x[1, 32:64] = np.linspace(-1, 1, 32) * 127 / 2  # halves: rint ties to even
     for N in (1, 11):  # the serial and the parallel quantizer
-        xq, xf = q8act.quantize(x[:N])
-        rq, rf = q8act.quantize_ref(x[:N])
-        np.testing.assert_array_equal(xq, rq)
-        np.testing.assert_array_equal(xf, rf)
-    assert np.abs(xq).max() <= 127 and (xq[0, :32] == 0).all() and xf[0, 0, 0] == 0
+        got, ref = q8act.quantize(x[:N]), q8act.quantize_ref(x[:N])
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    xq, xd, xs = got
+    assert np.abs(xq).max() <= 127 and (xq[0, :32] == 0).all() and xd[0, 0] == 0
+    np.testing.assert_array_equal(xs, xq.reshape(11, 3, 32).sum(-1, dtype=np.int32))
     # the blocks reconstruct x within half a step
-    assert np.all(np.abs(xq.reshape(11, 3, 32) * xf[..., :1] - x.reshape(11, 3, 32)) <= xf[..., :1] / 2 * 1.0001)
+    assert np.all(np.abs(xq.reshape(11, 3, 32) * xd[..., None] - x.reshape(11, 3, 32)) <= xd[..., None] / 2 * 1.0001)
 
 
 def test_absmax_activations_are_bitnets():
@@ -161,7 +164,7 @@ def test_absmax_activations_are_bitnets():
             np.testing.assert_array_equal(a, b)
     xq_f32, s = ternary.TernaryMatrix.quantize(x)  # the f32 path's activations: the same integers and scales
     np.testing.assert_array_equal(xq_f32, got[0].astype(np.float32))
-    np.testing.assert_array_equal(s, got[2])
+    np.testing.assert_array_equal(s, got[3])
 
 
 # ---------------------------------------------------------------- the matrices the models use
@@ -178,8 +181,8 @@ def test_qmatrix_integer_path_within_activation_rounding(qtype, N):
     Wd = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     ref = X.astype(np.float64) @ Wd.T
     # each activation is off by at most half its block's step d: |error| <= sum_b d_b / 2 * sum_{i in b} |w_i|
-    _, xf = q8act.quantize(X)
-    bound = (xf[..., 0].astype(np.float64) / 2) @ np.abs(Wd).reshape(rows, -1, 32).sum(-1).T
+    _, xd, _ = q8act.quantize(X)
+    bound = (xd.astype(np.float64) / 2) @ np.abs(Wd).reshape(rows, -1, 32).sum(-1).T
     assert np.all(np.abs(y - ref) <= bound * 1.001 + 1e-5)
     np.testing.assert_array_equal(m.embed(np.array([44, 0, 44])), m.dequantize()[[44, 0, 44]])
     with pytest.raises(ValueError):
@@ -251,12 +254,12 @@ def block_asm(isa: str, fmt: str, triple: str, cpu: str) -> str:
     m = ir.Module(name="blk")
     m.triple = triple
     i8p, fp, i64 = simd.I8.as_pointer(), simd.F32.as_pointer(), simd.I64
-    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p, i8p, fp, fp, i64]), name="blk")
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p, i8p, fp, simd.I32.as_pointer(), fp, i64]), name="blk")
     b = ir.IRBuilder(fn.append_basic_block())
-    w, x, f, a, n = fn.args
+    w, x, xd, xs, a, n = fn.args
     z = ir.Constant(i64, 0)
-    igemm._gen_block(simd.Isa(isa), igemm.FORMATS[fmt], b, w, z, x, z, ir.Constant(i64, 256), f, z,
-                     ir.Constant(i64, 2), n, a, z)
+    igemm._gen_block(simd.Isa(isa), igemm.FORMATS[fmt], b, w, z, x, z, ir.Constant(i64, 256), xd, xs, z,
+                     ir.Constant(i64, 4), n, a, z)
     b.ret_void()
     mod = llb.parse_assembly(str(m))
     mod.verify()
@@ -279,8 +282,7 @@ def test_host_kernel_uses_the_chosen_instructions():
     k = njit(parallel=True)(igemm.kernel(isa, "q4_0").py_func)
     rng = np.random.default_rng(0)
     W = random_records("q4_0", 1, 2, rng)
-    XQ, XF = random_acts("q4_0", 1, 2, rng)
-    k(W, XQ, XF, np.empty((1, 16), np.float32), 1)
+    k(W, *random_acts("q4_0", 1, 2, rng), np.empty((1, 16), np.float32), 1)
     asm = k.inspect_asm(k.signatures[0])
     pattern = dict((t[0], t[3]) for t in TARGETS)[isa]
     assert re.search(pattern, asm)
