@@ -46,8 +46,9 @@ def aligned_empty(shape, dtype=np.uint8, align: int = 64) -> np.ndarray:
 class Fmt:
     """A packed weight format: how a record's bytes become (codes, activation offset) units, per part."""
 
-    def __init__(self, name, vpb, parts, code_bytes, has_min):
+    def __init__(self, name, vpb, parts, code_bytes, has_min, token_dx=False):
         self.name, self.vpb, self.code_bytes, self.has_min = name, vpb, code_bytes, has_min
+        self.token_dx = token_dx  # activations scaled per token (applied to the output): XD is not read
         self.parts = parts  # [(zero point, f32 factor, umax, [(chunk, mask or None, shift, x offset)])]
         self.ppb = len(parts)
         self.rec = code_bytes + 2 * R * (2 if has_min else 1)
@@ -62,8 +63,9 @@ FORMATS = {
     "q4_1": Fmt("q4_1", 32, [(0, 1.0, 15, _q4_units())], 256, True),
     "q8_0": Fmt("q8_0", 32, [(128, 1.0, 255, [(c, None, 0, 4 * c) for c in range(8)])], 512, False),
     # part s: the codes masked in place (4^s * t), so one AND per vector; the factor 4^-s is exact
+    # (BitNet's activations have one scale per token: the kernel leaves it to the output scaling)
     "tq2": Fmt("tq2", 256, [(4 ** s, 4.0 ** -s, 2 * 4 ** s, [(c, 3 << (2 * s), 0, 64 * s + 4 * c) for c in range(16)])
-                            for s in range(4)], 1024, False),
+                            for s in range(4)], 1024, False, token_dx=True),
 }
 
 
@@ -110,11 +112,14 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp
                     v = builder.sub(ir.Constant(I32, 0), sx) if corr > 0 else sx
                     acc0 = builder.shl(splat(builder, v, V), const_vec(I32, V, abs(corr).bit_length() - 1))
                 acc = isa.dot(builder, acc0, pairs, umax)
-                dx = builder.load(builder.gep(dp_, [fi]))
                 aptr = builder.bitcast(builder.gep(ap, [builder.add(aofs, builder.add(
                     builder.mul(t, ir.Constant(I64, R)), ir.Constant(I64, h * V)))]), vf.as_pointer())
                 av = builder.load(aptr, align=4)
-                av = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dp, splat(builder, dx, V)), av])
+                if fmt.token_dx:
+                    av = builder.call(fma, [builder.sitofp(acc, vf), dp, av])
+                else:
+                    dx = builder.load(builder.gep(dp_, [fi]))
+                    av = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dp, splat(builder, dx, V)), av])
                 if m is not None:
                     av = builder.call(fma, [m, splat(builder, builder.fmul(dx, builder.sitofp(sx, F32)), V), av])
                 builder.store(av, aptr, align=4)
@@ -150,9 +155,10 @@ def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride
 
 
 @njit(inline="always", nogil=True)
-def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk):
+def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, rowscale, tokscale):
     # W (G, nb, rec) u8, XQ (N, cols) i8, XD (N, parts) f32, XS (N, parts) i32 -> out (N, rows) f32 = X @ W.T;
-    # row groups split into nchunk parallel chunks, rows of X in tiles of TT; isa, fmt: string literals
+    # row groups split into nchunk parallel chunks, rows of X in tiles of TT; isa, fmt: string literals.
+    # rowscale (rows,), tokscale (N,) f32, unless empty: out[t, r] *= rowscale[r] / tokscale[t]
     G, nb, rec = W.shape
     N, cols = XQ.shape
     nparts = XD.shape[1]
@@ -171,7 +177,10 @@ def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk):
                           XD, XS, t0 * nparts + k * ppb, nparts, nt, acc, 0)
                 for t in range(nt):
                     for l in range(min(R, rows - g * R)):
-                        out[t0 + t, g * R + l] = acc[t * R + l]
+                        if rowscale.shape[0] > 0:
+                            out[t0 + t, g * R + l] = acc[t * R + l] * (rowscale[g * R + l] / tokscale[t0 + t])
+                        else:
+                            out[t0 + t, g * R + l] = acc[t * R + l]
     return out
 
 
@@ -181,7 +190,7 @@ def _make_igemm(isa: str, fmt: str):
     # activations, igemm_x quantizes f32 activations to Q8 blocks first (one call from Python instead of two)
     @njit(parallel=True, cache=True, nogil=True)
     def igemm(W, XQ, XD, XS, out, nchunk):
-        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk)  # returns nothing: see below
+        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, _NO_SCALE, _NO_SCALE)  # returns nothing: see below
 
     @njit(parallel=True, cache=True, nogil=True)
     def igemm_x(W, X, XQ, XD, XS, out, nchunk):
@@ -192,11 +201,26 @@ def _make_igemm(isa: str, fmt: str):
         else:
             for t in range(X.shape[0]):
                 quantize_q8_row(X, XQ, XD, XS, t)
-        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk)
+        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, _NO_SCALE, _NO_SCALE)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def igemm_t(W, X, XQ, XD, XS, tokscale, rowscale, out, nchunk):
+        # X (N, cols) f32 quantized per token (BitNet's absmax) into XQ, XD, XS, tokscale, then as igemm with
+        # out[t, r] *= rowscale[r] / tokscale[t] (the ternary formats)
+        if X.shape[0] > TT:
+            for t in prange(X.shape[0]):
+                quantize_absmax_row(X, XQ, XD, XS, tokscale, t)
+        else:
+            for t in range(X.shape[0]):
+                quantize_absmax_row(X, XQ, XD, XS, tokscale, t)
+        _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, rowscale, tokscale)
 
     # (the closures share one qualified name: a cached one that returned an array failed to box it when
     # reloaded in another process, 'descr' is NULL; they fill `out` and return None)
-    return igemm, igemm_x
+    return igemm, igemm_x, igemm_t
+
+
+_NO_SCALE = np.zeros(0, dtype=np.float32)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -218,6 +242,29 @@ def quantize_q8_row(x, xq, xd, xs, t):
         xs[t, k] = s
 
 
+PART_T = 64  # values per activation sum of the ternary format
+
+
+@njit(cache=True, nogil=True, inline="always")
+def quantize_absmax_row(x, xq, xd, xs, scales, t):
+    # row t of x (N, n) f32 -> xq[t] i8, xd[t] = 1, xs[t] i32 sums per 64, scales[t]: BitNet b1.58's per-token absmax,
+    # s = 127 / max(max|x|, 1e-5), q = clamp(rint(x * s)) within [-127, 127]
+    n = x.shape[1]
+    m = np.float32(1e-5)
+    for i in range(n):
+        m = max(m, abs(x[t, i]))
+    s = np.float32(127.0) / m
+    scales[t] = s
+    for p in range(n // PART_T):
+        acc = 0
+        for i in range(p * PART_T, (p + 1) * PART_T):
+            q = np.int32(min(max(np.rint(x[t, i] * s), np.float32(-127.0)), np.float32(127.0)))
+            xq[t, i] = q
+            acc += q
+        xd[t, p] = 1.0
+        xs[t, p] = acc
+
+
 _KERNELS: dict = {}
 
 
@@ -235,6 +282,13 @@ def kernel_x(isa: str, fmt: str):
     """The same with f32 activations quantized inside (Q8 blocks): kernel_x(W, X, XQ, XD, XS, out, nchunk)."""
     kernel(isa, fmt)
     return _KERNELS[(isa, fmt)][1]
+
+
+def kernel_t(isa: str, fmt: str):
+    """The same with f32 activations quantized per token (BitNet) and the output scaled:
+    kernel_t(W, X, XQ, XD, XS, tokscale, rowscale, out, nchunk)."""
+    kernel(isa, fmt)
+    return _KERNELS[(isa, fmt)][2]
 
 
 def check(fmt: str, W: np.ndarray, XQ: np.ndarray, XD: np.ndarray, XS: np.ndarray, out: np.ndarray) -> None:
@@ -275,6 +329,22 @@ def matmul_x(isa: str, fmt: str, W, X, out):
     return out
 
 
+def matmul_t(isa: str, fmt: str, W, X, rowscale, out):
+    """out (N, rows) = (q(X) @ W.T) * rowscale / s for f32 X (N, cols) quantized per token inside the same call,
+    q(x) = clamp(rint(x * s)), s = 127 / max|x| (BitNet b1.58); the ternary format."""
+    N, cols = X.shape
+    if not FORMATS[fmt].token_dx or X.dtype != np.float32 or not X.flags.c_contiguous:
+        raise ValueError(f"matmul_t takes contiguous f32 activations and a per-token format, got {X.dtype} for {fmt}")
+    if rowscale.dtype != np.float32 or rowscale.shape != (out.shape[1],) or not rowscale.flags.c_contiguous:
+        raise ValueError(f"row scales must be ({out.shape[1]},) f32, got {rowscale.shape} {rowscale.dtype}")
+    XQ = np.empty((N, cols), dtype=np.int8)
+    XD = np.empty((N, cols // PART_T), dtype=np.float32)
+    XS = np.empty((N, cols // PART_T), dtype=np.int32)
+    check(fmt, W, XQ, XD, XS, out)
+    kernel_t(isa, fmt)(W, X, XQ, XD, XS, np.empty(N, dtype=np.float32), rowscale, out, 4 * numba.get_num_threads())
+    return out
+
+
 # ---------------------------------------------------------------- NumPy reference (exact integer sums)
 def unpack_ref(fmt: str, W: np.ndarray, rows: int):
     """Packed records -> codes (rows, cols) int64, d (rows, nb) f32, m (rows, nb) f32 or None, the per-part zero
@@ -311,7 +381,7 @@ def matmul_ref(fmt: str, W: np.ndarray, rows: int, XQ: np.ndarray, XD: np.ndarra
     q = (codes - zero).reshape(rows, nb * f.ppb, psz)
     x = XQ.astype(np.int64).reshape(N, nb * f.ppb, psz)
     isum = np.einsum("rpv,npv->nrp", q, x)  # exact integers (N, rows, parts)
-    dx = XD.astype(np.float64)  # (N, parts)
+    dx = np.ones(XD.shape) if f.token_dx else XD.astype(np.float64)  # (N, parts)
     dd = np.repeat(d.astype(np.float64), f.ppb, axis=1)  # (rows, parts)
     out = np.einsum("nrp,rp,np->nr", isum.astype(np.float64), dd, dx)
     if m is not None:

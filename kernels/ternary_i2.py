@@ -19,13 +19,13 @@ import numpy as np
 from numba import njit, prange
 
 from . import igemm
-from .igemm import FORMATS, R, aligned_empty
+from .igemm import FORMATS, PART_T, R, aligned_empty, quantize_absmax_row
 from .q8act import _groups
 from .simd import half_to_float
 from .ternary import QK, TQ1_BYTES, TQ2_BYTES, TernaryMatrix, _block_codes
 
 FMT = FORMATS["tq2"]
-PART = FMT.vpb // FMT.ppb  # 64 values per (dx, sx) part
+PART = PART_T  # 64 values per activation sum
 CODE_BYTES = FMT.code_bytes
 
 
@@ -50,29 +50,11 @@ def pack(raw: np.ndarray, bytes_per_block: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- activations
-@njit(cache=True, nogil=True, inline="always")
-def _absmax_row(x, xq, xd, xs, scales, t):
-    n = x.shape[1]
-    m = np.float32(1e-5)
-    for i in range(n):
-        m = max(m, abs(x[t, i]))
-    s = np.float32(127.0) / m
-    scales[t] = s
-    for p in range(n // PART):
-        acc = 0
-        for i in range(p * PART, (p + 1) * PART):
-            q = np.int32(min(max(np.rint(x[t, i] * s), np.float32(-127.0)), np.float32(127.0)))
-            xq[t, i] = q
-            acc += q
-        xd[t, p] = 1.0
-        xs[t, p] = acc
-
-
 @njit(cache=True, nogil=True)
 def quantize_absmax(x, xq, xd, xs, scales):
     # x (N, n) f32 -> xq (N, n) i8, xd (N, n/64) = 1, xs (N, n/64) i32 = sum q, scales (N,): BitNet's absmax
     for t in range(x.shape[0]):
-        _absmax_row(x, xq, xd, xs, scales, t)
+        quantize_absmax_row(x, xq, xd, xs, scales, t)
     return xq
 
 
@@ -80,7 +62,7 @@ def quantize_absmax(x, xq, xd, xs, scales):
 def quantize_absmax_parallel(x, xq, xd, xs, scales):
     # as quantize_absmax, tokens over threads (prefill)
     for t in prange(x.shape[0]):
-        _absmax_row(x, xq, xd, xs, scales, t)
+        quantize_absmax_row(x, xq, xd, xs, scales, t)
     return xq
 
 
@@ -174,8 +156,11 @@ class TernaryI2Matrix:
         return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        # X (N, cols) f32 -> (N, rows): BitNet's activation quantization, integer dot products per block
-        return self.matmul_q(*self.quantize(X))
+        # X (N, cols) f32 -> (N, rows): BitNet's activation quantization, integer dot products per block (one call)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.cols:
+            raise ValueError(f"{self.name}: activations {X.shape} do not fit ({self.rows}, {self.cols})")
+        return igemm.matmul_t(self.isa, "tq2", self.W, X, self.scale, np.empty((X.shape[0], self.rows), np.float32))
 
     def dequantize(self) -> np.ndarray:
         out = np.empty((self.rows, self.cols), dtype=np.float32)

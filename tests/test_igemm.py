@@ -200,6 +200,8 @@ def test_ternary_integer_path_equals_the_int16_path(qtype, nbytes, N):
     X = np.random.default_rng(9).standard_normal((N, 512)).astype(np.float32)
     # both are BitNet's integer arithmetic: exact sums per block, so the same numbers up to f32 rounding
     np.testing.assert_allclose(new.matmul(X), old.matmul(X), rtol=1e-6, atol=1e-6)
+    # one call (quantization and output scaling inside the kernel) or three: the same floats
+    np.testing.assert_array_equal(new.matmul(X), new.matmul_q(*new.quantize(X)))
 
 
 # ---------------------------------------------------------------- choosing the instruction set
