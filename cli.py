@@ -63,10 +63,9 @@ def _engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
 
 
 def _attn_line(eng) -> str:
-    st = getattr(eng, "attention_stats", None)
-    if st is None:
+    d = eng.attention_stats()
+    if not d:  # a backend without attention statistics (onnxruntime)
         return ""
-    d = st()
     s = f"; kv {d['kv']} ({d['kv_bytes_per_token']} B/token)"
     if d["attn"] == "delta":
         s += (f", delta attention: sparsity {d['sparsity']:.1%} (prefill {d['prefill']['sparsity']:.1%}, "
@@ -242,13 +241,12 @@ def perplexity(model: Optional[str] = ModelArg,
         _err(f"{file} is not UTF-8 text")
     eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
                                                   kv, text))
-    if hasattr(eng, "attn_stats"):
-        eng.attn_stats.reset()  # count the scored windows only (not the calibration)
+    eng.reset_attention_stats()  # count the scored windows only (not the calibration)
     with progress_bar("perplexity", "windows") as update:
         res = edgellm_perplexity(eng, text, ctx=ctx, max_windows=chunks, progress=update)
     if as_json:
         d = res.as_dict()
-        st = eng.attention_stats() if hasattr(eng, "attention_stats") else {}
+        st = eng.attention_stats()
         d.update(sparsity=st.get("sparsity", 0.0), kv_bytes_per_token=st.get("kv_bytes_per_token"),
                  attn=st.get("attn", "dense"), kv=st.get("kv", "f32"))
         if st.get("attn") == "delta":
@@ -361,7 +359,8 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
                                                 "model.safetensors or sharded safetensors with an index)."),
             out: str = typer.Option(..., "--out", "-o", help="Output .gguf file (or folder with --format onnx)."),
             outtype: Optional[str] = typer.Option(None, "--outtype",
-                                                  help="GGUF: f32, f16 (default), q8_0, q4_0, q4_1, q4_k, tq1_0, tq2_0."),
+                                                  help="GGUF: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q4_k "
+                                                       "(llama.cpp's Q4_K_M mixture), tq1_0, tq2_0."),
             fmt: str = typer.Option("gguf", "--format", help="gguf (a file) or onnx (a folder that onnxruntime, "
                                                              "optimum and `edgellm run` load)."),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="ONNX: fp32 (default) or int4 (MatMulNBits)."),
@@ -417,6 +416,34 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
         _err(f"unknown --format {fmt!r} (choose gguf or onnx)")
     print(path)
 
+
+
+@app.command()
+def quantize(src: str = typer.Argument(..., metavar="IN.gguf", help="The GGUF file to requantize (F32, F16, BF16, "
+                                                                    "Q8_0 or ternary TQ1_0/TQ2_0 weights)."),
+             out: str = typer.Argument(..., metavar="OUT.gguf", help="The file to write (never the input)."),
+             qtype: str = typer.Argument(..., metavar="TYPE", help="q4_k_m (or q4_k), q8_0, q4_0, q4_1, tq1_0, "
+                                                                   "tq2_0 (ternary weights only), f16, bf16, f32."),
+             force: bool = typer.Option(False, "--force", help="Overwrite an existing OUT.gguf."),
+             as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (types, fallbacks, sizes, "
+                                                                 "bits per weight, seconds) instead of the path.")):
+    """Requantize a GGUF file, as llama.cpp's llama-quantize does: each tensor's type follows llama.cpp's mixture
+    rules (Q4_K_M: Q4_K, with Q6_K for the output head and for attn_v / ffn_down in the layers llama.cpp gives
+    more bits; Q5_0 / Q8_0 where a row is not a multiple of 256 values). Metadata and tokenizer are carried over.
+    The output is written to a temporary name and renamed at the end."""
+    from .converters.quantize import quantize_gguf
+    from .runtime.progress import progress_bar
+    with progress_bar("quantize", "tensors") as update:
+        rep = quantize_gguf(src, out, qtype, force=force, progress=lambda i, n, name: update(i, n))
+    if as_json:
+        print(json.dumps(rep.as_dict()))
+        return
+    types = ", ".join(f"{k} {v}" for k, v in rep.types.items())
+    print(f"edgellm: {rep.type}: {rep.tensors} tensors ({types}), {rep.input_bytes / 1e6:.1f} MB -> "
+          f"{rep.output_bytes / 1e6:.1f} MB, {rep.bits_per_weight:.2f} bits per weight, {rep.seconds:.1f} s"
+          + (f"; {len(rep.fallbacks)} with rows not a multiple of 256 took a fallback type" if rep.fallbacks else ""),
+          file=sys.stderr)
+    print(rep.output)
 
 def _read_text(path: Optional[Path], what: str) -> Optional[str]:
     if path is None:

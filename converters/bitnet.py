@@ -5,7 +5,8 @@ byte along the output dimension, plus a per-tensor `weight_scale`) or floats ter
 absmean rule. They are written as ternary values ({-1, 0, 1}) in TQ1_0 / TQ2_0 (or F16/F32), with the
 per-tensor factor in llama.cpp's `blk.N.<proj>.scale` tensor (one f32), so that W = scale * T exactly.
 Rotary embeddings stay in HF's half-split layout (llama.cpp's bitnet arch uses NEOX rope); the feed-forward
-activation (ReLU^2 for 2B4T) is recorded under `bitnet.hidden_act` (llama.cpp's own bitnet graph uses SiLU).
+activation (ReLU^2 for 2B4T) is recorded under `bitnet.hidden_act` and under llama.cpp's `bitnet.hidden_activation`
+("relu2" / "silu"), which llama.cpp's and bitnet.cpp's fixes for 2B4T read (older builds apply SiLU regardless).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 # 2B4T names that gguf-py's table (from the older 1bitLLM BitNet) does not know
 EXTRA_NAMES = {"self_attn.attn_sub_norm.weight": T.ATTN_SUB_NORM, "mlp.ffn_sub_norm.weight": T.FFN_SUB_NORM}
 HIDDEN_ACT_KEY = "bitnet.hidden_act"
+# llama.cpp's LLM_KV_HIDDEN_ACT (gguf-py > 0.19: Keys.LLM.HIDDEN_ACT); its "relu2" maps to LLM_FFN_RELU_SQR
+HIDDEN_ACTIVATION_KEY = "{arch}.hidden_activation"
 
 
 def unpack_ternary(packed: np.ndarray) -> np.ndarray:
@@ -78,6 +81,7 @@ class BitNetConverter(Converter):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)  # as llama.cpp's converter writes it
         w.add_rope_scaling_factor(1.0)
         w.add_string(HIDDEN_ACT_KEY, self.act)
+        w.add_string(HIDDEN_ACTIVATION_KEY.format(arch=gguf.MODEL_ARCH_NAMES[self.arch]), self.act)
 
     def expected_shapes(self):
         return decoder_shapes(self.n_layer, self.n_embd, int(self._hp("intermediate_size")), self.n_head,

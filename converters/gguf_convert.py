@@ -14,11 +14,13 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 from .checkpoint import ConversionError, HFCheckpoint
+from .quantize import quantize_gguf
 from .tokenizer import add_tokenizer
 
-OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K,
-            "tq1_0": QT.TQ1_0, "tq2_0": QT.TQ2_0}
+OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1,
+            "q4_k": QT.Q4_K, "tq1_0": QT.TQ1_0, "tq2_0": QT.TQ2_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M,
               "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0}
@@ -120,7 +122,10 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 
 def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", force: bool = False,
                     transform: Callable | None = None, progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Convert the HF checkpoint folder `src` to the GGUF file `out`. Returns the output path."""
+    """Convert the HF checkpoint folder `src` to the GGUF file `out`. Returns the output path.
+    q4_k (or q4_k_m) writes llama.cpp's Q4_K_M mixture: an F16 file first, then `quantize.quantize_gguf`."""
+    if outtype == "q4_k_m":
+        outtype = "q4_k"
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
     src, out = Path(src), Path(out)
@@ -131,11 +136,11 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str
         raise ConversionError(f"model class {ckpt.architecture!r} is not supported "
                               f"(supported: {', '.join(sorted(CONVERTERS))})")
     conv = cls(ckpt)
-    if outtype == "q4_k":  # gguf-py cannot quantize K-quants: write F16, then llama.cpp's own quantizer
+    if outtype == "q4_k":  # the K-quant mixture is chosen per tensor from the whole file, as llama-quantize does
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             f16 = Path(tmp) / "model-f16.gguf"
             _write(conv, f16, "f16", transform, progress)
-            _llama_quantize(f16, out, FILE_TYPES["q4_k"])
+            quantize_gguf(f16, out, "q4_k_m", force=force)
         return out
     tmp_out = out.with_name(f".{out.name}.part-{os.getpid()}")
     try:
@@ -191,22 +196,3 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def _llama_quantize(src: Path, dst: Path, ftype: int) -> None:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ConversionError("--outtype q4_k needs llama.cpp's quantizer: pip install 'edgellm[llama]'") from None
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(ftype)
-    params.nthread = os.cpu_count() or 1
-    tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise ConversionError(f"llama.cpp's quantizer failed (code {rc})")
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

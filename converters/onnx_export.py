@@ -1,7 +1,8 @@
 """HF checkpoint -> ONNX folder: one decoder graph with KV cache (prefill and decode) named as optimum
 names it, fp32 or int4 weight-only (`MatMulNBits`), with config.json, generation_config.json and the
 tokenizer files beside it, so that `optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(OUT_DIR)`
-and `edgellm run OUT_DIR` both load it.
+and `edgellm run OUT_DIR` both load it, and a `genai_config.json` so that ONNX Runtime GenAI
+(`onnxruntime_genai.Model(OUT_DIR)`) loads and runs it too.
 
 Exporters form a registry keyed on the HF class name. Classes optimum knows (Llama) go through
 optimum's own exporter; the others (BitNet) through the shared builder in `onnx_graph.py` with their
@@ -10,6 +11,7 @@ output and renamed into place at the end: a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -27,6 +29,9 @@ MODEL_FILE = "model.onnx"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja")
 INT4_BLOCK_SIZE = 32  # MatMulNBits block along K (ONNX Runtime GenAI's CPU default)
+GENAI_CONFIG = "genai_config.json"
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"  # optimum's names, GenAI's %d patterns
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 Exporter = Callable[[Path, Path], None]  # (checkpoint folder, output folder) -> writes output/model.onnx
 ONNX_EXPORTERS: dict[str, Exporter] = {}
@@ -269,11 +274,95 @@ def write_onnx_folder(out: Path, src: Path, export: Callable[[Path], None], dtyp
         for name in SIDE_FILES:
             if (src / name).exists() and not (tmp / name).exists():
                 shutil.copyfile(src / name, tmp / name)
+        write_genai_config(tmp)
         step("tokenizer and config")
         _install(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _static_dim(value_info, axis: int) -> int | None:
+    d = value_info.type.tensor_type.shape.dim
+    return int(d[axis].dim_value) if axis < len(d) and d[axis].HasField("dim_value") else None
+
+
+def genai_config(folder: Path) -> dict | None:
+    """ONNX Runtime GenAI's genai_config.json for the decoder graph in `folder` (inputs input_ids,
+    attention_mask, [position_ids], past_key_values.N.key/value -> logits, present.N.key/value, the past
+    and present held in separate buffers as optimum's graphs need), or None for a graph GenAI cannot drive
+    (no KV cache, e.g. the linear-attention variant; per-layer cache shapes, e.g. a pruned variant).
+    Stop tokens are edgellm's for the same tokenizer files, so that both stop on the same tokens."""
+    import onnx
+    from ..runtime.errors import EdgeLLMError
+    from ..runtime.tokenizer import Tokenizer
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    ins = {i.name: i for i in graph.input}
+    outs = {o.name for o in graph.output}
+    n_layer = 0
+    while PAST_KEY % n_layer in ins and PAST_VALUE % n_layer in ins:
+        n_layer += 1
+    if not n_layer or not {"input_ids", "attention_mask"} <= set(ins) or "logits" not in outs:
+        return None
+    if any(PRESENT_KEY % i not in outs or PRESENT_VALUE % i not in outs for i in range(n_layer)):
+        return None
+    dims = {(_static_dim(ins[p % i], 1), _static_dim(ins[p % i], 3)) for i in range(n_layer)
+            for p in (PAST_KEY, PAST_VALUE)}
+    if len(dims) != 1 or None in next(iter(dims)):
+        return None  # GenAI sizes one cache shape for every layer, from static kv-head and head dims
+    (n_kv, head_size), = dims
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")) \
+        if (folder / "generation_config.json").exists() else {}
+    try:
+        tok = Tokenizer.from_hf(folder, int(cfg["vocab_size"]))
+        eos, tok_bos = sorted(tok.eog_ids, key=lambda i: (i != tok.eos_id, i)), tok.bos_id
+    except EdgeLLMError:  # a tokenizer edgellm cannot build: the checkpoint's own stop tokens
+        ids = gen.get("eos_token_id", cfg.get("eos_token_id"))
+        eos, tok_bos = [int(i) for i in (ids if isinstance(ids, list) else [ids] if ids is not None else [])], None
+    if not eos:
+        return None
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id", tok_bos))
+    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
+    ctx = int(cfg.get("max_position_embeddings") or 4096)
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE}
+    if "position_ids" in ins:
+        inputs["position_ids"] = "position_ids"
+    return {
+        "model": {
+            "type": "llama",  # GenAI's decoder-only model for this graph interface
+            "bos_token_id": int(bos if bos is not None else eos[0]),
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": int(pad if pad is not None else eos[0]),
+            "context_length": ctx,
+            "vocab_size": int(cfg["vocab_size"]),
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": head_size,
+                "hidden_size": int(cfg.get("hidden_size") or head_size * int(cfg["num_attention_heads"])),
+                "num_attention_heads": int(cfg.get("num_attention_heads") or n_kv),
+                "num_hidden_layers": n_layer,
+                "num_key_value_heads": n_kv,
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY,
+                            "present_value_names": PRESENT_VALUE},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": ctx,
+                   "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_genai_config(folder: Path) -> bool:
+    """Write genai_config.json into the ONNX folder when ONNX Runtime GenAI can run its graph."""
+    cfg = genai_config(folder)
+    if cfg is not None:
+        (folder / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return cfg is not None
 
 
 def _install(tmp: Path, out: Path) -> None:

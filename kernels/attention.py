@@ -46,8 +46,10 @@ QK = 32  # values per quantization block
 TJ = 1024  # tokens per tile in decode: rows of 4 KB (f32), which the prefetchers stream at full speed (1 KB: ~0.6x)
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
-# f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`)
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`). The signalling
+# NaN patterns raise the invalid flag when converted on aarch64 (a warning at every start): they become NaN all the same
+with np.errstate(invalid="ignore"):
+    F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def layout(kv: str, n_head_kv: int, head_dim: int, n_ctx: int):

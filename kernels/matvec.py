@@ -4,8 +4,8 @@ Weights are repacked once at load (see `pack`) from the file's blocks (decoded b
 NumPy reference) into layouts the LLVM vectorizer handles well, with R = 64 rows interleaved (row innermost):
   "q4": 4-bit codes, 16 bytes per 32 values (low nibble = value i, high = value i + 16), f32 scale and min per 32
         (Q4_0, Q4_1, Q4_K; Q4_K's sub-block scales are folded in, so all three share one kernel);
-  "q8": int8 codes, f32 scale per 32 or 16 values (Q8_0, Q6_K);
-  "f":  f32 rows (F32, F16), multiplied by BLAS.
+  "q8": int8 codes, f32 scale per 32 or 16 values (Q8_0, Q5_0, Q6_K);
+  "f":  f32 rows (F32, F16, BF16), multiplied by BLAS.
 Decode (a few rows of X): each thread takes groups of R rows and walks the blocks once, the inner loops running
 along the R rows in 16-lane f32 vectors; X stays f32 (codes times x are exact in f32). Prefill (many rows of X):
 weight tiles are dequantized to f32 and multiplied by BLAS (`numpy @`), which is compute-bound and fast here.
@@ -52,8 +52,8 @@ def _interleave(a: np.ndarray) -> np.ndarray:
 def pack(qtype: int, raw: np.ndarray) -> Packed:
     """Raw GGML data (rows, row_bytes) uint8 (or (rows, cols) f32/f16) -> the kernels' layout."""
     qtype = QT(qtype)
-    if qtype in (QT.F32, QT.F16):
-        w = np.ascontiguousarray(raw, dtype=np.float32)
+    if qtype in (QT.F32, QT.F16, QT.BF16):
+        w = quants.bf16_to_f32(raw) if qtype == QT.BF16 else np.ascontiguousarray(raw, dtype=np.float32)
         return Packed("f", w, _EMPTY, _EMPTY, 0, 1, w.shape[0], w.shape[1])
     if qtype in (QT.Q4_0, QT.Q4_1):  # the file's nibbles already are the "q4" layout: no decode and re-pack
         blk = quants._blocks(raw, qtype)

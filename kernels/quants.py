@@ -6,6 +6,7 @@ computed in the same float32 order as GGML (and gguf-py), so the decoded values 
   Q8_0  34 B / 32:  d f16, qs[32] i8                      value = d * q
   Q4_0  18 B / 32:  d f16, qs[16] (lo nibble = i, hi = i+16)  value = d * (q - 8)
   Q4_1  20 B / 32:  d f16, m f16, qs[16]                  value = d * q + m
+  Q5_0  22 B / 32:  d f16, qh u32 (bit i = 5th bit of value i), qs[16] as Q4_0   value = d * (q - 16)
   Q4_K 144 B / 256: d f16, dmin f16, scales[12] (8 x 6-bit scale and min), qs[128];
                     chunk c of 64 values: qs[32c:32c+32] low nibbles = sub-block 2c, high = 2c+1;
                     value = (d * sc) * q - (dmin * m)
@@ -84,6 +85,16 @@ def decode_q4_1(raw):
     return Codes(_nibbles32(b[..., 4:]).reshape(rows, -1), _f16(b[..., 0:2]), _f16(b[..., 2:4]), 0, 32)
 
 
+def decode_q5_0(raw):
+    # kept as int8 codes q - 16 (the "q8" kernels' layout)
+    b = _blocks(raw, QT.Q5_0)
+    rows = b.shape[0]
+    qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")  # (rows, nb, 1)
+    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (rows, nb, 32)
+    q = _nibbles32(b[..., 6:]) | (hi << 4)
+    return Codes((q.astype(np.int8) - np.int8(16)).reshape(rows, -1), _f16(b[..., 0:2]), None, 0, 32)
+
+
 def q4_k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # s (..., 12) uint8 -> 8 six-bit scales and 8 six-bit mins, (..., 8) each
     sc = np.empty(s.shape[:-1] + (8,), dtype=np.uint8)
@@ -123,8 +134,13 @@ def decode_q6_k(raw):
     return Codes(codes, (d[..., None] * sc).reshape(rows, -1), None, 0, 16)
 
 
-DECODERS = {QT.Q8_0: decode_q8_0, QT.Q4_0: decode_q4_0, QT.Q4_1: decode_q4_1,
+DECODERS = {QT.Q8_0: decode_q8_0, QT.Q4_0: decode_q4_0, QT.Q4_1: decode_q4_1, QT.Q5_0: decode_q5_0,
             QT.Q4_K: decode_q4_k, QT.Q6_K: decode_q6_k}
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    # (rows, 2 * cols) uint8 BF16 -> (rows, cols) f32: the top half of each f32's bits
+    return (np.ascontiguousarray(raw).view("<u2").astype(np.uint32) << 16).view(np.float32)
 
 
 def dequantize_ref(qtype: int, raw: np.ndarray) -> np.ndarray:
@@ -134,6 +150,8 @@ def dequantize_ref(qtype: int, raw: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(raw, dtype=np.float32)
     if qtype == QT.F16:
         return np.asarray(raw, dtype=np.float16).astype(np.float32)
+    if qtype == QT.BF16:
+        return bf16_to_f32(raw)
     return DECODERS[qtype](raw).values()
 
 

@@ -8,7 +8,6 @@ head_count_kv 0) and FFN-free layers (feed_forward_length 0).
 """
 from __future__ import annotations
 
-from ..kernels.attention import bytes_per_token
 from .config import ConfigError, ModelConfig
 from .llama import Llama
 
@@ -40,23 +39,3 @@ class Deci(Llama):
         if c.n_head * c.head_dim != c.n_embd and "attention.key_length" not in c.extra:
             raise ConfigError("deci with per-layer head counts needs deci.attention.key_length (the head size)")
         return list(zip(H, Hkv, F))
-
-    def forward(self, tokens, seqs: list, logits: str = "last"):
-        heads = tuple((h, hkv) for h, hkv, _ in self.widths)
-        for cache, _ in seqs:
-            if getattr(cache, "layer_heads", None) != heads:
-                raise ValueError("a deci model needs a cache with its per-layer head counts (model.new_cache)")
-        return super().forward(tokens, seqs, logits)
-
-    def new_cache(self, n_ctx: int, engine):
-        from ..runtime.kv_cache import KVCache
-        if engine.attn.kind != "dense":
-            raise ConfigError("delta attention is not supported for deci (per-layer head counts)")
-        c = self.cfg
-        return KVCache(c.n_layer, c.n_head_kv, n_ctx, c.head_dim, kv=engine.kv, n_head=c.n_head, attn=engine.attn,
-                       stats=engine.attn_stats, transform=engine.kv_transform,
-                       layer_heads=[(h, hkv) for h, hkv, _ in self.widths])
-
-    def kv_bytes_per_token(self, engine) -> int:
-        from ..runtime.kv_cache import parse_kv
-        return sum(bytes_per_token(t, hkv, self.cfg.head_dim) for _, hkv, _ in self.widths for t in parse_kv(engine.kv))

@@ -7,85 +7,104 @@ clamped there). The cache is a constant-size state
 (runtime/linear_state.py); decode runs the recurrence, prefill the chunked parallel form."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from gguf import GGMLQuantizationType as QT, MODEL_TENSOR as T
+from gguf import MODEL_TENSOR as T
 
 from ..kernels import linear_attention as LA
-from ..kernels import ops
-from ..runtime.errors import GGUFError  # a leaf module: the one thing models take from runtime
-from .config import ModelConfig
-from .llama import output_logits, swiglu_ffn, tname
+from .cache_spec import CacheSpec
+from .config import ConfigError, ModelConfig
+from .llama import Llama, tname
+from .weights import Matrix, Weights
 
 
 def _extra(cfg: ModelConfig, key: str, types, check, what: str):
     v = cfg.extra.get(key)
     if v is None or isinstance(v, bool) or not isinstance(v, types) or not check(v):
-        raise GGUFError(f"metadata {cfg.arch}.{key} = {v!r} is not {what}")
+        raise ConfigError(f"metadata {cfg.arch}.{key} = {v!r} is not {what}")
     return v
 
 
-class LinearLlama:
+@dataclass
+class GatedLinearAttention:
+    """Gated linear attention of one layer (no rotary embedding; K the causal convolutions' kernel size)."""
+    norm: np.ndarray    # (d,) attn_norm
+    qkvg: Matrix        # (H·hd + 3·Hkv·hd, d): q, k, v and the decay gate stacked (they share their input)
+    gate_b: np.ndarray  # (Hkv·hd,) the decay gate's bias
+    conv_q: np.ndarray  # (H·hd, K) causal convolution over q
+    conv_k: np.ndarray  # (Hkv·hd, K) causal convolution over k
+    wo: Matrix          # (d, H·hd)
+
+    def matrices(self) -> list:
+        return [self.qkvg, self.wo]
+
+
+class LinearLlama(Llama):
     arch = "edgellm-linear"
 
-    def __init__(self, cfg: ModelConfig, w):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, w: Weights):
         self.K = int(_extra(cfg, "conv_kernel", int, lambda v: 1 <= v <= 64, "an integer in [1, 64]"))
         self.fmap = _extra(cfg, "feature_map", str, lambda v: v in LA.FEATURE_MAPS, f"one of {LA.FEATURE_MAPS}")
         self.chunk = int(_extra(cfg, "chunk_size", int, lambda v: 1 <= v <= 1024, "an integer in [1, 1024]"))
         self.eps = np.float32(_extra(cfg, "attention.eps", (int, float), lambda v: 0 < v < 1, "a number in (0, 1)"))
         self.la_min = np.float32(_extra(cfg, "attention.log_decay_min", (int, float), lambda v: -100 <= v <= 0,
                                         "a number in [-100, 0]"))
-        d, hd, H, Hkv = cfg.n_embd, cfg.head_dim, cfg.n_head, cfg.n_head_kv
-        self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
-        self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
-        self.output = w.matrix(tname(T.OUTPUT), (cfg.n_vocab, d)) if w.has(tname(T.OUTPUT)) else self.tok_embd
-        self.layers = []
-        for i in range(cfg.n_layer):
-            conv = [w._info(f"blk.{i}.attn_{x}_conv.weight", (n * hd, self.K), (QT.F32, QT.F16)) for x, n in (("q", H), ("k", Hkv))]
-            self.layers.append(dict(
-                attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
-                # q, k, v and the decay gate share their input: one fused matrix when their types agree
-                qkvg=w.fused([(tname(T.ATTN_Q, i), (H * hd, d)), (tname(T.ATTN_K, i), (Hkv * hd, d)),
-                              (tname(T.ATTN_V, i), (Hkv * hd, d)), (f"blk.{i}.attn_gate.weight", (Hkv * hd, d))]),
-                gate_b=w.vector(f"blk.{i}.attn_gate.bias", Hkv * hd),
-                conv_q=np.ascontiguousarray(conv[0].data, dtype=np.float32),
-                conv_k=np.ascontiguousarray(conv[1].data, dtype=np.float32),
-                wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * hd)),
-                ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
-                gate_up=w.fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d)), (tname(T.FFN_UP, i), (cfg.n_ff, d))]),
-                down=w.matrix(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
-            ))
-            for c in ("conv_q", "conv_k"):
-                if not np.isfinite(self.layers[-1][c]).all():
-                    raise GGUFError(f"blk.{i}.attn_{c[-1]}_conv.weight is not finite")
+        super().__init__(cfg, w)
 
     # ------------------------------------------------------------------ the state
-    def new_cache(self, n_ctx: int, engine=None):
-        from ..runtime.linear_state import LinearStateCache
+    def cache_spec(self) -> CacheSpec:
         c = self.cfg
-        return LinearStateCache(c.n_layer, c.n_head, c.n_head_kv, c.head_dim, self.K, n_ctx)
-
-    def kv_bytes_per_token(self, engine=None) -> int:
-        return 0  # constant state: see state_bytes
+        return CacheSpec.state(c.n_layer, c.n_head, c.n_head_kv, c.head_dim, self.K)
 
     def state_bytes(self) -> int:
-        c = self.cfg
-        return 4 * c.n_layer * (c.n_head_kv * c.head_dim * (c.head_dim + 1) + (self.K - 1) * (c.n_head + c.n_head_kv) * c.head_dim)
+        """Bytes of one sequence's state (constant in its length)."""
+        return 4 * sum(int(np.prod(s)) for s in self.cache_spec().state_shapes.values())
+
+    # ------------------------------------------------------------------ loading
+    def load_attention(self, w: Weights, i: int, H: int, Hkv: int) -> GatedLinearAttention:
+        d, hd = self.cfg.n_embd, self.cfg.head_dim
+        A = GatedLinearAttention(
+            norm=w.vector(tname(T.ATTN_NORM, i), d),
+            qkvg=w.fused([(tname(T.ATTN_Q, i), (H * hd, d)), (tname(T.ATTN_K, i), (Hkv * hd, d)),
+                          (tname(T.ATTN_V, i), (Hkv * hd, d)), (f"blk.{i}.attn_gate.weight", (Hkv * hd, d))]),
+            gate_b=w.vector(f"blk.{i}.attn_gate.bias", Hkv * hd),
+            conv_q=w.array(f"blk.{i}.attn_q_conv.weight", (H * hd, self.K)),
+            conv_k=w.array(f"blk.{i}.attn_k_conv.weight", (Hkv * hd, self.K)),
+            wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * hd)))
+        for x, conv in (("q", A.conv_q), ("k", A.conv_k)):
+            if not np.isfinite(conv).all():
+                raise ConfigError(f"blk.{i}.attn_{x}_conv.weight is not finite")
+        return A
 
     # ------------------------------------------------------------------ forward
-    def attend(self, li: int, L: dict, q, k, v, g, seqs) -> np.ndarray:
+    def positions(self, seqs: list) -> None:
+        return None  # no rotary embedding
+
+    def attention(self, li: int, A: GatedLinearAttention, h: np.ndarray, pos, seqs: list) -> np.ndarray:
+        """h (N, d) -> (N, d); each sequence's state (LinearStateCache) advances."""
+        c = self.cfg
+        N = h.shape[0]
+        H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
+        a, b = H * hd, (H + Hkv) * hd
+        p = A.qkvg.matmul(h)  # (N, (H + 3 Hkv) hd)
+        att = self.linear_attend(li, A, np.ascontiguousarray(p[:, :a]), np.ascontiguousarray(p[:, a:b]),
+                                 p[:, b:b + Hkv * hd], p[:, b + Hkv * hd:], seqs)
+        return A.wo.matmul(att.reshape(N, H * hd))
+
+    def linear_attend(self, li: int, A: GatedLinearAttention, q, k, v, g, seqs) -> np.ndarray:
         """q (N, H·d), k / v / g (N, Hkv·d) pre-conv projections and gate pre-activations of the new tokens of each
         sequence -> attention output (N, H, d); each sequence's state advances."""
         c = self.cfg
         H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
         out = np.empty((q.shape[0], H, hd), dtype=np.float32)
         qc, kc = np.empty_like(q), np.empty_like(k)
-        la = np.maximum(LA.log_sigmoid(g + L["gate_b"]), self.la_min).reshape(-1, Hkv, hd)
+        la = np.maximum(LA.log_sigmoid(g + A.gate_b), self.la_min).reshape(-1, Hkv, hd)
         r = 0
         for cache, n in seqs:
             s = slice(r, r + n)
-            LA.causal_conv(q[s], cache.conv_q[li], L["conv_q"], qc[s])
-            LA.causal_conv(k[s], cache.conv_k[li], L["conv_k"], kc[s])
+            LA.causal_conv(q[s], cache.conv_q[li], A.conv_q, qc[s])
+            LA.causal_conv(k[s], cache.conv_k[li], A.conv_k, kc[s])
             fq = LA.feature_map(qc[s].reshape(n, H, hd), self.fmap)
             fk = LA.feature_map(kc[s].reshape(n, Hkv, hd), self.fmap)
             vs = np.ascontiguousarray(v[s].reshape(n, Hkv, hd))
@@ -97,21 +116,3 @@ class LinearLlama:
                                self.eps, out[s])
             r += n
         return out
-
-    def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:
-        """As Llama.forward (models/llama.py): `seqs` = [(cache, n_new)], one row of logits per sequence unless
-        logits="all"; the caches here are LinearStateCache."""
-        c = self.cfg
-        N = tokens.shape[0]
-        H, Hkv, hd = c.n_head, c.n_head_kv, c.head_dim
-        x = self.tok_embd.embed(tokens)
-        h = np.empty_like(x)
-        a, b = H * hd, (H + Hkv) * hd
-        for li, L in enumerate(self.layers):
-            ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
-            p = L["qkvg"].matmul(h)  # (N, (H + 3 Hkv) d)
-            att = self.attend(li, L, np.ascontiguousarray(p[:, :a]), np.ascontiguousarray(p[:, a:b]),
-                              p[:, b:b + Hkv * hd], p[:, b + Hkv * hd:], seqs)
-            x += L["wo"].matmul(att.reshape(N, H * hd))
-            swiglu_ffn(x, L, h, c.n_ff, c.norm_eps)
-        return output_logits(self, x, seqs, logits)

@@ -11,12 +11,16 @@ and YaRN scaling are not supported (clear errors).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from gguf import MODEL_TENSOR as T
 
 from ..kernels import ops
+from .cache_spec import CacheSpec
 from .config import ConfigError, ModelConfig
-from .llama import output_logits, swiglu_ffn, tname
+from .llama import Llama, tname
+from .weights import Matrix, Weights
 
 
 def _key(extra, key: str, default=None, lo: int = 1, hi: int = 1 << 20) -> int:
@@ -28,13 +32,28 @@ def _key(extra, key: str, default=None, lo: int = 1, hi: int = 1 << 20) -> int:
     return v
 
 
-class DeepSeek2:
+@dataclass
+class LatentAttention:
+    """Multi-head latent attention of one layer (r_q, r: query and KV latent ranks; dn + dr = dk per head)."""
+    norm: np.ndarray       # (d,) attn_norm
+    a: Matrix              # (r_q + r + dr, d): attn_q_a and attn_kv_a_mqa stacked (they share their input)
+    q_a_norm: np.ndarray   # (r_q,)
+    q_b: Matrix            # (H·dk, r_q)
+    kv_a_norm: np.ndarray  # (r,)
+    k_b: np.ndarray        # (H, r, dn): the key up-projection, absorbed into the queries in decode
+    v_b: np.ndarray        # (H, dv, r): the value up-projection
+    wo: Matrix             # (d, H·dv)
+
+    def matrices(self) -> list:
+        return [self.a, self.q_b, self.wo]
+
+
+class DeepSeek2(Llama):
     arch = "deepseek2"
 
-    def __init__(self, cfg: ModelConfig, w):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, w: Weights):
         e = cfg.extra
-        d, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+        L = cfg.n_layer
         dense = _key(e, "leading_dense_block_count", 0, lo=0, hi=L)
         if dense != L or e.get("expert_count", 0) not in (0, None):
             raise ConfigError("deepseek2 with mixture-of-experts blocks is not supported (only dense MLA models: "
@@ -55,76 +74,45 @@ class DeepSeek2:
                               f"{self.dr}, key_length_mla {self.dk}")
         if _key(e, "attention.value_length", self.r) != self.r:
             raise ConfigError("deepseek2 (MLA) needs attention.value_length = kv_lora_rank")
-        r, dr, dn, dk, dv = self.r, self.dr, self.dn, self.dk, self.dv
-        self.tok_embd = w.matrix(tname(T.TOKEN_EMBD), (cfg.n_vocab, d))
-        self.output_norm = w.vector(tname(T.OUTPUT_NORM), d)
-        self.output = w.matrix(tname(T.OUTPUT), (cfg.n_vocab, d)) if w.has(tname(T.OUTPUT)) else self.tok_embd
-        self.layers = []
-        for i in range(L):
-            self.layers.append(dict(
-                attn_norm=w.vector(tname(T.ATTN_NORM, i), d),
-                # the q and kv latent projections share their input: one matrix when their types agree
-                a=w.fused([(tname(T.ATTN_Q_A, i), (self.r_q, d)), (tname(T.ATTN_KV_A_MQA, i), (r + dr, d))]),
-                q_a_norm=w.vector(tname(T.ATTN_Q_A_NORM, i), self.r_q),
-                q_b=w.matrix(tname(T.ATTN_Q_B, i), (H * dk, self.r_q)),
-                kv_a_norm=w.vector(tname(T.ATTN_KV_A_NORM, i), r),
-                k_b=w.array(tname(T.ATTN_K_B, i), (H, r, dn)),
-                v_b=w.array(tname(T.ATTN_V_B, i), (H, dv, r)),
-                wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * dv)),
-                ffn_norm=w.vector(tname(T.FFN_NORM, i), d),
-                gate_up=w.fused([(tname(T.FFN_GATE, i), (cfg.n_ff, d)), (tname(T.FFN_UP, i), (cfg.n_ff, d))]),
-                down=w.matrix(tname(T.FFN_DOWN, i), (d, cfg.n_ff)),
-            ))
-        self.rope_cos, self.rope_sin = None, None
+        super().__init__(cfg, w)
+        self.scale = np.float32(1.0 / np.sqrt(self.dk))
 
-    # ------------------------------------------------------------------ the latent cache
-    def new_cache(self, n_ctx: int, engine=None):
-        from ..runtime.errors import EdgeLLMError
-        from ..runtime.latent_cache import LatentCache
-        if engine is not None and (engine.kv != "f32" or engine.attn.kind != "dense"):
-            raise EdgeLLMError("MLA models keep an f32 latent cache with dense attention (no --kv / --attn delta)")
-        return LatentCache(self.cfg.n_layer, n_ctx, self.r, self.dr, self.cfg.n_head,
-                           stats=engine.attn_stats if engine is not None else None)
+    def cache_spec(self) -> CacheSpec:
+        """One latent row [c_kv (r) | k_pe (dr)] per layer and token."""
+        return CacheSpec.latent(self.cfg.n_layer, self.cfg.n_head, self.r, self.dr)
 
-    def kv_bytes_per_token(self, engine=None) -> int:
-        return 4 * self.cfg.n_layer * (self.r + self.dr)
+    def load_attention(self, w: Weights, i: int, H: int, Hkv: int) -> LatentAttention:
+        d, r, dr, dn, dk, dv = self.cfg.n_embd, self.r, self.dr, self.dn, self.dk, self.dv
+        return LatentAttention(
+            norm=w.vector(tname(T.ATTN_NORM, i), d),
+            a=w.fused([(tname(T.ATTN_Q_A, i), (self.r_q, d)), (tname(T.ATTN_KV_A_MQA, i), (r + dr, d))]),
+            q_a_norm=w.vector(tname(T.ATTN_Q_A_NORM, i), self.r_q),
+            q_b=w.matrix(tname(T.ATTN_Q_B, i), (H * dk, self.r_q)),
+            kv_a_norm=w.vector(tname(T.ATTN_KV_A_NORM, i), r),
+            k_b=w.array(tname(T.ATTN_K_B, i), (H, r, dn)),
+            v_b=w.array(tname(T.ATTN_V_B, i), (H, dv, r)),
+            wo=w.matrix(tname(T.ATTN_OUT, i), (d, H * dv)))
 
-    def ensure_rope(self, n_ctx: int) -> None:
-        if self.rope_cos is None or self.rope_cos.shape[0] < n_ctx:
-            c = self.cfg
-            self.rope_cos, self.rope_sin = ops.rope_tables(ops.grown_rows(n_ctx, self.rope_cos), self.dr,
-                                                           c.rope_theta, None, 1.0 / c.rope_scale)
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, tokens: np.ndarray, seqs: list, logits: str = "last") -> np.ndarray:
-        """As Llama.forward: `seqs` = [(cache, n_new)], caches are LatentCache."""
+    def attention(self, li: int, A: LatentAttention, h: np.ndarray, pos: np.ndarray, seqs: list) -> np.ndarray:
+        """h (N, d) -> (N, d): the latents c and rope keys k_pe go to the caches (LatentCache), which attend."""
         c = self.cfg
-        N = tokens.shape[0]
+        N = h.shape[0]
         H, r, dr, dn, dk, dv, rq = c.n_head, self.r, self.dr, self.dn, self.dk, self.dv, self.r_q
-        pos = np.concatenate([np.arange(cache.n, cache.n + n, dtype=np.int64) for cache, n in seqs])
-        self.ensure_rope(int(pos.max()) + 1)
-        x = self.tok_embd.embed(tokens)
-        h = np.empty_like(x)
-        scale = np.float32(1.0 / np.sqrt(dk))
-        for li, L in enumerate(self.layers):
-            ops.rmsnorm(x, L["attn_norm"], c.norm_eps, h)
-            a = L["a"].matmul(h)  # (N, r_q + r + dr)
-            qa = np.ascontiguousarray(a[:, :rq])
-            ops.rmsnorm(qa, L["q_a_norm"], c.norm_eps, qa)
-            q = L["q_b"].matmul(qa).reshape(N, H, dk)
-            q_pe = np.ascontiguousarray(q[:, :, dn:])
-            ops.rope_inplace(q_pe, pos, self.rope_cos, self.rope_sin, dr)
-            q[:, :, dn:] = q_pe
-            lat = np.ascontiguousarray(a[:, rq:rq + r])
-            ops.rmsnorm(lat, L["kv_a_norm"], c.norm_eps, lat)
-            k_pe = np.ascontiguousarray(a[:, rq + r:]).reshape(N, 1, dr)
-            ops.rope_inplace(k_pe, pos, self.rope_cos, self.rope_sin, dr)
-            att = np.empty((N, H, dv), dtype=np.float32)
-            i = 0
-            for cache, n in seqs:
-                cache.store(li, lat[i:i + n], k_pe[i:i + n, 0])
-                cache.attend(li, q[i:i + n], scale, L["k_b"], L["v_b"], att[i:i + n])
-                i += n
-            x += L["wo"].matmul(att.reshape(N, H * dv))
-            swiglu_ffn(x, L, h, c.n_ff, c.norm_eps)
-        return output_logits(self, x, seqs, logits)
+        a = A.a.matmul(h)  # (N, r_q + r + dr)
+        qa = np.ascontiguousarray(a[:, :rq])
+        ops.rmsnorm(qa, A.q_a_norm, c.norm_eps, qa)
+        q = A.q_b.matmul(qa).reshape(N, H, dk)
+        q_pe = np.ascontiguousarray(q[:, :, dn:])
+        ops.rope_inplace(q_pe, pos, self.rope_cos, self.rope_sin, dr)
+        q[:, :, dn:] = q_pe
+        lat = np.ascontiguousarray(a[:, rq:rq + r])
+        ops.rmsnorm(lat, A.kv_a_norm, c.norm_eps, lat)
+        k_pe = np.ascontiguousarray(a[:, rq + r:]).reshape(N, 1, dr)
+        ops.rope_inplace(k_pe, pos, self.rope_cos, self.rope_sin, dr)
+        att = np.empty((N, H, dv), dtype=np.float32)
+        i = 0
+        for cache, n in seqs:
+            cache.store(li, lat[i:i + n], k_pe[i:i + n, 0])
+            cache.attend(li, q[i:i + n], self.scale, A.k_b, A.v_b, att[i:i + n])
+            i += n
+        return A.wo.matmul(att.reshape(N, H * dv))

@@ -2,13 +2,13 @@
 the model's template, and only the tokens after the common prefix with the cache are processed."""
 from __future__ import annotations
 
-from .engine import Engine
+from .contracts import Backend
 from .generate import stream_generate
 from .sampling import Sampler, SamplerSettings
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, settings: SamplerSettings | None = None, system: str | None = None,
+    def __init__(self, engine: Backend, settings: SamplerSettings | None = None, system: str | None = None,
                  max_tokens: int = 512):
         self.engine, self.sampler, self.system, self.max_tokens = engine, Sampler(settings), system, max_tokens
         self.cache = engine.new_cache()

@@ -12,7 +12,8 @@ from ..models.config import ConfigError, ModelConfig
 from .errors import ContextOverflowError, EdgeLLMError, GGUFError, UnsupportedError
 from .fetch import resolve_model
 from .gguf_file import GGUFFile
-from ..kernels.attention import bytes_per_token
+from .caches import build_cache, bytes_per_token, check_options
+from .contracts import Cache
 from .kv_cache import ATTN_KINDS, AttentionConfig, AttentionStats, KVCache, parse_kv
 
 DEFAULT_WINDOW = 64  # delta attention: keys nearest the query that are always scored exactly
@@ -84,6 +85,8 @@ class Engine:
             raise GGUFError(f"{path}: {e}") from None
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_gguf(self.file)
+        self.spec = self.model.cache_spec()
+        check_options(self.spec, kv, attn)
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
         if self.n_ctx < 8:
             raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
@@ -121,8 +124,7 @@ class Engine:
         c = self.cfg
         if len(toks) <= window + 1:
             raise EdgeLLMError(f"delta calibration needs more than {window + 1} tokens of text (got {len(toks)})")
-        cache = KVCache(c.n_layer, c.n_head_kv, len(toks), c.head_dim, n_head=c.n_head,
-                        stats=AttentionStats(c.n_layer, c.n_head))
+        cache = KVCache(self.spec, len(toks), stats=AttentionStats(c.n_layer, c.n_head))
         cache.recorder = [[] for _ in range(c.n_layer)]
         self.prefill(toks, cache)
         G = c.n_head // c.n_head_kv
@@ -156,31 +158,29 @@ class Engine:
                      delta_state_bytes_per_token=4 * self.cfg.n_layer * self.cfg.n_head)
         return d
 
+    def reset_attention_stats(self) -> None:
+        """Count attention statistics afresh (e.g. after calibration)."""
+        self.attn_stats.reset()
+
     @property
     def kv_bytes_per_token(self) -> int:
-        c = self.cfg
-        if hasattr(self.model, "kv_bytes_per_token"):
-            return self.model.kv_bytes_per_token(self)
-        return c.n_layer * sum(bytes_per_token(t, c.n_head_kv, c.head_dim) for t in parse_kv(self.kv))
+        """Bytes each token takes in a new cache (0 for a constant-size recurrent state)."""
+        return bytes_per_token(self.spec, self.kv)
 
     # ------------------------------------------------------------------ caches
-    def new_cache(self, n_ctx: int | None = None) -> KVCache:
-        c = self.cfg
-        if hasattr(self.model, "new_cache"):  # an architecture with its own cache (MLA latent, linear state)
-            return self.model.new_cache(n_ctx or self.n_ctx, self)
-        return KVCache(c.n_layer, c.n_head_kv, n_ctx or self.n_ctx, c.head_dim, kv=self.kv, n_head=c.n_head,
-                       attn=self.attn, stats=self.attn_stats, transform=self.kv_transform)
+    def new_cache(self, n_ctx: int | None = None) -> Cache:
+        """An empty cache for this model (its `cache_spec()`), with the engine's KV type and attention."""
+        return build_cache(self.spec, n_ctx or self.n_ctx, self.kv, self.attn, self.attn_stats, self.kv_transform)
 
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads (matrices; norms are negligible)."""
         m = self.model
-        total = m.output.nbytes
-        for L in m.layers:
-            total += sum(v.nbytes for v in L.values() if hasattr(v, "rows"))
-        return total
+        return m.output.nbytes + sum(x.nbytes for L in m.layers for x in L.matrices())
 
-    def _check(self, tokens: np.ndarray, cache: KVCache) -> None:
+    def _check(self, tokens: np.ndarray, cache: Cache) -> None:
+        if cache.spec is not self.spec and cache.spec != self.spec:
+            raise ValueError("the cache was made for another model (use this engine's new_cache())")
         if tokens.ndim != 1 or len(tokens) == 0:
             raise ValueError("tokens must be a non-empty 1-D sequence")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
@@ -190,7 +190,7 @@ class Engine:
                                        f"{cache.n_ctx} tokens (use --ctx to enlarge it)")
 
     # ------------------------------------------------------------------ running
-    def prefill(self, tokens, cache: KVCache | None = None, logits: str = "last", chunk: int = 512) -> np.ndarray:
+    def prefill(self, tokens, cache: Cache | None = None, logits: str = "last", chunk: int = 512) -> np.ndarray:
         """Append `tokens` to `cache` (default: the engine's own); logits of the last token (n_vocab,),
         or of every token (N, n_vocab) with logits='all'. Long prompts run in chunks of `chunk` tokens."""
         cache = self.cache if cache is None else cache
@@ -205,11 +205,11 @@ class Engine:
                 outs.append(out)
         return np.concatenate(outs) if logits == "all" else outs[-1][0]
 
-    def decode(self, token: int, cache: KVCache | None = None) -> np.ndarray:
+    def decode(self, token: int, cache: Cache | None = None) -> np.ndarray:
         """Append one token; its logits (n_vocab,)."""
         return self.prefill([token], cache)
 
-    def decode_batch(self, tokens, caches: list[KVCache]) -> np.ndarray:
+    def decode_batch(self, tokens, caches: list[Cache]) -> np.ndarray:
         """One decode step for B sequences at once (one read of the weights): logits (B, n_vocab)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) != len(caches):

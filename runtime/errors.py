@@ -20,3 +20,8 @@ class ContextOverflowError(EdgeLLMError):
 class HubError(EdgeLLMError):
     """A model named on the Hugging Face Hub that cannot be had: unknown or gated repository, no matching file,
     no network and not in the cache."""
+
+
+class CacheError(EdgeLLMError):
+    """A cache operation that is not possible: truncating past the tokens held or, for a recurrent state, anywhere
+    but the start; restoring into a cache that is not empty or from snapshots that do not fit."""

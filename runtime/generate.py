@@ -8,9 +8,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .engine import Engine
+from .contracts import Backend, Cache
 from .errors import ContextOverflowError
-from .kv_cache import KVCache
 from .sampling import Sampler, SamplerSettings, log_softmax
 
 
@@ -54,8 +53,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def generate_step(engine: Engine, prompt: Sequence[int], sampler: Sampler, max_tokens: int,
-                  cache: KVCache | None = None, history: list[int] | None = None,
+def generate_step(engine: Backend, prompt: Sequence[int], sampler: Sampler, max_tokens: int,
+                  cache: Cache | None = None, history: list[int] | None = None,
                   stats: GenerationStats | None = None) -> Iterator[tuple[int, float]]:
     """Prefill the prompt (reusing what `cache` already holds of it), then yield (token, logprob)
     for up to max_tokens sampled tokens. `history` (tokens already in the cache) is extended."""
@@ -66,7 +65,7 @@ def generate_step(engine: Engine, prompt: Sequence[int], sampler: Sampler, max_t
     keep = common_prefix(history[:cache.n], prompt)
     if keep == len(prompt):  # must feed at least one token to get logits
         keep -= 1
-    if not getattr(cache, "can_truncate", lambda n: True)(keep):
+    if not cache.can_truncate(keep):
         keep = 0  # a recurrent state (linear attention) goes back only to the start: run the whole prompt again
     cache.truncate(keep)
     del history[keep:]
@@ -95,9 +94,9 @@ def generate_step(engine: Engine, prompt: Sequence[int], sampler: Sampler, max_t
         stats.decode_seconds = time.perf_counter() - t1
 
 
-def stream_generate(engine: Engine, prompt: str | Sequence[int], max_tokens: int = 256,
+def stream_generate(engine: Backend, prompt: str | Sequence[int], max_tokens: int = 256,
                     sampler: Sampler | SamplerSettings | None = None, stop: Sequence[str] = (),
-                    chat: bool = False, cache: KVCache | None = None, history: list[int] | None = None,
+                    chat: bool = False, cache: Cache | None = None, history: list[int] | None = None,
                     **sampler_kwargs) -> Iterator[GenerationResponse]:
     """Yield text pieces as they are generated; stops at an end-of-generation token, a stop string,
     max_tokens or a full context. The last response has finished=True and the final stats."""
@@ -135,5 +134,5 @@ def stream_generate(engine: Engine, prompt: str | Sequence[int], max_tokens: int
     yield GenerationResponse(pending, None, None, stats, finished=True)
 
 
-def generate(engine: Engine, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
+def generate(engine: Backend, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
     return "".join(r.text for r in stream_generate(engine, prompt, max_tokens, **kwargs))

@@ -1,10 +1,8 @@
-"""Caches: how a sequence remembers its past.
+"""The KV cache of the Llama family: per-head keys and values, with dense or delta attention over them.
 
-`Cache` is what the runtime and search rely on for every kind of cache: `n` (tokens held), `n_ctx`, `truncate(n)`,
-`fork()` (a child that shares nothing it could overwrite) and `nbytes_per_token`. An architecture reaches the
-contents through its cache type's own methods: `KVCache` (per-head keys and values, the Llama family) has
-`store(layer, k, v)` and `attend(layer, q, scale, out)`; a latent (MLA) or linear-state cache will bring its own
-pair. The model writes the new tokens at positions n, n + 1, ... and advances `n` at the end of its forward.
+`KVCache` implements the `Cache` contract (runtime/contracts.py) through `RowCache` (runtime/cache_base.py), and the
+pair the model calls: `store(layer, k, v)` and `attend(layer, q, scale, out)`. The model writes the new tokens at
+positions n, n + 1, ... and advances `n` at the end of its forward.
 
 `KVCache` stores keys and values dim-major per kv head, in f32, f16, q8_0 or q4_0 (blocks of 32 dimensions per
 token and head, as llama.cpp's -ctk/-ctv), and attends directly on that storage; see `kernels/attention.py`.
@@ -19,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..kernels import attention as A
+from ..models.cache_spec import KV, CacheSpec
+from .cache_base import RowCache
 
 KV_TYPES = A.KV_TYPES
 ATTN_KINDS = ("dense", "delta")
@@ -94,53 +94,37 @@ class AttentionStats:
         return out
 
 
-class Cache:
-    """The interface every cache offers (see the module docstring)."""
-    n: int
-    n_ctx: int
-
-    def truncate(self, n: int) -> None:
-        raise NotImplementedError
-
-    def fork(self) -> "Cache":
-        raise NotImplementedError
-
-    @property
-    def nbytes_per_token(self) -> int:
-        raise NotImplementedError
-
-
-class KVCache(Cache):
+class KVCache(RowCache):
     """Per-head keys and values of every layer. k[l] / v[l] hold one layer in the layout of `kernels/attention.py`
     (dim-major: f32 k[l] is (n_head_kv, head_dim, n_ctx)); k_scales / v_scales the f16 block scales of q8_0 / q4_0.
-    Layers may differ in head counts (a pruned model: `layer_heads` = [(n_head, n_head_kv)] per layer); then k, v,
-    k_scales, v_scales are lists holding each layer's own size, and n_head / n_head_kv are the largest counts."""
+    Layers may differ in head counts (a pruned model: the spec's `layer_heads` = [(n_head, n_head_kv)] per layer);
+    then k, v, k_scales, v_scales are lists holding each layer's own size, and n_head / n_head_kv are the largest."""
 
-    def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, kv: str = "f32",
-                 n_head: int | None = None, attn: AttentionConfig | None = None, stats: AttentionStats | None = None,
-                 transform: bool = True, layer_heads: list | None = None):
+    def __init__(self, spec: CacheSpec, n_ctx: int, kv: str = "f32", attn: AttentionConfig | None = None,
+                 stats: AttentionStats | None = None, transform: bool = True):
+        """spec: the model's cache (models/cache_spec.py, kind KV); kv: the storage of K and V ("q8_0" or "K,V"
+        types); attn: dense or delta; stats: where attention statistics accumulate (shared by an engine's caches);
+        transform: store quantized K/V Hadamard-rotated and centred (see below)."""
+        if spec.kind != KV:
+            raise ValueError(f"KVCache needs a cache spec of kind {KV!r} (got {spec.kind!r})")
+        self.spec = spec
         self.type_k, self.type_v = parse_kv(kv)
-        self.kv, self.n_ctx, self.n = kv, n_ctx, 0
-        if layer_heads is not None:
-            layer_heads = tuple((int(h), int(hkv)) for h, hkv in layer_heads)
-            if len(layer_heads) != n_layer or any(hkv < 1 or h % hkv for h, hkv in layer_heads):
-                raise ValueError(f"layer_heads needs {n_layer} (n_head, n_head_kv) pairs with n_head a multiple of "
-                                 "n_head_kv >= 1")
-            n_head, n_head_kv = max(h for h, _ in layer_heads), max(k for _, k in layer_heads)
-        self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
-        self.n_head = n_head or n_head_kv
-        self.layer_heads = layer_heads or ((self.n_head, n_head_kv),) * n_layer
+        self.kv, self.n_ctx, self.n, self.transform = kv, n_ctx, 0, transform
+        n_layer, n_head_kv, head_dim = spec.n_layer, spec.n_head_kv, spec.head_dim
+        self.n_layer, self.n_head_kv, self.n_head, self.head_dim = n_layer, n_head_kv, spec.n_head, head_dim
+        self.layer_heads = spec.layer_heads
+        self.per_layer = not spec.uniform
         self.attn = attn or AttentionConfig()
         if self.attn.kind == "delta" and len(self.attn.theta) != n_layer:
             raise ValueError(f"delta attention needs one threshold per layer ({n_layer}), got {len(self.attn.theta)}")
         self.stats = stats if stats is not None else AttentionStats(n_layer, self.n_head)
         for name, t in (("k", self.type_k), ("v", self.type_v)):
-            if layer_heads is None:
+            if not self.per_layer:
                 shape, dtype, sshape = A.layout(t, n_head_kv, head_dim, n_ctx)
                 setattr(self, name, np.zeros((n_layer,) + shape, dtype=dtype))
                 setattr(self, name + "_scales", np.zeros((n_layer,) + sshape, dtype=np.uint16))
             else:  # one array per layer, of that layer's size
-                lay = [A.layout(t, hkv, head_dim, n_ctx) for _, hkv in layer_heads]
+                lay = [A.layout(t, hkv, head_dim, n_ctx) for _, hkv in self.layer_heads]
                 setattr(self, name, [np.zeros(shape, dtype=dtype) for shape, dtype, _ in lay])
                 setattr(self, name + "_scales", [np.zeros(sshape, dtype=np.uint16) for _, _, sshape in lay])
         if self.attn.kind == "delta":
@@ -187,32 +171,26 @@ class KVCache(Cache):
         """Forget everything after the first n tokens (for reusing a common prefix). Delta attention keeps its
         state: the score rows and q̂ stay a valid approximation of q̂ · k_j for the kept keys (its invariant), and
         new keys enter through the exact window; truncate(0) starts it afresh (q̂ = 0)."""
-        if not 0 <= n <= self.n:
-            raise ValueError(f"cannot truncate a cache of {self.n} tokens to {n}")
-        self.n = n
+        super().truncate(n)
         if n == 0 and self.attn.kind == "delta":
             self.qhat[:] = 0
 
-    def fork(self) -> "KVCache":
-        """An independent copy holding the same tokens (only the filled part is copied); statistics are shared."""
-        c = KVCache.__new__(KVCache)
-        c.__dict__.update(self.__dict__)
-        n = self.n
-        def copy(a):
-            b = np.zeros_like(a)
-            if a.shape[-1] == self.n_ctx:
-                b[..., :n] = a[..., :n]
-            return b
-        for name in ("k", "v", "k_scales", "v_scales"):
-            a = getattr(self, name)
-            setattr(c, name, [copy(x) for x in a] if isinstance(a, list) else copy(a))
-        c.k_mean, c.v_mean = self.k_mean.copy(), self.v_mean.copy()
-        if self.attn.kind == "delta":
-            c.qhat = self.qhat.copy()
-            c.srow = np.zeros_like(self.srow)
-            c.srow[..., :n] = self.srow[..., :n]
-        c.recorder = None
-        return c
+    # the arrays fork / snapshot / restore copy (see RowCache): K/V rows (and their block scales) per position;
+    # the centring offsets; delta attention's q̂ and score rows (rewritten at every step: state)
+    def _rows(self) -> list:
+        ax = 2 if self.per_layer else 3
+        arrays = [self.k, self.v] + [s for s in (self.k_scales, self.v_scales) if (s[0] if self.per_layer else s).size]
+        return [(a, ax) for x in arrays for a in (x if self.per_layer else [x])]
+
+    def _state(self) -> list:
+        return [self.k_mean, self.v_mean] + ([self.qhat] if self.attn.kind == "delta" else [])
+
+    def _state_rows(self) -> list:
+        return [(self.srow, 2)] if self.attn.kind == "delta" else []
+
+    def _empty(self) -> "KVCache":
+        """An empty cache of the same configuration (statistics shared)."""
+        return KVCache(self.spec, self.n_ctx, self.kv, self.attn, self.stats, self.transform)
 
     # ------------------------------------------------------------------ what the model calls
     def store(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:

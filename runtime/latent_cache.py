@@ -1,7 +1,7 @@
 """The latent cache of multi-head latent attention (MLA, llama.cpp's `deepseek2`): per layer and token one row
 [c_kv (r) | k_pe (dr)] in f32, shared by all heads -- (r + dr) values instead of 2 n_head_kv head_dim.
 
-Implements the `Cache` interface (n, n_ctx, truncate, fork, nbytes_per_token) and the pair the MLA model calls:
+Implements the `Cache` contract (runtime/contracts.py, through `RowCache`) and the pair the MLA model calls:
 `store(layer, c, k_pe)` and `attend(layer, q, scale, k_b, v_b, out)` (absorbed decode for one token, explicit
 decompression for several; see kernels/mla.py).
 """
@@ -12,13 +12,18 @@ import time
 import numpy as np
 
 from ..kernels import mla as K
-from .kv_cache import DECODE, PREFILL, AttentionStats, Cache
+from ..models.cache_spec import LATENT, CacheSpec
+from .cache_base import RowCache
+from .kv_cache import DECODE, PREFILL, AttentionStats
 
 
-class LatentCache(Cache):
-    def __init__(self, n_layer: int, n_ctx: int, rank: int, rope_dim: int, n_head: int,
-                 stats: AttentionStats | None = None):
-        self.n_layer, self.n_ctx, self.rank, self.rope_dim, self.n_head = n_layer, n_ctx, rank, rope_dim, n_head
+class LatentCache(RowCache):
+    def __init__(self, spec: CacheSpec, n_ctx: int, stats: AttentionStats | None = None):
+        if spec.kind != LATENT:
+            raise ValueError(f"LatentCache needs a cache spec of kind {LATENT!r} (got {spec.kind!r})")
+        n_layer, rank, rope_dim, n_head = spec.n_layer, spec.rank, spec.rope_dim, spec.n_head
+        self.spec, self.n_layer, self.n_ctx, self.rank, self.rope_dim, self.n_head = (spec, n_layer, n_ctx, rank,
+                                                                                      rope_dim, n_head)
         self.n = 0
         self.kv = np.zeros((n_layer, n_ctx, rank + rope_dim), dtype=np.float32)
         self.stats = stats or AttentionStats(n_layer, n_head)
@@ -30,19 +35,12 @@ class LatentCache(Cache):
         """f32 bytes of [c_kv | k_pe] per token, all layers."""
         return 4 * self.n_layer * (self.rank + self.rope_dim)
 
-    def truncate(self, n: int) -> None:
-        if not 0 <= n <= self.n:
-            raise ValueError(f"cannot truncate a cache of {self.n} tokens to {n}")
-        self.n = n
+    def _rows(self) -> list:
+        return [(self.kv, 1)]
 
-    def fork(self) -> "LatentCache":
-        """An independent copy holding the same tokens (only the filled part is copied); statistics are shared."""
-        c = LatentCache.__new__(LatentCache)
-        c.__dict__.update(self.__dict__)
-        c.kv = np.zeros_like(self.kv)
-        c.kv[:, :self.n] = self.kv[:, :self.n]
-        c._qa, c._lat = np.empty_like(self._qa), np.empty_like(self._lat)
-        return c
+    def _empty(self) -> "LatentCache":
+        """An empty cache of the same configuration (statistics shared)."""
+        return LatentCache(self.spec, self.n_ctx, self.stats)
 
     # ------------------------------------------------------------------ what the model calls
     def store(self, layer: int, c: np.ndarray, k_pe: np.ndarray) -> None:

@@ -18,11 +18,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from .errors import ContextOverflowError, EdgeLLMError, UnsupportedError
-from .linear_state import RecurrentState
+from .cache_base import RecurrentState, check_consecutive
+from .contracts import Cache, Snapshot
+from .errors import CacheError, ContextOverflowError, EdgeLLMError, UnsupportedError
 
 MODEL_FILE = "model.onnx"
 
@@ -38,32 +40,51 @@ class OnnxConfig:
     n_ctx_train: int
 
 
-class OnnxKVCache:
+class OnnxKVCache(Cache):
     """One sequence's past keys and values as the graph returns them: 2 * n_layer arrays
     (1, n_kv, n, head_dim), in the order of the graph's past_key_values inputs; `shapes` gives each
-    array's (n_kv, head_dim) (a pruned model's layers differ)."""
+    array's (n_kv, head_dim) (a pruned model's layers differ). The arrays grow with every run (the graph returns
+    them whole), so positions are along axis 2 of arrays of exactly n tokens."""
 
     def __init__(self, shapes: list[tuple[int, int]], n_ctx: int):
+        self.spec = tuple((int(H), int(D)) for H, D in shapes)
         self.n_ctx = n_ctx
         self.n = 0
-        self.kv: list[np.ndarray] = [np.zeros((1, H, 0, D), dtype=np.float32) for H, D in shapes]
+        self.kv: list[np.ndarray] = [np.zeros((1, H, 0, D), dtype=np.float32) for H, D in self.spec]
 
     @property
     def nbytes_per_token(self) -> int:
         return sum(a.shape[1] * a.shape[3] * 4 for a in self.kv)
 
+    def can_truncate(self, n: int) -> bool:
+        return 0 <= n <= self.n
+
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens."""
-        if not 0 <= n <= self.n:
-            raise ValueError(f"cannot truncate a cache of {self.n} tokens to {n}")
+        if not self.can_truncate(n):
+            raise CacheError(f"cannot truncate a cache of {self.n} tokens to {n}")
         if n < self.n:
             self.kv = [np.ascontiguousarray(a[:, :, :n]) for a in self.kv]
         self.n = n
 
     def fork(self) -> "OnnxKVCache":
-        c = OnnxKVCache.__new__(OnnxKVCache)
-        c.n_ctx, c.n, c.kv = self.n_ctx, self.n, [a.copy() for a in self.kv]
+        c = OnnxKVCache(self.spec, self.n_ctx)
+        c.n, c.kv = self.n, [a.copy() for a in self.kv]
         return c
+
+    def snapshot(self, start: int, stop: int) -> Snapshot:
+        if not 0 <= start <= stop <= self.n:
+            raise CacheError(f"cannot snapshot positions {start}..{stop} of a cache of {self.n} tokens")
+        return Snapshot(start, stop, tuple(a[:, :, start:stop].copy() for a in self.kv))
+
+    def restore(self, snapshots: Sequence[Snapshot]) -> int:
+        stop = check_consecutive(snapshots, self.n, self.n_ctx)
+        if snapshots:
+            if any(len(s.rows) != len(self.kv) for s in snapshots):
+                raise CacheError("a snapshot of a different kind of cache")
+            self.kv = [np.concatenate([s.rows[j] for s in snapshots], axis=2) for j in range(len(self.kv))]
+        self.n = stop
+        return stop
 
 
 class OnnxStateCache(RecurrentState):
@@ -71,21 +92,16 @@ class OnnxStateCache(RecurrentState):
     constant-size arrays (1, ...), whatever the number of tokens seen."""
 
     def __init__(self, shapes: list[tuple[int, ...]], n_ctx: int):
+        self.spec = tuple(tuple(int(d) for d in sh) for sh in shapes)
         self.n_ctx = n_ctx
         self.n = 0
-        self.kv: list[np.ndarray] = [np.zeros((1,) + tuple(sh), dtype=np.float32) for sh in shapes]
+        self.kv: list[np.ndarray] = [np.zeros((1,) + sh, dtype=np.float32) for sh in self.spec]
 
-    @property
-    def state_nbytes(self) -> int:
-        return sum(a.nbytes for a in self.kv)
+    def _state(self) -> list:
+        return self.kv
 
-    def _zero(self) -> None:
-        self.kv = [np.zeros_like(a) for a in self.kv]
-
-    def fork(self) -> "OnnxStateCache":
-        c = OnnxStateCache.__new__(OnnxStateCache)
-        c.n_ctx, c.n, c.kv = self.n_ctx, self.n, [a.copy() for a in self.kv]
-        return c
+    def _empty(self) -> "OnnxStateCache":
+        return OnnxStateCache(self.spec, self.n_ctx)
 
 
 def _one_line(e: BaseException) -> str:
@@ -132,6 +148,7 @@ class OnnxEngine:
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors (corrupt file, missing data) as one line
             raise EdgeLLMError(f"onnxruntime cannot load {model}: {_one_line(e)}") from None
         self.cfg = self._read_config()
+        self.spec = self.new_cache(1).spec  # the cache shapes of this graph
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_hf(self.path, self.cfg.n_vocab)
         self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
@@ -212,6 +229,18 @@ class OnnxEngine:
         return OnnxKVCache(self._kv_shapes, n_ctx or self.n_ctx)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes each token takes in a new cache (0 for a recurrent state)."""
+        return 0 if self._state else 4 * sum(H * D for H, D in self._kv_shapes)
+
+    def attention_stats(self, per_head: bool = False) -> dict:
+        """onnxruntime keeps no attention statistics."""
+        return {}
+
+    def reset_attention_stats(self) -> None:
+        pass
+
+    @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: the constant inputs of the graph's matrix products
         (MatMul, MatMulNBits with its scales, MatMulInteger, Gemm); an embedding table read only by
@@ -240,7 +269,9 @@ class OnnxEngine:
             self._weight_bytes = sum(nbytes(inits[n]) for n in names)
         return self._weight_bytes
 
-    def _check(self, tokens: np.ndarray, cache: OnnxKVCache) -> None:
+    def _check(self, tokens: np.ndarray, cache: Cache) -> None:
+        if cache.spec is not self.spec and cache.spec != self.spec:
+            raise ValueError("the cache was made for another model (use this engine's new_cache())")
         if tokens.ndim != 1 or len(tokens) == 0:
             raise ValueError("tokens must be a non-empty 1-D sequence")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:

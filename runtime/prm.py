@@ -1,9 +1,9 @@
 """Process reward models: `score(prompt, steps) -> float in [0, 1]`, how good a partial solution is.
 
-A PRM is anything with that method (or a plain function of the same shape). Search calls
-`score_state(prompt, steps, logprobs=..., final=...)` when a PRM defines it, so built-ins can use what
-the search already knows (the policy's token log-probabilities, whether the state ended in EOS) without
-changing the interface.
+A PRM is a `PRM` subclass (or a plain function of the same shape, wrapped by `make_prm`). Search calls
+`score_state(prompt, steps, logprobs=..., final=...)`, which is `score` unless a PRM overrides it, so
+built-ins can use what the search already knows (the policy's token log-probabilities, whether the state
+ended in EOS) without changing the interface.
 
 Built-ins (`make_prm(spec)`):
 - "self"      `SelfPRM`: the policy's own mean token log-probability along the path, as exp(mean) ∈ [0, 1].
@@ -27,6 +27,7 @@ from .tasks import Task, find_task, verify_solution
 class PRM:
     """Base class. Subclasses implement `score`; `score_state` may use what search knows."""
     name = "prm"
+    tokens_processed = 0  # tokens a judge model has run (0 for PRMs that run no model)
 
     def score(self, prompt: str, steps: Sequence[str]) -> float:
         raise NotImplementedError

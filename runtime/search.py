@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -98,7 +99,7 @@ class Node:
         self.cut = None           # "budget" / "length": stopped before a step boundary
         self.nfed = 0             # own tokens whose K/V rows are computed
         self.cache = None         # a live cache holding pos0 + nfed tokens
-        self.seg = None           # or a snapshot (k, v) of the own computed rows
+        self.seg = []             # or snapshots of the own computed rows (Cache.snapshot)
         self.logits = None        # logits after all own tokens (once expanded)
         self.r = None             # PRM score
         self.g = self.h = 0.0
@@ -122,65 +123,6 @@ def _logprob(logits: np.ndarray, tok: int) -> float:
     x = logits.astype(np.float64)
     m = x.max()
     return float(x[tok] - m - math.log(np.exp(x - m).sum()))
-
-
-class CacheLayout:
-    """Which arrays of a cache hold one entry per position (and along which axis), found by comparing two
-    empty caches one position apart; the others are whole-sequence state (copied as they are). With it a
-    node's own K/V rows can be snapshotted and a cache rebuilt from its ancestors' snapshots by copying,
-    whatever the cache type (f32 / f16 / q8_0 / q4_0 rows, delta-attention state). `ok` is False for a
-    cache this does not understand; search then keeps a forked cache per waiting state instead."""
-
-    def __init__(self, engine):
-        a, b = engine.new_cache(16), engine.new_cache(17)
-        self.pos: dict[str, int] = {}
-        self.state: list[str] = []
-        self.ok = hasattr(a, "n") and hasattr(a, "fork")
-        for name, x in vars(a).items():
-            if not isinstance(x, np.ndarray):
-                continue
-            y = getattr(b, name, None)
-            if not isinstance(y, np.ndarray) or y.ndim != x.ndim:
-                self.ok = False
-                continue
-            diff = [i for i in range(x.ndim) if x.shape[i] != y.shape[i]]
-            if not diff:
-                self.state.append(name)
-            elif len(diff) == 1 and y.shape[diff[0]] == x.shape[diff[0]] + 1:
-                self.pos[name] = diff[0]
-            else:
-                self.ok = False
-        self.ok = self.ok and bool(self.pos)
-
-    def rows(self, cache, a: int, b: int) -> dict:
-        """Copies of positions a..b (and of the whole-sequence state) of `cache`."""
-        out = {name: getattr(cache, name)[(slice(None),) * ax + (slice(a, b),)].copy() for name, ax in self.pos.items()}
-        out.update({name: getattr(cache, name).copy() for name in self.state})
-        return out
-
-    @staticmethod
-    def join(old: dict | None, new: dict, layout: "CacheLayout") -> dict:
-        if old is None:
-            return new
-        out = {name: np.concatenate([old[name], new[name]], axis=ax) for name, ax in layout.pos.items()}
-        out.update({name: new[name] for name in layout.state})
-        return out
-
-    def build(self, cache, segs: list[dict]) -> int:
-        """Write the segments one after another into an empty `cache`; returns the positions filled."""
-        pos = 0
-        for seg in segs:
-            m = 0
-            for name, ax in self.pos.items():
-                part = seg[name]
-                m = part.shape[ax]
-                getattr(cache, name)[(slice(None),) * ax + (slice(pos, pos + m),)] = part
-            pos += m
-        if segs:
-            for name in self.state:
-                getattr(cache, name)[...] = segs[-1][name]
-        cache.n = pos
-        return pos
 
 
 class Searcher:
@@ -248,7 +190,6 @@ class Searcher:
         self._computed: set[tuple[int, int]] = set()
         self.nodes: list[Node] = []
         self.root = Node(next(self._ids), None, self.prompt_ids)
-        self.layout = CacheLayout(engine)
 
     # ------------------------------------------------------------------ K/V bookkeeping
     def _mark(self, node: Node, j0: int, j1: int) -> None:
@@ -262,23 +203,17 @@ class Searcher:
         node.nfed = j1
 
     def _snapshot(self, node: Node, cache, a: int | None = None) -> None:
-        """Keep only `node`'s own computed rows (from its own position a on), or its live cache when the
-        cache type cannot be snapshotted."""
-        if self.layout.ok:
-            a = node.pos0 if a is None else a
-            new = self.layout.rows(cache, a, node.pos0 + node.nfed)
-            node.seg = CacheLayout.join(node.seg, new, self.layout)
-            node.cache = None
-        else:
-            node.cache = cache
+        """Keep only `node`'s own computed rows (from its own position a on) and let its live cache go."""
+        a = node.pos0 if a is None else a
+        node.seg.append(cache.snapshot(a, node.pos0 + node.nfed))
+        node.cache = None
 
     def _restore(self, node: Node):
         """A cache holding the whole computed path of `node` (rebuilt from snapshots by copying)."""
         if node.cache is not None:
             return node.cache
         c = self.engine.new_cache(self.cap)
-        segs = [n.seg for n in node.path() if n.seg is not None]
-        self.trace.kv_rows_restored += self.layout.build(c, segs)
+        self.trace.kv_rows_restored += c.restore([s for n in node.path() for s in n.seg])
         return c
 
     def _open(self, node: Node):
@@ -286,8 +221,7 @@ class Searcher:
         step's last one; the whole prompt for the root)."""
         if node.logits is not None and node.nfed == len(node.tokens):
             return self._restore(node), node.logits
-        cache = self._restore(node) if (node.cache is not None or node.seg is not None) \
-            else self.engine.new_cache(self.cap)
+        cache = self._restore(node) if (node.cache is not None or node.seg) else self.engine.new_cache(self.cap)
         j0 = node.nfed
         logits = self.engine.prefill(node.tokens[j0:], cache)
         self._mark(node, j0, len(node.tokens))
@@ -407,27 +341,24 @@ class Searcher:
         lps = [lp for n in node.path()[1:] for lp in n.logprobs]
         prm = self.prm
         self.trace.prm_calls += 1
-        if hasattr(prm, "score_state"):
-            r = prm.score_state(self.prompt, steps, logprobs=lps, final=node.done)
-        else:
-            r = prm.score(self.prompt, steps)
-        r = float(r)
+        r = float(prm.score_state(self.prompt, steps, logprobs=lps, final=node.done))
         if not math.isfinite(r):
-            raise EdgeLLMError(f"the PRM {getattr(prm, 'name', prm)!r} returned {r}")
+            raise EdgeLLMError(f"the PRM {prm.name!r} returned {r}")
         node.r = min(1.0, max(0.0, r))
         return True
 
     # ------------------------------------------------------------------ strategies
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
-        judge0 = getattr(self.prm, "tokens_processed", 0)
+        judge0 = self.prm.tokens_processed if self.prm else 0
         if self.budget > 0:
-            getattr(self, "_" + self.strategy.replace("-", "_"))()
+            {"astar": self._astar, "best-of-n": self._best_of_n, "particle": self._particle,
+             "greedy": self._greedy}[self.strategy]()
         else:
             self.trace.budget_exhausted, self.trace.stop_reason = True, "token-budget"
             self.chosen = None
         self.trace.wall_seconds = time.perf_counter() - t0
-        self.trace.prm_tokens = getattr(self.prm, "tokens_processed", 0) - judge0
+        self.trace.prm_tokens = (self.prm.tokens_processed if self.prm else 0) - judge0
         n = self.chosen
         if n is None:
             return SearchResult("", [], None, None, False, self.trace, self.nodes)
@@ -573,7 +504,7 @@ def search(model, prompt: str, strategy: str = "astar", token_budget: int = 512,
            reopen: float | None = None) -> SearchResult:
     """Search for an answer to `prompt` with at most `token_budget` generated tokens (all branches).
 
-    model: an `Engine`, or a path / catalog name / None (the default model) to load.
+    model: a backend (`Engine`, `OnnxEngine`), or a path / catalog name / None (the default model) to load.
     strategy: "astar", "best-of-n" (k samples; `select` "prm" or "vote"), "particle" (k particles), "greedy".
     prm: a PRM object or function `score(prompt, steps) -> [0, 1]`, or "self" (default), "verifier",
     "judge", or a model path / catalog name to load as judge.
@@ -581,8 +512,8 @@ def search(model, prompt: str, strategy: str = "astar", token_budget: int = 512,
     at f + c·(times expanded), so it can be sampled again when everything else looks worse.
     stop: strings that end an answer as EOS does (a goal state), e.g. "\n\n" after a few-shot prompt.
     Returns a `SearchResult` (answer, steps, final_answer, score, completed, trace)."""
-    from .engine import Engine, load
-    engine = model if isinstance(model, Engine) or hasattr(model, "decode_batch") else load(model)
+    from .engine import load
+    engine = load(model) if model is None or isinstance(model, (str, os.PathLike)) else model
     s = Searcher(engine, prompt, strategy=strategy, token_budget=token_budget, prm=prm, prm_budget=prm_budget,
                  k=k, step_delimiter=step_delimiter, seed=seed, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                  max_step_tokens=max_step_tokens, max_answer_tokens=max_answer_tokens, chat=chat, system=system,

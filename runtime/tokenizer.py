@@ -32,7 +32,7 @@ it, reproduced fact for fact:
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from gguf import Keys, TokenType
 
@@ -185,10 +185,14 @@ class Tokenizer:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_gguf(cls, f) -> "Tokenizer":
-        """Build from a `GGUFFile` (or its metadata dict). Raises GGUFError for missing or
-        inconsistent metadata, UnsupportedError for a tokenizer type or pre-tokenizer edgellm does
-        not implement."""
-        md = getattr(f, "metadata", f)
+        """Build from a `GGUFFile`'s metadata (see from_metadata)."""
+        return cls.from_metadata(f.metadata)
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
+        """Build from GGUF tokenizer metadata (a file's, or what models/hf_tokenizer.py reads from a Hugging Face
+        folder). Raises GGUFError for missing or inconsistent metadata, UnsupportedError for a tokenizer type or
+        pre-tokenizer edgellm does not implement."""
         model = md.get(TK.MODEL)
         if model is None:
             raise GGUFError(f"the model has no tokenizer ({TK.MODEL} is missing)")
@@ -300,15 +304,15 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, folder, n_vocab: int | None = None) -> "Tokenizer":
         """Build from a Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json, config.json,
-        chat_template.jinja), such as an exported ONNX folder: the files become the GGUF tokenizer
-        metadata the GGUF converter writes for them (converters/tokenizer.py, the one place that
-        mapping lives), then the tokenizer is built as from_gguf builds it, so it tokenizes exactly as
-        the converted GGUF file would. n_vocab: the model's vocabulary size (default: config.json's)."""
+        chat_template.jinja), such as an exported ONNX folder: the files read as the GGUF tokenizer metadata the
+        GGUF converter writes for them (models/hf_tokenizer.py, the one place that mapping lives), then the
+        tokenizer is built as from_metadata builds it, so it tokenizes exactly as the converted GGUF file would.
+        n_vocab: the model's vocabulary size (default: config.json's)."""
         import json
         from pathlib import Path
-        from types import SimpleNamespace
 
-        from ..converters.tokenizer import add_tokenizer
+        from ..models.config import ConfigError
+        from ..models.hf_tokenizer import read_hf_tokenizer
         folder = Path(folder)
 
         def read(name):
@@ -319,10 +323,11 @@ class Tokenizer:
                 raise GGUFError(f"{p}: invalid JSON ({e})") from None
 
         cfg = read("config.json")
-        src = SimpleNamespace(path=folder, config=cfg, tokenizer_config=read("tokenizer_config.json"))
-        rec = _MetadataRecorder()
-        add_tokenizer(rec, src, int(n_vocab or cfg.get("vocab_size") or 0))
-        return cls.from_gguf(rec.metadata)
+        try:
+            hf = read_hf_tokenizer(folder, cfg, read("tokenizer_config.json"), int(n_vocab or cfg.get("vocab_size") or 0))
+        except ConfigError as e:
+            raise GGUFError(str(e)) from None
+        return cls.from_metadata(hf.metadata())
 
     # ------------------------------------------------------------------ encoding
     def is_eog(self, token_id: int) -> bool:
@@ -470,33 +475,6 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
-class _MetadataRecorder:
-    """Stands in for a gguf.GGUFWriter: records the tokenizer keys written to it as a metadata dict."""
-
-    _KEYS = {"add_tokenizer_model": TK.MODEL, "add_tokenizer_pre": TK.PRE, "add_token_list": TK.LIST,
-             "add_token_types": TK.TOKEN_TYPE, "add_token_merges": TK.MERGES, "add_token_scores": TK.SCORES,
-             "add_bos_token_id": TK.BOS_ID, "add_eos_token_id": TK.EOS_ID, "add_pad_token_id": TK.PAD_ID,
-             "add_unk_token_id": TK.UNK_ID, "add_eot_token_id": TK.EOT_ID, "add_add_bos_token": TK.ADD_BOS,
-             "add_add_eos_token": TK.ADD_EOS, "add_add_space_prefix": TK.ADD_PREFIX,
-             "add_chat_template": TK.CHAT_TEMPLATE}
-
-    def __init__(self):
-        self.metadata: dict = {}
-
-    def __getattr__(self, name: str):
-        key = self._KEYS.get(name)
-        if key is None:
-            raise AttributeError(name)
-
-        def add(value):
-            if isinstance(value, (list, tuple)):  # TokenType enums -> plain ints, as read from a file
-                value = [v if isinstance(v, (str, float)) else int(v) for v in value]
-            elif isinstance(value, int) and not isinstance(value, bool):
-                value = int(value)
-            self.metadata[key] = value
-        return add
-
-
 def _flag(md: dict, key: str, default: bool) -> bool:
     v = md.get(key, default)
     if not isinstance(v, (bool, int)):

@@ -15,7 +15,7 @@ from ..kernels import ternary_i2
 from .errors import EdgeLLMError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 
-MATRIX_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K)
+MATRIX_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K)
 VECTOR_TYPES = (QT.F32, QT.F16)
 TERNARY_TYPES = {QT.TQ1_0: tern.TQ1_BYTES, QT.TQ2_0: tern.TQ2_BYTES}
 ISA_ENV = "EDGELLM_ISA"  # forces the integer kernels' instruction set ("none": f32 activations everywhere)

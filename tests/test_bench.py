@@ -229,7 +229,7 @@ def test_cli_csv_and_table(model_path, tmp_path):
 
 def test_two_models_in_one_table_with_perplexity(tmp_path, text):
     # a variant beside its original: one table with a model column, and the models table (arch, KV bytes, perplexity)
-    from conftest import write_tiny_llama
+    from tiny_models import write_tiny_llama
     a = write_tiny_llama(tmp_path / "a.gguf", n_embd=64, n_ff=96, n_ctx=256)
     b = write_tiny_llama(tmp_path / "b.gguf", n_embd=64, n_ff=48, n_ctx=256, seed=1)
     (tmp_path / "t.txt").write_text(text[:4000])

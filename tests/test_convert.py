@@ -76,7 +76,8 @@ def test_tiny_llama32_structure_matches_transformers(tiny_llama, tmp_path, llama
     assert np.abs(llama_logits(llama_cpp, out, IDS) - ref).max() <= 1e-3
 
 
-@pytest.mark.parametrize("outtype,tol", [("f16", 0.02), ("q8_0", 0.05), ("q4_0", 0.5)])
+@pytest.mark.parametrize("outtype,tol", [("f16", 0.02), ("bf16", 0.05), ("q8_0", 0.05), ("q4_0", 0.5),
+                                         ("q4_k", 0.5)])
 def test_tiny_llama_quantized_outputs_run_everywhere(tiny_llama, tmp_path, llama_cpp, outtype, tol):
     out = convert_to_gguf(tiny_llama, tmp_path / f"m-{outtype}.gguf", outtype)
     ref = hf_logits(tiny_llama, IDS)
@@ -109,6 +110,13 @@ def test_tiny_bitnet_matches_transformers_ternary_arithmetic(tiny_bitnet, tmp_pa
         # llama.cpp loads and runs the same file (its bitnet graph uses SiLU and Q8_K activations, so its
         # logits are not transformers' ReLU^2 model; only that it runs is checked)
         assert np.isfinite(llama_logits(llama_cpp, out, IDS[:8])).all()
+
+
+def test_bitnet_gguf_carries_both_activation_keys(tiny_bitnet, tmp_path):
+    from edgellm.runtime.gguf_file import GGUFFile
+    md = GGUFFile(convert_to_gguf(tiny_bitnet, tmp_path / "b.gguf", "f16")).metadata
+    # edgellm's key, and llama.cpp's (read by its and bitnet.cpp's ReLU^2 fixes)
+    assert md["bitnet.hidden_act"] == md["bitnet.hidden_activation"] == "relu2"
 
 
 def test_bitnet_untied_head_and_bad_columns_refused(tiny_bitnet, tmp_path):

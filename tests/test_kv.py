@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from edgellm.runtime.engine import Engine
+from edgellm.models.cache_spec import CacheSpec
 from edgellm.runtime.kv_cache import AttentionConfig, KVCache
 
-from conftest import write_tiny_llama
+from tiny_models import write_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,10 @@ def test_cache_interface_and_readback(tiny):
         assert k.shape == kf.shape == (eng.cfg.n_head_kv, 10, eng.cfg.head_dim)
         assert rel(k, kf) < 0.2 and rel(c.values(layer), f32.values(layer)) < 0.2
     assert c.rot_k and c.rot_v and c.center_k
-    assert KVCache(2, 2, 8, 32, kv="q8_0", attn=AttentionConfig("delta", (0.1, 0.1))).rot_k is False
+    spec = CacheSpec.kv([(2, 2)] * 2, 32)
+    assert KVCache(spec, 8, kv="q8_0", attn=AttentionConfig("delta", (0.1, 0.1))).rot_k is False
     with pytest.raises(ValueError):
-        KVCache(2, 2, 8, 30, kv="q8_0")  # blocks of 32 need head_dim % 32 == 0
+        KVCache(CacheSpec.kv([(2, 2)] * 2, 30), 8, kv="q8_0")  # blocks of 32 need head_dim % 32 == 0
     with pytest.raises(ValueError):
         AttentionConfig("delta", (0.1,), window=0)
 

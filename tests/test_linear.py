@@ -17,8 +17,7 @@ from edgellm.converters.checkpoint import ConversionError  # noqa: E402
 from edgellm.converters.variant import convert_variant, load_teacher, transform_model  # noqa: E402
 from edgellm.kernels import linear_attention as K  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
-from edgellm.runtime.errors import EdgeLLMError  # noqa: E402
-from edgellm.runtime.linear_state import StateTruncateError  # noqa: E402
+from edgellm.runtime.errors import CacheError, EdgeLLMError  # noqa: E402
 
 torch.set_num_threads(2)
 EPS = np.float32(1e-6)
@@ -187,9 +186,9 @@ def test_state_cache_constant_and_interface(tiny):
     eng.decode(5, f)
     assert f.n == c.n + 1 and not np.array_equal(f.S, c.S) and c.state_nbytes == nb  # the fork is independent
     c.truncate(c.n)  # a no-op
-    with pytest.raises(StateTruncateError, match="cannot go back"):
+    with pytest.raises(CacheError, match="cannot go back"):
         c.truncate(10)
-    assert isinstance(StateTruncateError("x"), EdgeLLMError)
+    assert isinstance(CacheError("x"), EdgeLLMError)
     c.truncate(0)
     assert c.n == 0 and not c.S.any() and not c.conv_q.any()
     # from the start again == a new cache
@@ -245,7 +244,6 @@ def test_onnx_with_state_matches_torch_reference(tiny, tmp_path):
     np.testing.assert_allclose(np.concatenate(logits, 1), ref, rtol=1e-4, atol=1e-4)
     # the folder runs behind the engine API (`edgellm run OUT`): state caches, batched decode, fork, truncate
     from edgellm.runtime.engine import load
-    from edgellm.runtime.linear_state import StateTruncateError
     eng = load(str(tmp_path / "onnx"), n_ctx=64, threads=2)
     c0, c1 = eng.new_cache(), eng.new_cache()
     np.testing.assert_allclose(eng.prefill(ids[0, :17], c0, logits="all"), ref[0, :17], rtol=1e-4, atol=1e-4)
@@ -255,7 +253,7 @@ def test_onnx_with_state_matches_torch_reference(tiny, tmp_path):
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(eng.decode(int(ids[0, 17]), fork), ref[0, 17], rtol=1e-4, atol=1e-4)
     assert c0.n == 18 and c0.nbytes_per_token == 0 and c0.state_nbytes > 0 and not c0.can_truncate(5)
-    with pytest.raises(StateTruncateError):
+    with pytest.raises(CacheError):
         c0.truncate(5)
     with pytest.raises(ConversionError, match="fp32"):
         L.write_linear_onnx(st, ckpt, tmp_path / "onnx4", "int4")

@@ -15,7 +15,7 @@ from edgellm.converters.checkpoint import ConversionError, HFCheckpoint  # noqa:
 from edgellm.converters.mla import MLA, gguf_tensors, input_moments, rope_layout, to_mla  # noqa: E402
 from edgellm.kernels import mla as K  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
-from edgellm.runtime.errors import EdgeLLMError, GGUFError  # noqa: E402
+from edgellm.runtime.errors import CacheError, EdgeLLMError, GGUFError  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -235,7 +235,7 @@ def test_latent_cache_fork_and_truncate(tiny):
     np.testing.assert_allclose(eng.decode(int(IDS[20]), f), a, atol=1e-5)
     c.truncate(20)
     np.testing.assert_allclose(eng.decode(int(IDS[20]), c), a, atol=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(CacheError):
         c.truncate(99)
 
 

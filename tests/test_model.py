@@ -8,7 +8,8 @@ import gguf
 from edgellm.kernels.ops import llama3_freq_factors
 from edgellm.runtime.engine import Engine
 
-from conftest import llama_cpp_logits, write_tiny_llama
+from conftest import llama_cpp_logits
+from tiny_models import write_tiny_llama
 
 QT = gguf.GGMLQuantizationType
 

@@ -22,56 +22,17 @@ pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-DATA = Path(__file__).parent / "data"
 PROMPT = "To be, or not to be, that is the question: whether 'tis nobler"
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+from tiny_models import _norms_near_one, write_tiny_hf_llama, write_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- fixtures
-def write_tokenizer(out: Path) -> int:
-    """A byte-level BPE (GPT-2 pre-tokenizer) trained on Shakespeare, with ChatML specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = (DATA / "shakespeare_60k.txt").read_text(encoding="utf-8")
-    tr = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], tr)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
-        "add_bos_token": False, "model_max_length": 1024, "chat_template": CHAT_TEMPLATE}))
-    return tok.get_vocab_size()
-
-
-def _norms_near_one(model):
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-
-
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory) -> Path:
     """Llama-3.2's structure, tiny: llama3 rope scaling, 8 query heads over 2 kv heads, tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    out = tmp_path_factory.mktemp("llama") / "hf"
-    out.mkdir()
-    V = write_tokenizer(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2,
-                      initializer_range=0.08,
-                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    m = LlamaForCausalLM(cfg)
-    _norms_near_one(m)
-    m.save_pretrained(out)
-    return out
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("llama") / "hf")
 
 
 def pack_ternary(t):
@@ -394,6 +355,85 @@ def test_run_int4_folder_with_chat_template(onnx_int4):
     r = cli("run", str(onnx_int4), "-p", "Who are you?", "-n", "6", "--chat", "--temp", "0", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
 
+
+
+# ---------------------------------------------------------------------------- ONNX Runtime GenAI
+def onnxruntime_genai():
+    """onnxruntime-genai (the test extra installs it where a wheel exists: x86_64 and aarch64)."""
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        import platform
+        if os.environ.get("EDGELLM_REQUIRE_REFERENCES") == "1" and platform.machine() in ("x86_64", "aarch64"):
+            pytest.fail("onnxruntime-genai is required (EDGELLM_REQUIRE_REFERENCES=1; it has a wheel here)")
+        pytest.skip(f"onnxruntime-genai is not installed (no wheel for {platform.machine()}?)")
+    return onnxruntime_genai
+
+
+def genai_greedy(og, folder: Path, ids: list[int], n: int) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(ids):]
+
+
+def edgellm_greedy(folder: Path, ids: list[int], n: int) -> list[int]:
+    from edgellm.runtime.engine import load
+    eng = load(str(folder), threads=2)
+    cache = eng.new_cache(256)
+    logits, out = eng.prefill(np.array(ids), cache), []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        if eng.tokenizer.is_eog(out[-1]):
+            break
+        logits = eng.decode(out[-1], cache)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_onnxruntime_genai_runs_the_export_greedy_as_edgellm(hf_llama, onnx_fp32, onnx_int4, dtype):
+    og = onnxruntime_genai()
+    folder = onnx_fp32 if dtype == "fp32" else onnx_int4
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["num_key_value_heads"] == 2 and cfg["search"]["past_present_share_buffer"] is False
+    ids = hf_tokens(hf_llama)
+    assert [int(t) for t in og.Tokenizer(og.Model(str(folder))).encode(PROMPT)] == ids  # GenAI tokenizes alike
+    ours = edgellm_greedy(folder, ids, 16)
+    theirs = genai_greedy(og, folder, ids, 16)
+    print(f"{dtype}: edgellm {ours}\n      genai   {theirs}")
+    assert theirs == ours and len(ours) >= 4
+    if dtype == "fp32":  # the command a user runs prints the same text
+        r = cli("run", str(folder), "-p", PROMPT, "-n", "16", "--temp", "0", "--threads", "2", "-q")
+        assert r.returncode == 0, r.stderr[-2000:]
+        from edgellm.runtime.tokenizer import Tokenizer
+        tok = Tokenizer.from_hf(folder)
+        assert r.stdout == tok.decode([t for t in theirs if not tok.is_eog(t)])
+
+
+def test_onnxruntime_genai_runs_the_bitnet_export(tmp_path):
+    og = onnxruntime_genai()
+    from edgellm.converters.onnx_export import convert_to_onnx
+    src = write_tiny_bitnet(tmp_path / "hf")
+    out = convert_to_onnx(src, tmp_path / "onnx")
+    ids = hf_tokens(src)
+    ours = edgellm_greedy(out, ids, 10)
+    assert genai_greedy(og, out, ids, 10) == ours and len(ours) >= 4
+
+
+def test_no_genai_config_for_a_graph_without_kv_cache(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    from edgellm.converters.onnx_export import genai_config
+    x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    s = helper.make_tensor_value_info("state.0.S", TensorProto.FLOAT, ["b", 2, 4, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g", [x, s], [y])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert genai_config(tmp_path) is None
 
 # ---------------------------------------------------------------------------- bad input
 def _leftovers(folder: Path) -> list[str]:

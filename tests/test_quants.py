@@ -7,9 +7,9 @@ from gguf import GGMLQuantizationType as QT
 from edgellm.kernels import matvec as mv
 from edgellm.kernels import quants
 
-TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K]
+TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K]
 # byte offsets of the f16 scales inside a block, patched so that random blocks hold finite, sane values
-F16_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q4_K: [0, 2], QT.Q6_K: [208]}
+F16_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q6_K: [208]}
 
 
 def random_blocks(qtype, rows, cols, seed=0):
@@ -58,10 +58,14 @@ def test_fused_matvec_matches_float64_reference(qtype, n):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("qtype", TYPES + [QT.F16, QT.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES + [QT.F16, QT.F32, QT.BF16], ids=lambda t: t.name)
 def test_batched_blas_path_matches_dequantized_product(qtype):
     rows, cols, n = 300, 256, mv.BATCH_MAX + 9
-    if qtype in (QT.F16, QT.F32):
+    if qtype == QT.BF16:
+        raw = gq.quantize(np.random.default_rng(4).standard_normal((rows, cols)).astype(np.float32), qtype)
+        W = gq.dequantize(raw, qtype)
+        assert np.array_equal(quants.dequantize_ref(qtype, raw), W)
+    elif qtype in (QT.F16, QT.F32):
         raw = np.random.default_rng(4).standard_normal((rows, cols)).astype(np.float16 if qtype == QT.F16 else np.float32)
         W = raw.astype(np.float32)
     else:
@@ -79,7 +83,7 @@ def test_batched_blas_path_matches_dequantized_product(qtype):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0], ids=lambda t: t.name)
 def test_real_values_quantized_by_gguf_py(qtype):
     W = np.random.default_rng(6).standard_normal((64, 256)).astype(np.float32)
     raw = gq.quantize(W, qtype)

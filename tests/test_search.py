@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from edgellm.runtime import tasks
 from edgellm.runtime.prm import FunctionPRM, VerifierPRM, make_prm
-from edgellm.runtime.search import STRATEGIES, CacheLayout, Searcher, search
+from edgellm.runtime.search import STRATEGIES, Searcher, search
 from edgellm.runtime.errors import EdgeLLMError
 
 PROMPT = "What is 3 + 4? Answer in one short sentence."
@@ -170,20 +170,14 @@ def test_restored_cache_gives_the_same_logits_as_recomputing(engine):
     assert np.abs(ref - n.logits).max() < 0.05 * np.abs(ref).max()
 
 
-def test_caches_that_cannot_be_snapshotted_are_forked(engine, monkeypatch):
-    """A cache type search cannot copy row-wise (e.g. the ONNX backend's) keeps a forked cache per waiting
-    state instead: same answers' accounting, still nothing recomputed."""
-    monkeypatch.setattr(CacheLayout, "__init__", lambda self, engine: setattr(self, "ok", False))
-    calls = _instrument(engine, monkeypatch)
+def test_waiting_states_keep_snapshots_not_caches(engine):
+    """Every state that is not being expanded holds snapshots of its own rows (Cache.snapshot), no live cache: the
+    rows of a node's path are each held once, and a node's cache is rebuilt from them by copying."""
     s, res, _ = _run(engine, "astar", 24, 2, seed=5, max_step_tokens=4)
-    assert res.trace.prefill_tokens_recomputed == 0 and res.trace.kv_rows_restored == 0
-    assert sum(n for _, n in calls) == res.trace.tokens_processed <= res.trace.prompt_tokens + res.trace.tokens_generated
-    assert any(n.cache is not None for n in res.nodes)
-
-
-def test_cache_layout_is_understood(engine):
-    lay = CacheLayout(engine)
-    assert lay.ok and "k" in lay.pos and "v" in lay.pos
+    assert all(n.cache is None for n in res.nodes + [s.root])
+    for n in res.nodes + [s.root]:
+        assert n.seg[0].start == n.pos0 and n.seg[-1].stop == n.pos0 + n.nfed
+        assert all(a.stop == b.start for a, b in zip(n.seg, n.seg[1:]))
 
 
 # --------------------------------------------------------------------------- A* vs greedy

@@ -434,15 +434,15 @@ def _b2u():
 
 
 def test_tiny_vocab_and_errors():
-    tok = Tokenizer.from_gguf(_tiny_md())
+    tok = Tokenizer.from_metadata(_tiny_md())
     assert tok.encode(" the<|endoftext|>") == [258, 259] and tok.eog_ids == {259}
     # no BOS id in the metadata: llama.cpp's default for BPE vocabularies (id 11) is kept
-    assert Tokenizer.from_gguf(_tiny_md(**{K.BOS_ID: None})).bos_id == 11
+    assert Tokenizer.from_metadata(_tiny_md(**{K.BOS_ID: None})).bos_id == 11
     assert tok.decode([258, 259], special=False) == " the"
     with pytest.raises(UnsupportedError, match="'no-such-pre'"):
-        Tokenizer.from_gguf(_tiny_md(**{K.PRE: "no-such-pre"}))
+        Tokenizer.from_metadata(_tiny_md(**{K.PRE: "no-such-pre"}))
     with pytest.raises(UnsupportedError, match="'bert'"):
-        Tokenizer.from_gguf(_tiny_md(**{K.MODEL: "bert"}))
+        Tokenizer.from_metadata(_tiny_md(**{K.MODEL: "bert"}))
     bad = {
         "no model": {K.MODEL: None},
         "no tokens": {K.LIST: None},
@@ -459,7 +459,7 @@ def test_tiny_vocab_and_errors():
     }
     for what, over in bad.items():
         with pytest.raises(GGUFError) as e:
-            Tokenizer.from_gguf(_tiny_md(**over))
+            Tokenizer.from_metadata(_tiny_md(**over))
         assert "\n" not in str(e.value), what
 
 
