@@ -18,6 +18,7 @@ from .kv_cache import ATTN_KINDS, AttentionConfig, AttentionStats, KVCache, pars
 
 DEFAULT_WINDOW = 64  # delta attention: keys nearest the query that are always scored exactly
 DEFAULT_SPARSITY = 0.5  # delta attention without a threshold: calibrated to skip this fraction
+from .fast_decode import FastDecode
 from .weights import WeightSource
 
 
@@ -45,12 +46,14 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  kv: str = "f32", attn: str = "dense", delta_threshold=None, delta_sparsity: float | None = None,
-                 delta_window: int = DEFAULT_WINDOW, calib=None, kv_transform: bool = True):
+                 delta_window: int = DEFAULT_WINDOW, calib=None, kv_transform: bool = True, fast: bool = True):
         """kv: the KV cache type of new caches (f32, f16, q8_0, q4_0; or "K,V" types). attn: "dense" or "delta"; delta takes a
         threshold θ (one float, or one per layer) or a target sparsity, for which θ is calibrated per layer on
         `calib` (text or token ids; default: runtime/calibration.py's text), and a window of exact keys; --attn delta
         alone calibrates to DEFAULT_SPARSITY.
-        kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache)."""
+        kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache).
+        fast: decode steps run as one compiled call where the model allows it (runtime/fast_decode.py; the model's
+        forward otherwise, and always with fast=False)."""
         t0 = time.perf_counter()
         try:
             parse_kv(kv)
@@ -104,6 +107,7 @@ class Engine:
                 except ValueError as e:
                     raise EdgeLLMError(str(e)) from None
         self.cache = self.new_cache()
+        self.fast = FastDecode.build(self) if fast else None  # compiled on its first use
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ attention settings
@@ -207,6 +211,11 @@ class Engine:
 
     def decode(self, token: int, cache: Cache | None = None) -> np.ndarray:
         """Append one token; its logits (n_vocab,)."""
+        cache = self.cache if cache is None else cache
+        if self.fast is not None and self.fast.accepts([cache]):
+            tokens = np.array([token], dtype=np.int64)
+            self._check(tokens, cache)
+            return self.fast.run(tokens, [cache])[0]
         return self.prefill([token], cache)
 
     def decode_batch(self, tokens, caches: list[Cache]) -> np.ndarray:
@@ -216,6 +225,9 @@ class Engine:
             raise ValueError("decode_batch needs one token per cache")
         for t, c in zip(tokens, caches):
             self._check(np.array([t]), c)
+        if self.fast is not None and len(caches) and self.fast.accepts(caches) \
+                and len({id(c) for c in caches}) == len(caches):
+            return self.fast.run(tokens, caches)
         return self.model.forward(tokens, [(c, 1) for c in caches], logits="last")
 
 
