@@ -8,6 +8,10 @@ The model's forward runs unchanged; the profile wraps, for its duration, the Pyt
 (the weight matrices' products, the caches' store/attend, the kernels of kernels/ops.py) and Numba's dispatcher
 (every call from Python into a compiled kernel is counted). Time inside a part includes its kernels' dispatch
 and thread start-up; "other" is the rest of the step: the model's Python between kernels.
+
+When the engine decodes with its compiled step (runtime/fast_decode.py: one call per token), that step is timed
+whole ("decode"), and the parts come from the same tokens decoded again by the model's per-operation forward
+("decode, per operation"), whose mat-vecs run the same kernels: what bounds the step shows there.
 """
 from __future__ import annotations
 
@@ -119,20 +123,35 @@ def profile(engine, n_prompt: int = 64, n_gen: int = 32, seed: int = 0) -> dict:
         logits = engine.decode(int(logits.argmax()), warm)
     cache = engine.new_cache(n_prompt + n_gen + 8)
     rec = Recorder()
-    out = {}
+    out = {"fast_step": engine.fast is not None}
     with instrumented(rec):
         t0 = time.perf_counter()
         logits = engine.prefill(prompt, cache)
         out["prefill"] = _summary(rec, time.perf_counter() - t0, len(prompt))
         rec.reset()
-        kv_tokens = 0
+        kv_tokens, toks = 0, []
         t0 = time.perf_counter()
         for _ in range(n_gen):
             kv_tokens += cache.n + 1
-            logits = engine.decode(int(logits.argmax()), cache)
+            toks.append(int(logits.argmax()))
+            logits = engine.decode(toks[-1], cache)
         out["decode"] = _summary(rec, time.perf_counter() - t0, n_gen)
-        out["decode"]["matrices"] = {k: {"ms": 1e3 * s / n_gen, "gbs": rec.matrix_bytes[k] / s / 1e9}
-                                     for k, s in sorted(rec.matrix_s.items(), key=lambda kv: -kv[1])}
+        if engine.fast is not None:  # the same tokens through the per-operation forward, for the parts
+            fast, engine.fast = engine.fast, None
+            try:
+                cache2 = engine.new_cache(n_prompt + n_gen + 8)
+                engine.prefill(prompt, cache2)
+                rec.reset()
+                t0 = time.perf_counter()
+                for t in toks:
+                    engine.decode(t, cache2)
+                out["decode_per_operation"] = _summary(rec, time.perf_counter() - t0, n_gen)
+            finally:
+                engine.fast = fast
+        parts = out.get("decode_per_operation", out["decode"])
+        parts["matrices"] = {k: {"ms": 1e3 * s / n_gen, "gbs": rec.matrix_bytes[k] / s / 1e9}
+                             for k, s in sorted(rec.matrix_s.items(), key=lambda kv: -kv[1])}
+
     weights_b = engine.weight_bytes_per_token
     kv_b = engine.kv_bytes_per_token * kv_tokens / n_gen
     out["bytes_per_token"] = {"weights": int(weights_b), "kv": int(kv_b), "total": int(weights_b + kv_b)}
@@ -149,12 +168,15 @@ def _summary(rec: Recorder, total: float, n: int) -> dict:
 
 
 def format_report(res: dict) -> str:
-    lines = [f"model {res['model']}  threads {res['threads']}  kernels {res['isa'] or 'f32 activations'}"]
-    for phase in ("prefill", "decode"):
+    lines = [f"model {res['model']}  threads {res['threads']}  kernels {res['isa'] or 'f32 activations'}  "
+             f"decode {'one compiled step per token' if res['fast_step'] else 'per operation (no compiled step)'}"]
+    for phase in ("prefill", "decode", "decode_per_operation"):
+        if phase not in res:
+            continue
         r = res[phase]
         per = "per prompt token" if phase == "prefill" else "per decoded token"
-        lines.append(f"{phase}: {r['ms_per_token']:.3f} ms {per} ({1e3 / r['ms_per_token']:.1f} tok/s), "
-                     f"{r['kernel_calls_per_token']:.1f} kernel calls {per}")
+        lines.append(f"{phase.replace('_', ', ', 1).replace('_', ' ')}: {r['ms_per_token']:.3f} ms {per} "
+                     f"({1e3 / r['ms_per_token']:.1f} tok/s), {r['kernel_calls_per_token']:.1f} kernel calls {per}")
         lines.append(f"  {'part':15} {'ms':>8} {'share':>6} {'calls':>7}")
         for p in PARTS:
             ms = r["parts_ms"][p]
@@ -169,8 +191,8 @@ def format_report(res: dict) -> str:
         line += (f", {achieved / bw:.0%} of the measured {bw:.1f} GB/s "
                  f"(at that bandwidth a token takes {b['total'] / bw / 1e6:.2f} ms)")
     lines.append(line)
-    lines.append("decode mat-vecs by matrix (ms per token, GB/s of its file bytes):")
-    for k, v in d["matrices"].items():
+    lines.append("decode mat-vecs by matrix, per operation (ms per token, GB/s of its file bytes):")
+    for k, v in res.get("decode_per_operation", d)["matrices"].items():
         lines.append(f"  {k:60} {v['ms']:7.3f} ms {v['gbs']:6.1f} GB/s")
     return "\n".join(lines)
 
