@@ -10,6 +10,8 @@ over KV caches of any storage type (f32, f16, q8_0, q4_0; rotated and centred as
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -122,6 +124,7 @@ class FastDecode:
         self.dims = (int(H), int(Hkv), hd)
         self._state: dict = {}
         self._addrs: dict = {}
+        self._lock = threading.Lock()  # the run-state buffers are shared: one step at a time
 
     # ------------------------------------------------------------------ per call
     def accepts(self, caches) -> bool:
@@ -161,6 +164,10 @@ class FastDecode:
 
     def run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B,) int64, one per cache (checked by the engine) -> logits (B, n_vocab); each cache advances."""
+        with self._lock:
+            return self._run(tokens, caches)
+
+    def _run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         m, c = self.model, self.model.cfg
         B = len(caches)
         pos = np.array([x.n for x in caches], dtype=np.int64)
