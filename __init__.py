@@ -12,10 +12,29 @@ _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 __all__ = ["__version__", "load", "generate", "stream_generate", "search"]
 
 
+class _Converters:
+    """The converters (`edgellm.converters`) as the runtime's Hub support takes them (`runtime.hub.
+    CheckpointConverter`), imported only when a Hugging Face checkpoint is converted: the runtime sits below the
+    converters and does not import them; the top level (`load`, the CLI) hands them in."""
+
+    @property
+    def OUTTYPES(self):
+        from .converters import OUTTYPES
+        return OUTTYPES
+
+    def convert_to_gguf(self, *args, **kwargs):
+        from .converters import convert_to_gguf
+        return convert_to_gguf(*args, **kwargs)
+
+
+CONVERTERS = _Converters()
+
+
 def load(model=None, **kwargs):
-    """Load a model (path to a .gguf or a catalog name; default: SmolLM2-135M-Instruct Q4_1)."""
+    """Load a model: a .gguf path, an ONNX folder, a catalog name, or a Hugging Face repository user/repo[:QUANT]
+    (a checkpoint is converted once); default: SmolLM2-135M-Instruct Q4_1. kwargs: runtime.backend.EngineOptions."""
     from .runtime.engine import load as _load
-    return _load(model, **kwargs)
+    return _load(model, converter=CONVERTERS, **kwargs)
 
 
 def generate(model, prompt, **kwargs):

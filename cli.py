@@ -22,14 +22,24 @@ ThreadsOpt = typer.Option(None, "--threads", "-t", help="Threads (default: the n
 CtxOpt = typer.Option(None, "--ctx", "-c", help="Context size in tokens (default: min(model's, 4096)).")
 
 
+# the API's parameter names -> this command line's options: runtime errors are worded by parameter (`threads`), the
+# command line names its flag (`--threads`); see runtime/errors.py
+FLAGS = {"threads": "--threads", "n_ctx": "--ctx", "kv": "--kv", "attn": "--attn", "delta_threshold": "--delta-threshold",
+         "delta_sparsity": "--delta-sparsity", "delta_window": "--delta-window", "temp": "--temp", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "token_budget": "--budget",
+         "prm_budget": "--prm-budget", "k": "-k", "prm": "--prm", "strategy": "--strategy", "select": "--select",
+         "reopen": "--reopen", "step_delimiter": "--delimiter", "max_step_tokens": "--max-step-tokens"}
+
+
 def _err(msg: str, code: int = 1):
     print(f"edgellm: error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
 
 
 def _load(model, threads=None, ctx=None, **engine_kw):
+    from . import CONVERTERS
     from .runtime.engine import load
-    return load(model, threads=threads, n_ctx=ctx, **engine_kw)
+    return load(model, threads=threads, n_ctx=ctx, converter=CONVERTERS, **engine_kw)
 
 
 AttnOpt = typer.Option("dense", "--attn", help="Attention: dense, or delta (DeltaLLM's temporal sparsity: scores of keys "
@@ -86,7 +96,8 @@ def _stats_line(st) -> str:
 
 @app.command()
 def run(model: Optional[str] = ModelArg,
-        prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),
+        prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),
+        file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the prompt from this file."),
         n: int = typer.Option(128, "--n-predict", "-n", help="Maximum tokens to generate."),
         temp: float = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy (stdout is exactly the generated text)."),
         top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = off)."),
@@ -95,32 +106,104 @@ def run(model: Optional[str] = ModelArg,
         repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalty for recently seen tokens (1 = off)."),
         seed: Optional[int] = typer.Option(None, "--seed", "-s", help="Random seed (default: random)."),
         stop: List[str] = typer.Option([], "--stop", help="Stop when this string is generated (repeatable)."),
-        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+        chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Render the prompt through the model's "
+                                            "chat template as a user turn (default: yes when the model has a "
+                                            "template); --no-chat continues the raw text."),
+        system_prompt: Optional[str] = typer.Option(None, "--system-prompt", "-sys", help="A system message before "
+                                                    "the prompt (chat template)."),
         threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
         attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
         delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
         delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
+        json_schema: Optional[str] = typer.Option(None, "--json-schema", "-j", help="Constrain the output to this "
+                                                  "JSON Schema: a file, or the schema's JSON text itself."),
+        json_object: bool = typer.Option(False, "--json", help="Constrain the output to a JSON object (any)."),
+        regex: Optional[str] = typer.Option(None, "--regex", help="Constrain the whole output to match this regular "
+                                            "expression."),
+        grammar: Optional[str] = typer.Option(None, "--grammar", help="Constrain the output to a grammar file: Lark "
+                                              "(a 'start:' rule) or llama.cpp GBNF ('root ::= ...')."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No timings on stderr.")):
-    """Generate text for a prompt; text streams to stdout, timings go to stderr."""
+    """Generate text for a prompt; text streams to stdout, timings go to stderr. An instruct model's chat template
+    is applied by default (the prompt is the user's turn); --no-chat continues raw text. With --json-schema, --json,
+    --regex or --grammar every token is sampled from those the constraint allows (see docs/structured-output.md):
+    the output matches when the stop reason is eos; 'length' means -n cut it short."""
     from .runtime.generate import stream_generate
-    if prompt == "-":
+    if (prompt is None) == (file is None):
+        _err("give the prompt with either --prompt or --file")
+    if file is not None:
+        prompt = _read_text(file, "--file")
+    elif prompt == "-":
         prompt = sys.stdin.read()
     if n < 0:
         _err("--n-predict must be >= 0")
+    if chat is False and system_prompt is not None:
+        _err("--system-prompt needs the chat template (drop --no-chat)")
     settings = _sampler(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    spec = _constraint_spec(json_schema, json_object, regex, grammar)  # a bad schema fails before the model loads
     # --delta-sparsity calibrates on --delta-calib, else on a long prompt, else on text the model samples itself
     calib = prompt if len(prompt) > 2000 else None
     eng = _load(model, threads, ctx, **_engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib,
                                                   kv, calib))
+    if chat is None:
+        chat = bool(eng.tokenizer.chat_template) or system_prompt is not None
+    if chat:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
+            [{"role": "user", "content": prompt}]
+        prompt = eng.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    constraint = None
+    if spec is not None:
+        from .runtime.constraints import compile_constraint
+        constraint = compile_constraint(eng.tokenizer, spec, n_vocab=eng.cfg.n_vocab)
     last = None
-    for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop, chat=chat):
+    for r in stream_generate(eng, prompt, max_tokens=n, sampler=settings, stop=stop, constraint=constraint):
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r
     if not quiet and last is not None:
+        mask = f", mask {last.stats.mask_ms_per_token:.3f} ms/token" if constraint is not None else ""
         print(file=sys.stderr)
-        print(f"edgellm: {_stats_line(last.stats)}; load {eng.load_seconds:.2f} s, {eng.threads} threads"
+        print(f"edgellm: {_stats_line(last.stats)}{mask}; load {eng.load_seconds:.2f} s, {eng.threads} threads"
               f"{_attn_line(eng)}", file=sys.stderr)
+
+
+def _constraint_spec(json_schema, json_object, regex, grammar):
+    """run's structured-output options as a ConstraintSpec (None without one); errors name the option."""
+    from .runtime.constraints import grammar_spec, json_object_spec, json_schema_spec, regex_spec
+    from .runtime.errors import ConstraintError
+    given = [o for o, v in (("--json-schema", json_schema), ("--json", json_object or None), ("--regex", regex),
+                            ("--grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        _err(f"give at most one of --json-schema, --json, --regex and --grammar (got {' and '.join(given)})")
+    if not given:
+        return None
+    flag = given[0]
+    try:
+        if json_schema is not None:
+            text = json_schema
+            if not json_schema.lstrip().startswith(("{", "[")) and json_schema.strip() not in ("true", "false"):
+                try:
+                    text = Path(json_schema).read_text(encoding="utf-8")
+                except FileNotFoundError:
+                    _err(f"--json-schema: {json_schema} is neither a file nor JSON text")
+                except OSError as e:
+                    _err(f"--json-schema: cannot read {json_schema}: {e.strerror or e}")
+                except UnicodeDecodeError:
+                    _err(f"--json-schema: {json_schema} is not UTF-8 text")
+            return json_schema_spec(text, what="JSON schema")
+        if regex is not None:
+            return regex_spec(regex, what="regular expression")
+        if grammar is not None:
+            flag = f"--grammar {grammar}"
+            try:
+                text = Path(grammar).read_text(encoding="utf-8")
+            except OSError as e:
+                _err(f"{flag}: cannot read it: {e.strerror or e}")
+            except UnicodeDecodeError:
+                _err(f"{flag}: not UTF-8 text")
+            return grammar_spec(text)
+        return json_object_spec()
+    except ConstraintError as e:
+        _err(f"{flag}: {e}")
 
 
 @app.command()
@@ -161,11 +244,54 @@ def chat(model: Optional[str] = ModelArg,
 
 
 @app.command()
+def serve(model: Optional[str] = ModelArg,
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; "
+                                                               "then set --api-key)."),
+          port: int = typer.Option(8080, "--port", help="Port to listen on."),
+          parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: sequences decoded together (a request "
+                                                                    "with n choices takes n)."),
+          queue: int = typer.Option(16, "--queue", help="Requests that may wait for a slot; beyond, 503."),
+          threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt, kv: str = KvOpt,
+          cache_ram: int = typer.Option(1024, "--cache-ram", help="MiB of KV caches kept across requests for prefix "
+                                                                  "reuse (0: off, -1: no limit)."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELLM_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' (env EDGELLM_API_KEY)."),
+          log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level (warning: quieter).")):
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming as server-sent events),
+    /v1/models, /health. Concurrent requests are decoded together (continuous batching), and a conversation
+    re-sent with one more turn reuses the cached prefix. See docs/serving.md."""
+    from .runtime.server import bind, build, model_names, serve_forever
+    if not 1 <= port <= 65535:
+        _err(f"--port must be in 1..65535 (got {port})")
+    if parallel < 1:
+        _err(f"--parallel must be >= 1 (got {parallel})")
+    if queue < 0:
+        _err(f"--queue must be >= 0 (got {queue})")
+    if cache_ram < -1:
+        _err(f"--cache-ram must be >= 0 MiB, or -1 for no limit (got {cache_ram})")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        _err(f"--log-level must be one of critical, error, warning, info, debug, trace (got {log_level!r})")
+    if api_key is not None and not api_key.strip():
+        _err("--api-key must not be empty")
+    from .runtime.fetch import resolve_model
+    sock = bind(host, port)  # a taken port is an error before the model loads
+    path = resolve_model(model)
+    eng = _load(str(path), threads, ctx, **({"kv": kv} if kv != "f32" else {}))
+    model_id, aliases = model_names(model, path)
+    server = build(eng, model_id, aliases, parallel=parallel, max_queue=queue,
+                   cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key, path=str(path))
+    print(f"edgellm: serving {model_id} on http://{host}:{port}/v1 ({parallel} slots, context {eng.n_ctx}, "
+          f"{eng.threads} threads{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr)
+    serve_forever(server, sock, log_level=log_level)
+
+
+@app.command()
 def inspect(model: Optional[str] = ModelArg,
             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Architecture, parameters, tensor types, file size, context length and tokenizer of a model."""
+    from . import CONVERTERS
     from .runtime.inspect import describe
-    info = describe(model)
+    info = describe(model, CONVERTERS)
     if as_json:
         print(json.dumps(info))
         return
@@ -194,7 +320,8 @@ def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (defaul
         return
     if as_json:
         _err("--json goes with --list")
-    print(_pull(name))
+    from . import CONVERTERS
+    print(_pull(name, converter=CONVERTERS))
 
 
 def _print_models(as_json: bool):
@@ -577,7 +704,10 @@ def main():
     except KeyboardInterrupt:
         print("edgellm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (EdgeLLMError, ValueError, OSError) as e:
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e.worded(FLAGS)}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, OSError) as e:
         print(f"edgellm: error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the last line of defence: still one line, no traceback

@@ -57,7 +57,7 @@ def layout(kv: str, n_head_kv: int, head_dim: int, n_ctx: int):
     if kv not in KV_TYPES:
         raise ValueError(f"unknown KV cache type {kv!r} (choose from {', '.join(KV_TYPES)})")
     if kv in ("q8_0", "q4_0") and head_dim % QK:
-        raise ValueError(f"--kv {kv} needs a head size that is a multiple of {QK} (got {head_dim})")
+        raise ValueError(f"kv {kv} needs a head size that is a multiple of {QK} (got {head_dim})")
     rows = head_dim // 2 if kv == "q4_0" else head_dim
     dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8, "q4_0": np.uint8}[kv]
     sshape = (n_head_kv, head_dim // QK, n_ctx) if kv in ("q8_0", "q4_0") else (n_head_kv, 0, 1)

@@ -2,10 +2,10 @@
 (KV storage type, attention kind): the one place that maps a spec to a cache type."""
 from __future__ import annotations
 
-from ..kernels.attention import bytes_per_token as kv_type_bytes
+from ..kernels.attention import QK, bytes_per_token as kv_type_bytes
 from ..models.cache_spec import KV, LATENT, CacheSpec
 from .contracts import Cache
-from .errors import UnsupportedError
+from .errors import ArgumentError, UnsupportedError
 from .kv_cache import AttentionConfig, AttentionStats, KVCache, parse_kv
 from .latent_cache import LatentCache
 from .linear_state import LinearStateCache
@@ -15,12 +15,16 @@ def check_options(spec: CacheSpec, kv: str, attn: str) -> None:
     """Raise UnsupportedError for a storage (kv) or attention kind (attn) this kind of cache does not have."""
     if spec.kind == KV:
         if attn == "delta" and not spec.uniform:
-            raise UnsupportedError("attn delta is not supported for models with per-layer head counts (deci)")
+            raise UnsupportedError("attn delta is not supported for models with per-layer head counts (deci)", "attn")
+        for t in parse_kv(kv):
+            if t in ("q8_0", "q4_0") and spec.head_dim % QK:
+                raise ArgumentError(f"kv {t} stores blocks of {QK} values: it needs a head size that is a multiple of "
+                                    f"{QK} (this model's is {spec.head_dim})", "kv")
         return
     what = "the latent cache of an MLA model is f32 with dense attention" if spec.kind == LATENT else \
         "the state of a linear-attention model is f32 and has no softmax attention"
     if parse_kv(kv) != ("f32", "f32") or attn != "dense":
-        raise UnsupportedError(f"kv {kv} / attn {attn}: {what}")
+        raise UnsupportedError(f"kv {kv} / attn {attn}: {what}", ("kv", "attn"))
 
 
 def build_cache(spec: CacheSpec, n_ctx: int, kv: str = "f32", attn: AttentionConfig | None = None,

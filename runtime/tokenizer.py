@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from gguf import Keys, TokenType
 
-from .errors import GGUFError, UnsupportedError
+from .errors import GGUFError, ModelFileError, UnsupportedError
 
 TK = Keys.Tokenizer
 
@@ -320,13 +320,13 @@ class Tokenizer:
             try:
                 return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise GGUFError(f"{p}: invalid JSON ({e})") from None
+                raise ModelFileError(f"{p}: invalid JSON ({e})") from None
 
         cfg = read("config.json")
         try:
             hf = read_hf_tokenizer(folder, cfg, read("tokenizer_config.json"), int(n_vocab or cfg.get("vocab_size") or 0))
         except ConfigError as e:
-            raise GGUFError(str(e)) from None
+            raise ModelFileError(str(e)) from None
         return cls.from_metadata(hf.metadata())
 
     # ------------------------------------------------------------------ encoding
@@ -456,6 +456,12 @@ class Tokenizer:
 
     def stream_decoder(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special)
+
+    @property
+    def backend(self):
+        """The Hugging Face `tokenizers.Tokenizer` that does the merging (built from the GGUF vocabulary; no
+        decoder and no special tokens: what surrounds it is done here, as llama.cpp does it)."""
+        return self._hf
 
     def token_text(self, token_id: int) -> str:
         """The token's string as stored in the vocabulary."""

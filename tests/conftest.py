@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import bytes_to_unicode, write_tiny_llama  # noqa: F401  (tests import them from here too)
 
 DATA = Path(__file__).parent / "data"
 REQUIRE = os.environ.get("EDGELLM_REQUIRE_REFERENCES") == "1"  # CI: a missing model or llama.cpp is a failure

@@ -153,7 +153,7 @@ def _two_threads():
 def test_cli_thread_and_size_lists_jsonl(tmp_path):
     # the command on a tiny model: every combination, one JSON object per line, in llama-bench's order
     _two_threads()
-    from conftest import write_tiny_llama
+    from tiny_models import write_tiny_llama
     tiny = write_tiny_llama(tmp_path / "tiny.gguf", n_ctx=256)
     r = cli("bench", str(tiny), "-t", "1,2", "-p", "64,128", "-n", "16", "-o", "jsonl", "-r", "1",
             "--backends", "edgellm", "--no-ceiling")
@@ -167,7 +167,7 @@ def test_cli_thread_and_size_lists_jsonl(tmp_path):
 
 def test_cli_models_by_m_and_a_threads_column(tmp_path):
     _two_threads()
-    from conftest import write_tiny_llama
+    from tiny_models import write_tiny_llama
     a = write_tiny_llama(tmp_path / "a.gguf", n_ctx=256)
     b = write_tiny_llama(tmp_path / "b.gguf", n_ctx=256, seed=1)
     r = cli("bench", str(a), "-m", str(b), "-t", "2", "-t", "1", "-p", "8", "-n", "0", "-r", "1",

@@ -10,7 +10,8 @@ from test_bad_input import cli
 
 
 def test_run_greedy_stdout_is_exactly_the_generated_text(engine, model_path):
-    r = cli("run", str(model_path), "-p", "The capital of France is", "-n", "12", "--temp", "0", "--threads", "2")
+    r = cli("run", str(model_path), "-p", "The capital of France is", "-n", "12", "--temp", "0", "--threads", "2",
+            "--no-chat")
     assert r.returncode == 0, r.stderr
     expected = generate(engine, "The capital of France is", max_tokens=12, sampler=SamplerSettings(temp=0))
     assert r.stdout == expected

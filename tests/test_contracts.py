@@ -130,3 +130,33 @@ def test_snapshot_restore_equals_the_original(backend):
         r.restore([s1])  # not empty
     with pytest.raises(CacheError):
         backend.new_cache().restore([s2])  # not from position 0
+
+
+def test_each_engine_runs_on_its_own_thread_count(tmp_path, monkeypatch):
+    """Constructing an engine changes no other engine's (nor the caller's) thread count; each call runs on its
+    engine's count, from any thread (the server calls from a scheduler thread)."""
+    import threading
+
+    import numba
+    path = write_tiny(tmp_path / "llama.gguf", "llama")
+    before = numba.get_num_threads()
+    two = Engine(path, n_ctx=32, threads=2)
+    one = Engine(path, n_ctx=32, threads=1)
+    assert numba.get_num_threads() == before and (one.threads, two.threads) == (1, min(2, numba.config.NUMBA_NUM_THREADS))
+    seen = []
+    for eng in (one, two):
+        forward = eng.model.forward
+        monkeypatch.setattr(eng.model, "forward", lambda *a, _f=forward, **k: seen.append(numba.get_num_threads())
+                            or _f(*a, **k))
+    one.prefill(IDS[:4], one.new_cache())
+    two.decode_batch(IDS[:2], [two.new_cache(), two.new_cache()])
+    worker = threading.Thread(target=lambda: one.decode(IDS[0], one.new_cache()))
+    worker.start()
+    worker.join()
+    assert seen == [1, two.threads, 1] and numba.get_num_threads() == before
+    # the entry point load() makes the engine's count the default of the thread that calls it
+    got = []
+    worker = threading.Thread(target=lambda: (load(path, n_ctx=32, threads=1), got.append(numba.get_num_threads())))
+    worker.start()
+    worker.join()
+    assert got == [1] and numba.get_num_threads() == before

@@ -22,7 +22,7 @@ import pytest
 from edgellm.runtime.errors import HubError
 from edgellm.runtime.hub import HubRef, parse_ref, select_gguf, split_info
 
-from conftest import write_tiny_llama
+from tiny_models import write_tiny_llama
 from test_bad_input import assert_clean_error
 
 TOKEN = "hf_test_token"

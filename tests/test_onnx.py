@@ -339,7 +339,7 @@ def test_onnx_engine_prefill_decode_batch_and_fork(hf_llama, onnx_fp32):
 
 def test_edgellm_run_onnx_folder_greedy_equals_transformers(hf_llama, onnx_fp32):
     from transformers import AutoTokenizer
-    r = cli("run", str(onnx_fp32), "-p", PROMPT, "-n", "12", "--temp", "0", "--threads", "2")
+    r = cli("run", str(onnx_fp32), "-p", PROMPT, "-n", "12", "--temp", "0", "--threads", "2", "--no-chat")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "tok/s" in r.stderr
     ids = hf_tokens(hf_llama)

@@ -24,7 +24,8 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from conftest import llama_cpp_logits, write_tiny_llama
+from conftest import llama_cpp_logits
+from tiny_models import write_tiny_llama
 from edgellm.converters import kquants
 from edgellm.converters.checkpoint import ConversionError
 from edgellm.converters.quantize import FILE_TYPES, quantize_gguf, use_more_bits

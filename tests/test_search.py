@@ -21,12 +21,10 @@ PROMPT = "What is 3 + 4? Answer in one short sentence."
 @pytest.fixture(scope="module")
 def engine(model_path):
     """The default model on one thread: these tests run many short batched steps, and on a 2-core machine
-    shared with other work one thread is both faster and steadier than two. Numba's thread count is put back."""
-    import numba
+    shared with other work one thread is both faster and steadier than two (the engine runs its calls on its own
+    thread count; nothing global changes)."""
     from edgellm.runtime.engine import Engine
-    before = numba.get_num_threads()
-    yield Engine(model_path, n_ctx=1024, threads=1)
-    numba.set_num_threads(before)
+    return Engine(model_path, n_ctx=1024, threads=1)
 
 
 # --------------------------------------------------------------------------- no model needed
