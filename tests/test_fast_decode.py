@@ -10,6 +10,7 @@ import pytest
 
 from edgellm.kernels import simd
 from edgellm.runtime.engine import Engine
+from edgellm.runtime.errors import ArgumentError, CacheError
 from edgellm.runtime.fast_decode import FastDecode
 from tiny_models import write_tiny, write_tiny_bitnet
 
@@ -103,8 +104,8 @@ def test_what_the_step_declines(tmp_path):
     c = e.new_cache(64)
     e.prefill([1, 2, 3], c)
     assert not e.fast.accepts([f32.new_cache(64)])  # another model's cache
-    with pytest.raises(ValueError):
+    with pytest.raises(CacheError):
         e.decode(1, f32.new_cache(64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ArgumentError):
         e.decode(10 ** 6, c)  # a token id out of range: checked before the step
     assert c.n == 3
