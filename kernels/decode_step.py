@@ -104,10 +104,10 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
              rope_dim, head_dim, eps, scale, addr, n_ctx, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
              tokscale, logits, nchunk):
         # tokens, pos (B,) int64; wtab (L, 4, 6) int64 the layers' matrices (see QKV above); widths (L, 3) =
-        # (H, Hkv, n_ff) per layer; flags = (rot_k, rot_v, center_k,
-        # center_v); addr (B, 6, L) int64 cache addresses; n_ctx (B,) int64; x, h (B, d), big (B, >= max rows),
-        # att (B * max(H*hd, n_ff),), q (B, max H, hd), k, v (B, max Hkv, hd) f32 scratch; qbuf i8, dbuf f32, sbuf i32 flat
-        # activation scratch; tokscale (B,) f32 -> logits (B, V). Each sequence's cache.n is advanced by the caller.
+        # (H, Hkv, n_ff) per layer; flags = (rot_k, rot_v, center_k, center_v); addr (B, 6, L) int64 cache
+        # addresses; n_ctx (B,) int64; x, h (B, d), big (B, >= max rows), att (B * max(H*hd, n_ff),),
+        # q (B, max H, hd), k, v (B, max Hkv, hd) f32 scratch; qbuf i8, dbuf f32, sbuf i32 flat activation scratch;
+        # tokscale (B,) f32 -> logits (B, V). Each sequence's cache.n is advanced by the caller.
         B = tokens.shape[0]
         L = widths.shape[0]
         d = x.shape[1]

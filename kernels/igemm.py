@@ -28,7 +28,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, splat, vec
+from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, round_to_half, splat, vec
 
 R = 16  # rows per group
 QK8 = 32  # values per activation block of the q formats
@@ -120,8 +120,9 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp
                 else:
                     dx = builder.load(builder.gep(dp_, [fi]))
                     av = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dp, splat(builder, dx, V)), av])
-                if m is not None:
-                    av = builder.call(fma, [m, splat(builder, builder.fmul(dx, builder.sitofp(sx, F32)), V), av])
+                if m is not None:  # ggml's Q8_1 keeps s = d * sum q as f16 too
+                    s16 = builder.fpext(builder.fptrunc(builder.fmul(dx, builder.sitofp(sx, F32)), F16), F32)
+                    av = builder.call(fma, [m, splat(builder, s16, V), av])
                 builder.store(av, aptr, align=4)
 
 
@@ -225,8 +226,10 @@ _NO_SCALE = np.zeros(0, dtype=np.float32)
 
 @njit(cache=True, nogil=True, inline="always")
 def quantize_q8_row(x, xq, xd, xs, t):
-    # row t of x (N, nb*32) f32 -> xq[t] i8, xd[t] (nb,) = d, xs[t] (nb,) = sum q per block of 32, as llama.cpp's Q8_0/Q8_1:
-    # d = max|x| / 127, q = rint(x * (127 / max|x|)) within [-127, 127]; an all-zero block gives d = 0, q = 0
+    # row t of x (N, nb*32) f32 -> xq[t] i8, xd[t] (nb,) = d, xs[t] (nb,) = sum q per block of 32, as llama.cpp's
+    # Q8_0/Q8_1 activations:
+    # q = rint(x * (127 / max|x|)) within [-127, 127], d = max|x| / 127 rounded to f16 (ggml's block_q8_0 / q8_1
+    # keep it so); an all-zero block gives d = 0, q = 0
     n = x.shape[1]
     for k in range(n // QK8):
         amax = np.float32(0.0)
@@ -238,7 +241,7 @@ def quantize_q8_row(x, xq, xd, xs, t):
             q = np.int32(np.rint(x[t, k * QK8 + i] * iv))
             xq[t, k * QK8 + i] = q
             s += q
-        xd[t, k] = amax / np.float32(127.0)
+        xd[t, k] = round_to_half(amax / np.float32(127.0))  # ggml keeps d as f16
         xs[t, k] = s
 
 
@@ -385,5 +388,6 @@ def matmul_ref(fmt: str, W: np.ndarray, rows: int, XQ: np.ndarray, XD: np.ndarra
     dd = np.repeat(d.astype(np.float64), f.ppb, axis=1)  # (rows, parts)
     out = np.einsum("nrp,rp,np->nr", isum.astype(np.float64), dd, dx)
     if m is not None:
-        out += np.einsum("rp,np->nr", np.repeat(m.astype(np.float64), f.ppb, axis=1), dx * x.sum(-1))
+        s16 = (XD * x.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float64)  # f16, as ggml's Q8_1 s
+        out += np.einsum("rp,np->nr", np.repeat(m.astype(np.float64), f.ppb, axis=1), s16)
     return out

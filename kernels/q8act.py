@@ -2,9 +2,9 @@
 (its Q8_0 / Q8_1 activation blocks): the packers into kernels/igemm.py's layouts, the activation quantizer and the
 row dequantizer, each with its NumPy reference.
 
-Activations, per row and block of 32 values:  d = max|x| / 127,  q = rint(x * (127 / max|x|))  (q within
-[-127, 127], all-zero blocks give d = 0 and q = 0),  s = sum q;  stored as XQ (N, cols) int8, XD (N, cols/32) f32
-= d, XS (N, cols/32) int32 = s.
+Activations, per row and block of 32 values:  q = rint(x * (127 / max|x|))  (within [-127, 127]; all-zero
+blocks give d = 0 and q = 0),  d = max|x| / 127 rounded to f16 (ggml keeps it so),  s = sum q;  stored as
+XQ (N, cols) int8, XD (N, cols/32) f32 = d, XS (N, cols/32) int32 = s.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def quantize_ref(x: np.ndarray):
     with np.errstate(divide="ignore"):
         iv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
     q = np.rint(b * iv[..., None]).astype(np.int8)
-    return q.reshape(N, cols), (amax / np.float32(127.0)).astype(np.float32), q.sum(-1, dtype=np.int32)
+    d = (amax / np.float32(127.0)).astype(np.float32).astype(np.float16).astype(np.float32)
+    return q.reshape(N, cols), d, q.sum(-1, dtype=np.int32)
 
 
 # ---------------------------------------------------------------- rows back to f32 (embeddings, BLAS tiles)

@@ -30,7 +30,8 @@ REQUIRES = {"avx512vnni": ("avx512f", "avx512bw", "avx512vnni"), "avxvnni": ("av
             "generic": ()}
 _X86 = ("avx512vnni", "avxvnni", "avx512bw", "avx2")
 
-I8, I16, I32, I64, F32, F16 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.HalfType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F16 = ir.FloatType(), ir.HalfType()
 _VNNI_I8_OPERANDS = llb.llvm_version_info[0] >= 21  # LLVM 21 retyped the VNNI intrinsics' byte operands
 
 
@@ -203,5 +204,18 @@ def half_to_float(typingctx, bits):
     def codegen(context, builder, signature, args):
         h = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
         return builder.fpext(builder.bitcast(h, F16), F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def round_to_half(typingctx, x):
+    """x (float32) rounded to the nearest IEEE half-precision value, as float32 (as ggml stores a block's scale)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+    sig = types.float32(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], F16), F32)
 
     return sig, codegen

@@ -34,7 +34,8 @@ def pack(raw: np.ndarray, bytes_per_block: int) -> np.ndarray:
     if bytes_per_block not in (TQ1_BYTES, TQ2_BYTES):
         raise ValueError(f"ternary blocks are {TQ1_BYTES} or {TQ2_BYTES} bytes, not {bytes_per_block}")
     if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] % bytes_per_block:
-        raise ValueError(f"ternary weights need (rows, n * {bytes_per_block}) uint8 blocks, got {raw.shape} {raw.dtype}")
+        raise ValueError(f"ternary weights need (rows, n * {bytes_per_block}) uint8 blocks, "
+                         f"got {raw.shape} {raw.dtype}")
     codes, d = _block_codes(bytes_per_block, raw)  # (rows, nb, 256) in {0, 1, 2}, d (rows, nb) f32
     if not np.isfinite(d).all():
         raise ValueError("ternary block scale is not finite")

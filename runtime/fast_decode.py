@@ -11,6 +11,7 @@ over KV caches of any storage type (f32, f16, q8_0, q4_0; rotated and centred as
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numba
 import numpy as np
@@ -29,26 +30,19 @@ def _addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-class _CacheAddresses:
-    """The data addresses of one cache's per-layer arrays (B rows of the step's `addr`), with the arrays they came
-    from: a cache never replaces its arrays, and `valid` checks that it has not."""
-
-    def __init__(self, c: KVCache):
-        self.arrays = (c.k, c.k_scales, c.v, c.v_scales, c.k_mean, c.v_mean)
-        L = c.n_layer
-        t = np.empty((ds.N_ADDR, L), dtype=np.int64)
-        for j, arr in enumerate(self.arrays[:4]):
-            for li in range(L):
-                layer = arr[li]
-                if not layer.flags.c_contiguous:
-                    raise ValueError("cache arrays must be contiguous")
-                t[j, li] = _addr(layer)
-        for j, arr in ((ds.K_MEAN, c.k_mean), (ds.V_MEAN, c.v_mean)):
-            t[j] = [_addr(arr[li]) for li in range(L)]
-        self.table = t
-
-    def valid(self, c: KVCache) -> bool:
-        return all(a is b for a, b in zip(self.arrays, (c.k, c.k_scales, c.v, c.v_scales, c.k_mean, c.v_mean)))
+def cache_addresses(c: KVCache) -> np.ndarray:
+    """The data addresses of one cache's per-layer arrays: its rows (B of them) of the step's `addr`. A cache
+    allocates its arrays once and never replaces them, so the table holds as long as the cache lives."""
+    L = c.n_layer
+    t = np.empty((ds.N_ADDR, L), dtype=np.int64)
+    for j, arr in ((ds.K_DATA, c.k), (ds.K_SCALES, c.k_scales), (ds.V_DATA, c.v), (ds.V_SCALES, c.v_scales),
+                   (ds.K_MEAN, c.k_mean), (ds.V_MEAN, c.v_mean)):
+        for li in range(L):
+            layer = arr[li]
+            if not layer.flags.c_contiguous:
+                raise ValueError("cache arrays must be contiguous")
+            t[j, li] = _addr(layer)
+    return t
 
 
 class FastDecode:
@@ -123,7 +117,7 @@ class FastDecode:
         self.max_in = int(max(c.n_embd, H * hd, F))
         self.dims = (int(H), int(Hkv), hd)
         self._state: dict = {}
-        self._addrs: dict = {}
+        self._addrs = weakref.WeakKeyDictionary()  # cache -> its address table (not keeping the cache alive)
         self._lock = threading.Lock()  # the run-state buffers are shared: one step at a time
 
     # ------------------------------------------------------------------ per call
@@ -154,13 +148,10 @@ class FastDecode:
         return st
 
     def _table(self, c: KVCache) -> np.ndarray:
-        a = self._addrs.get(id(c))
-        if a is None or not a.valid(c):
-            a = _CacheAddresses(c)
-            if len(self._addrs) > 256:  # caches come and go (server, search): keep the table small
-                self._addrs.clear()
-            self._addrs[id(c)] = a
-        return a.table
+        t = self._addrs.get(c)
+        if t is None:
+            t = self._addrs[c] = cache_addresses(c)
+        return t
 
     def run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B,) int64, one per cache (checked by the engine) -> logits (B, n_vocab); each cache advances."""
@@ -179,7 +170,8 @@ class FastDecode:
         st = self._buffers(B)
         logits = np.empty((B, c.n_vocab), dtype=np.float32)
         self.step(np.ascontiguousarray(tokens, dtype=np.int64), pos, m.tok_embd.W, self.attn_norm, self.ffn_norm,
-                  self.wtab, self.widths, self.attn_sub, self.ffn_sub, m.output_norm, m.output.W, m.rope_cos, m.rope_sin, c.rope_dim, c.head_dim, c.norm_eps, m.scale,
+                  self.wtab, self.widths, self.attn_sub, self.ffn_sub, m.output_norm, m.output.W,
+                  m.rope_cos, m.rope_sin, c.rope_dim, c.head_dim, c.norm_eps, m.scale,
                   addr, n_ctx, flags, A.F16_TABLE, st["x"], st["h"], st["big"], st["att"], st["q"], st["k"],
                   st["v"], st["qbuf"], st["dbuf"], st["sbuf"], st["tokscale"], logits, 4 * numba.get_num_threads())
         for x in caches:

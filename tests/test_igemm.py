@@ -134,7 +134,8 @@ def test_ternary_pack_matches_gguf_py_bit_for_bit(qtype, nbytes):
     m = ternary_i2.TernaryI2Matrix(raw, 21, 512, nbytes, "generic")
     np.testing.assert_array_equal(m.dequantize(), gguf.quants.dequantize(raw, qtype))
     codes, d, _, zero = igemm.unpack_ref("tq2", m.W, 21)
-    np.testing.assert_array_equal((codes - zero).reshape(21, -1, 256) * d[..., None], gguf.quants.dequantize(raw, qtype).reshape(21, -1, 256))
+    np.testing.assert_array_equal((codes - zero).reshape(21, -1, 256) * d[..., None],
+                                  gguf.quants.dequantize(raw, qtype).reshape(21, -1, 256))
 
 
 def test_q8_activations_are_llama_cpp_blocks():
@@ -150,8 +151,9 @@ def test_q8_activations_are_llama_cpp_blocks():
     xq, xd, xs = got
     assert np.abs(xq).max() <= 127 and (xq[0, :32] == 0).all() and xd[0, 0] == 0
     np.testing.assert_array_equal(xs, xq.reshape(11, 3, 32).sum(-1, dtype=np.int32))
-    # the blocks reconstruct x within half a step
-    assert np.all(np.abs(xq.reshape(11, 3, 32) * xd[..., None] - x.reshape(11, 3, 32)) <= xd[..., None] / 2 * 1.0001)
+    # d is ggml's f16; the blocks reconstruct x within half a step and the rounding of d (2^-11 relative, 127 steps)
+    step = xd[..., None] * (0.5 + 127 * 2.0 ** -11)
+    assert np.all(np.abs(xq.reshape(11, 3, 32) * xd[..., None] - x.reshape(11, 3, 32)) <= step * 1.0001)
 
 
 def test_absmax_activations_are_bitnets():
@@ -180,9 +182,10 @@ def test_qmatrix_integer_path_within_activation_rounding(qtype, N):
     y = m.matmul(X)
     Wd = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     ref = X.astype(np.float64) @ Wd.T
-    # each activation is off by at most half its block's step d: |error| <= sum_b d_b / 2 * sum_{i in b} |w_i|
+    # each activation is off by at most half its block's step d and the f16 rounding of d (127 steps of 2^-11):
+    # |error| <= sum_b d_b (1/2 + 127 / 2048) * sum_{i in b} |w_i|
     _, xd, _ = q8act.quantize(X)
-    bound = (xd.astype(np.float64) / 2) @ np.abs(Wd).reshape(rows, -1, 32).sum(-1).T
+    bound = (xd.astype(np.float64) * (0.5 + 127 / 2048)) @ np.abs(Wd).reshape(rows, -1, 32).sum(-1).T
     assert np.all(np.abs(y - ref) <= bound * 1.001 + 1e-5)
     np.testing.assert_array_equal(m.embed(np.array([44, 0, 44])), m.dequantize()[[44, 0, 44]])
     with pytest.raises(ValueError):
