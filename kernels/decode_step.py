@@ -35,6 +35,8 @@ N_ADDR = 6
 # per layer, its matrices in `wtab` (n_layer, 4, 6): address, G, nb, rec of the records; address, length of the
 # row scales (0, 0: none)
 QKV, WO, GATE_UP, DOWN = range(4)
+# the step's compile options (error_model numpy: a 0 or NaN divisor gives inf/NaN, no exception, as kernels/ops.py)
+_STEP_JIT = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 KV_DTYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8, "q4_0": np.uint8}
 
 
@@ -51,7 +53,7 @@ def _ptr(typingctx, addr, kind):
     return pt(addr, kind), codegen
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _matmul_q(isa, fmt, W, X, n_in, n_out, qbuf, dbuf, sbuf, obuf, nchunk):
     # X (B, >= n_in) f32 -> the first B * n_out of obuf as (B, n_out) = X[:, :n_in] @ W.T, X quantized to Q8 blocks
     B = X.shape[0]
@@ -65,7 +67,7 @@ def _matmul_q(isa, fmt, W, X, n_in, n_out, qbuf, dbuf, sbuf, obuf, nchunk):
     return out
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _matmul_t(isa, fmt, W, X, n_in, n_out, qbuf, dbuf, sbuf, obuf, nchunk, rowscale, tokscale):
     # as _matmul_q for a ternary W: X quantized per token (BitNet), out scaled by rowscale / the token's scale
     B = X.shape[0]
@@ -79,7 +81,7 @@ def _matmul_t(isa, fmt, W, X, n_in, n_out, qbuf, dbuf, sbuf, obuf, nchunk, rowsc
     return out
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _matrix(wtab, li, j):
     # layer li's matrix j from its addresses -> (records (G, nb, rec) u8, row scales (n,) f32 or empty)
     W = numba.carray(_ptr(wtab[li, j, 0], np.uint8), (wtab[li, j, 1], wtab[li, j, 2], wtab[li, j, 3]))
@@ -99,7 +101,7 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
     k_blocks, v_blocks = kv[0] in ("q8_0", "q4_0"), kv[1] in ("q8_0", "q4_0")
     ternary = fmt == "tq2"  # (closure constants: the branches they decide are pruned at compile time)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(**_STEP_JIT)
     def step(tokens, pos, emb_W, attn_norm, ffn_norm, wtab, widths, attn_sub, ffn_sub, out_norm, head_W, cos, sin,
              rope_dim, head_dim, eps, scale, addr, n_ctx, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
              tokscale, logits, nchunk):

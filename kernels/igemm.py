@@ -32,6 +32,9 @@ from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, round_to_half, sp
 
 R = 16  # rows per group
 QK8 = 32  # values per activation block of the q formats
+# the integer kernels' compile options (also kernels/q8act.py, ternary_i2.py): error_model numpy, so a 0 or NaN
+# divisor gives inf/NaN, no exception
+JIT = dict(cache=True, nogil=True, error_model="numpy")
 TT = 16  # rows of X per tile in a mat-mul (each unpacked weight vector is used TT times)
 
 
@@ -155,7 +158,7 @@ def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride
     return sig, codegen
 
 
-@njit(inline="always", nogil=True)
+@njit(inline="always", nogil=True, error_model="numpy")
 def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, rowscale, tokscale):
     # W (G, nb, rec) u8, XQ (N, cols) i8, XD (N, parts) f32, XS (N, parts) i32 -> out (N, rows) f32 = X @ W.T;
     # row groups split into nchunk parallel chunks, rows of X in tiles of TT; isa, fmt: string literals.
@@ -189,11 +192,11 @@ def _make_igemm(isa: str, fmt: str):
     # the kernels with the instruction set and format as constants (closure strings are typed as literals: one
     # compiled, cached function per pair, no dispatch on strings at call time): igemm takes quantized
     # activations, igemm_x quantizes f32 activations to Q8 blocks first (one call from Python instead of two)
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, **JIT)
     def igemm(W, XQ, XD, XS, out, nchunk):
         _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, _NO_SCALE, _NO_SCALE)  # returns nothing: see below
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, **JIT)
     def igemm_x(W, X, XQ, XD, XS, out, nchunk):
         # X (N, cols) f32 quantized into XQ, XD, XS (Q8 blocks of 32), then as igemm
         if X.shape[0] > TT:
@@ -204,7 +207,7 @@ def _make_igemm(isa: str, fmt: str):
                 quantize_q8_row(X, XQ, XD, XS, t)
         _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, _NO_SCALE, _NO_SCALE)
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, **JIT)
     def igemm_t(W, X, XQ, XD, XS, tokscale, rowscale, out, nchunk):
         # X (N, cols) f32 quantized per token (BitNet's absmax) into XQ, XD, XS, tokscale, then as igemm with
         # out[t, r] *= rowscale[r] / tokscale[t] (the ternary formats)
@@ -224,17 +227,27 @@ def _make_igemm(isa: str, fmt: str):
 _NO_SCALE = np.zeros(0, dtype=np.float32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(inline="always", **JIT)
 def quantize_q8_row(x, xq, xd, xs, t):
     # row t of x (N, nb*32) f32 -> xq[t] i8, xd[t] (nb,) = d, xs[t] (nb,) = sum q per block of 32, as llama.cpp's
     # Q8_0/Q8_1 activations:
     # q = rint(x * (127 / max|x|)) within [-127, 127], d = max|x| / 127 rounded to f16 (ggml's block_q8_0 / q8_1
-    # keep it so); an all-zero block gives d = 0, q = 0
+    # keep it so); an all-zero block gives d = 0, q = 0; a block holding NaN or inf gives d = NaN, q = 0 (so every
+    # output it touches is NaN, as in a float product, rather than a finite number made of garbage codes)
     n = x.shape[1]
     for k in range(n // QK8):
         amax = np.float32(0.0)
+        finite = True
         for i in range(QK8):
-            amax = max(amax, abs(x[t, k * QK8 + i]))
+            a = abs(x[t, k * QK8 + i])
+            amax = max(amax, a)
+            finite &= a < np.float32(np.inf)  # False for inf and NaN
+        if not finite:
+            for i in range(QK8):
+                xq[t, k * QK8 + i] = 0
+            xd[t, k] = np.float32(np.nan)
+            xs[t, k] = 0
+            continue
         iv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         s = 0
         for i in range(QK8):
@@ -248,16 +261,27 @@ def quantize_q8_row(x, xq, xd, xs, t):
 PART_T = 64  # values per activation sum of the ternary format
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(inline="always", **JIT)
 def quantize_absmax_row(x, xq, xd, xs, scales, t):
     # row t of x (N, n) f32 -> xq[t] i8, xd[t] = 1, xs[t] i32 sums per 64, scales[t]: BitNet b1.58's per-token absmax,
-    # s = 127 / max(max|x|, 1e-5), q = clamp(rint(x * s)) within [-127, 127]
+    # s = 127 / max(max|x|, 1e-5), q = clamp(rint(x * s)) within [-127, 127]; a row holding NaN or inf gives
+    # s = NaN, q = 0 (every output of the token is NaN)
     n = x.shape[1]
     m = np.float32(1e-5)
+    finite = True
     for i in range(n):
-        m = max(m, abs(x[t, i]))
-    s = np.float32(127.0) / m
+        a = abs(x[t, i])
+        m = max(m, a)
+        finite &= a < np.float32(np.inf)
+    s = np.float32(127.0) / m if finite else np.float32(np.nan)
     scales[t] = s
+    if not finite:
+        for p in range(n // PART_T):
+            for i in range(p * PART_T, (p + 1) * PART_T):
+                xq[t, i] = 0
+            xd[t, p] = 1.0
+            xs[t, p] = 0
+        return
     for p in range(n // PART_T):
         acc = 0
         for i in range(p * PART_T, (p + 1) * PART_T):

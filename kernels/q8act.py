@@ -4,7 +4,8 @@ row dequantizer, each with its NumPy reference.
 
 Activations, per row and block of 32 values:  q = rint(x * (127 / max|x|))  (within [-127, 127]; all-zero
 blocks give d = 0 and q = 0),  d = max|x| / 127 rounded to f16 (ggml keeps it so),  s = sum q;  stored as
-XQ (N, cols) int8, XD (N, cols/32) f32 = d, XS (N, cols/32) int32 = s.
+XQ (N, cols) int8, XD (N, cols/32) f32 = d, XS (N, cols/32) int32 = s. A block holding NaN or inf gets d = NaN,
+q = 0, s = 0: the outputs it touches are NaN, as a float product's would be.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import quants
-from .igemm import FORMATS, R, aligned_empty, quantize_q8_row
+from .igemm import JIT, FORMATS, R, aligned_empty, quantize_q8_row
 from .simd import half_to_float
 
 QFORMATS = {QT.Q4_0: "q4_0", QT.Q4_1: "q4_1", QT.Q8_0: "q8_0"}
@@ -54,7 +55,7 @@ def pack(qtype: int, raw: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- activations
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def quantize_q8(x, xq, xd, xs):
     # x (N, nb*32) f32 -> xq (N, nb*32) i8, xd (N, nb) f32 = d, xs (N, nb) i32 = sum q, per block of 32
     for t in range(x.shape[0]):
@@ -62,7 +63,7 @@ def quantize_q8(x, xq, xd, xs):
     return xq
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, **JIT)
 def quantize_q8_parallel(x, xq, xd, xs):
     # as quantize_q8, rows over threads (prefill)
     for t in prange(x.shape[0]):
@@ -90,13 +91,15 @@ def quantize_ref(x: np.ndarray):
     amax = np.abs(b).max(-1)
     with np.errstate(divide="ignore"):
         iv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-    q = np.rint(b * iv[..., None]).astype(np.int8)
-    d = (amax / np.float32(127.0)).astype(np.float32).astype(np.float16).astype(np.float32)
+    finite = np.isfinite(b).all(-1)  # a block holding NaN or inf: d = NaN, q = 0
+    with np.errstate(invalid="ignore"):
+        q = np.where(finite[..., None], np.rint(b * iv[..., None]), 0).astype(np.int8)
+    d = np.where(finite, amax / np.float32(127.0), np.nan).astype(np.float32).astype(np.float16).astype(np.float32)
     return q.reshape(N, cols), d, q.sum(-1, dtype=np.int32)
 
 
 # ---------------------------------------------------------------- rows back to f32 (embeddings, BLAS tiles)
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, **JIT)
 def dequantize_rows(W, nibbles, zero, has_min, code_bytes, rows, out):
     # W (G, nb, rec) u8 records of a q format, rows (n,) (checked by the caller) -> out (n, nb*32) f32,
     # value = d * (q - zero) (+ m), in gguf-py's float32 order

@@ -12,6 +12,7 @@ keeps the f32 path (kernels/ternary.py).
 
 Activations: BitNet's per-token absmax, q = clamp(rint(x * 127 / max|x|)) within [-127, 127]; XD = 1 and
 XS = sum q per 64 values; the product is divided by the token's scale and multiplied by the tensor's scale after.
+A token holding NaN or inf gets scale NaN and q = 0: its outputs are NaN.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import igemm
-from .igemm import FORMATS, PART_T, R, aligned_empty, quantize_absmax_row
+from .igemm import JIT, FORMATS, PART_T, R, aligned_empty, quantize_absmax_row
 from .q8act import _groups
 from .simd import half_to_float
 from .ternary import QK, TQ1_BYTES, TQ2_BYTES, TernaryMatrix, _block_codes
@@ -51,7 +52,7 @@ def pack(raw: np.ndarray, bytes_per_block: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- activations
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def quantize_absmax(x, xq, xd, xs, scales):
     # x (N, n) f32 -> xq (N, n) i8, xd (N, n/64) = 1, xs (N, n/64) i32 = sum q, scales (N,): BitNet's absmax
     for t in range(x.shape[0]):
@@ -59,7 +60,7 @@ def quantize_absmax(x, xq, xd, xs, scales):
     return xq
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, **JIT)
 def quantize_absmax_parallel(x, xq, xd, xs, scales):
     # as quantize_absmax, tokens over threads (prefill)
     for t in prange(x.shape[0]):
@@ -67,7 +68,7 @@ def quantize_absmax_parallel(x, xq, xd, xs, scales):
     return xq
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def from_values(v, xq, xd, xs):
     # v (N, n) f32 holding integers within [-127, 127] (kernels/ternary.py's quantized activations) -> xq, xd, xs
     N, n = v.shape
@@ -105,14 +106,17 @@ def quantize_ref(x: np.ndarray):
     """NumPy reference of `quantize` (same float32 operations)."""
     x = x.astype(np.float32)
     N, cols = x.shape
-    s = (np.float32(127.0) / np.maximum(np.abs(x).max(-1), np.float32(1e-5))).astype(np.float32)
-    q = np.clip(np.rint(x * s[:, None]), -127, 127).astype(np.int8)
+    finite = np.isfinite(x).all(-1)  # a token holding NaN or inf: s = NaN, q = 0
+    with np.errstate(invalid="ignore"):
+        s = np.where(finite, np.float32(127.0) / np.maximum(np.abs(x).max(-1), np.float32(1e-5)), np.nan)
+        s = s.astype(np.float32)
+        q = np.where(finite[:, None], np.clip(np.rint(x * s[:, None]), -127, 127), 0).astype(np.int8)
     sums = q.reshape(N, cols // PART, PART).sum(-1, dtype=np.int32)
     return q, np.ones(sums.shape, np.float32), sums, s
 
 
 # ---------------------------------------------------------------- rows back to f32 (BLAS tiles, tests)
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, **JIT)
 def dequantize_rows(W, rows, out):
     # W (G, nb, 1056) tq2 records, rows (n,) (checked by the caller) -> out (n, nb*256) f32 = d * (t - 1)
     G, nb, _ = W.shape

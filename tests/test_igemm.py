@@ -207,6 +207,32 @@ def test_ternary_integer_path_equals_the_int16_path(qtype, nbytes, N):
     np.testing.assert_array_equal(new.matmul(X), new.matmul_q(*new.quantize(X)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0])
+def test_non_finite_or_zero_activations_give_numbers_not_exceptions(bad):
+    # NaN / inf activations (a diverging model) propagate as NaN / inf, an all-zero row gives 0: the kernels divide
+    # by max|x| and by the token's scale, which must never raise (error_model numpy), nor touch other rows
+    isa = simd.target_isa() or "generic"
+    rng = np.random.default_rng(10)
+    X = rng.standard_normal((3, 512)).astype(np.float32)
+    X[1] = 0.0
+    X[1, 7] = bad
+    w = (rng.integers(-1, 2, (32, 512)) * 0.4).astype(np.float32)
+    t = ternary_i2.TernaryI2Matrix(gguf.quants.quantize(w, QT.TQ2_0), 32, 512, ternary.TQ2_BYTES, isa)
+    q = weights.QMatrix(QT.Q4_0, gguf.quants.quantize(w, QT.Q4_0), 32, 512, "w", isa)
+    # the quantizers and their references agree on such rows too (NaN scales, zero codes)
+    for got, ref in ((q8act.quantize(X), q8act.quantize_ref(X)), (ternary_i2.quantize(X), ternary_i2.quantize_ref(X))):
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+    for m in (t, q):
+        y = m.matmul(X)
+        ok = m.matmul(X[[0, 2]])
+        np.testing.assert_array_equal(y[[0, 2]], ok)
+        if bad == 0.0:
+            assert (y[1] == 0).all()
+        else:
+            assert not np.isfinite(y[1]).all()
+
+
 # ---------------------------------------------------------------- choosing the instruction set
 def test_isa_choice_from_cpu_features():
     c = simd.choose_isa
