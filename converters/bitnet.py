@@ -10,14 +10,17 @@ activation (ReLU^2 for 2B4T) is recorded under `bitnet.hidden_act` and under lla
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
-from .checkpoint import ConversionError
+from .checkpoint import FLOAT_DTYPES, ConversionError, HFCheckpoint, cfg_dict, cfg_str
 from .gguf_convert import Converter, decoder_shapes, register
-from .llama import rope_params
+from .llama import HParams, read_hparams
+from .llama import check_tensors as check_llama_tensors
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 2B4T names that gguf-py's table (from the older 1bitLLM BitNet) does not know
@@ -38,44 +41,82 @@ def ternarize(w: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(np.round(w / np.float32(s)), -1, 1).astype(np.float32), s
 
 
+def check_tensors(ckpt: HFCheckpoint, h: HParams) -> set[str]:
+    """The checkpoint's header entries against the config (llama's check with the sub-norms), where a projection
+    is either a float matrix (ternarized here) or transformers' packed uint8 (rows / 4, cols) with a one-element
+    float `weight_scale` beside it. Returns the names of the packed projections."""
+    packed: set[str] = set()
+    scales: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def special(name, dtype, shape, expected) -> bool:
+        if name.endswith(".weight_scale"):
+            scales[name] = (dtype, shape)
+            return True
+        if dtype == "U8" and expected is not None and name.split(".")[-2] in PROJ:
+            r, c = expected
+            if r % 4 or shape != (r // 4, c):
+                raise ConversionError(f"{ckpt.file_of(name)}: packed ternary tensor {name!r} has shape "
+                                      f"{list(shape)}, but config.json implies {[r, c]} packed as {[r // 4, c]}")
+            packed.add(name)
+            return True
+        return False
+
+    check_llama_tensors(ckpt, h, sub_norms=True, special=special)
+    for s, (dtype, shape) in scales.items():
+        w = s[: -len("weight_scale")] + "weight"
+        if w not in packed:
+            raise ConversionError(f"{ckpt.file_of(s)}: unexpected tensor {s!r} (a weight_scale goes with a packed "
+                                  "uint8 ternary weight)")
+        if dtype not in FLOAT_DTYPES or math.prod(shape) != 1:
+            raise ConversionError(f"{ckpt.file_of(s)}: tensor {s!r} has dtype {dtype} and shape {list(shape)}, "
+                                  "expected one floating-point value")
+    for w in sorted(packed):
+        if w[: -len("weight")] + "weight_scale" not in scales:
+            raise ConversionError(f"{ckpt.file_of(w)}: packed ternary tensor {w!r} has no "
+                                  f"{w[: -len('weight')]}weight_scale")
+    return packed
+
+
 @register("BitNetForCausalLM")
 class BitNetConverter(Converter):
     arch = gguf.MODEL_ARCH.BITNET
 
     def __init__(self, ckpt):
+        h = read_hparams(ckpt, tied_default=True, acts=("relu2", "silu"), act_default="relu2",
+                         rope_types=("default",), bias_keys=("attention_bias",))
+        w = ckpt.config_path
+        if h.head_dim != h.n_embd // h.n_head or h.n_embd % h.n_head:
+            raise ConversionError(f"{w}: head_dim {h.head_dim} is not hidden_size / num_attention_heads "
+                                  f"({h.n_embd} / {h.n_head}), which BitNet requires")
+        if not h.tied:
+            raise ConversionError(f"{w}: tie_word_embeddings = false is not supported: llama.cpp's bitnet arch "
+                                  "uses the token embedding as the output head")
+        qc = cfg_dict(ckpt.config, "quantization_config", w) or {}
+        if qc:
+            wq = f"{w}: quantization_config"
+            cfg_str(qc, "quant_method", wq, None, ("bitnet",))
+            # transformers' BitLinear divides its output by weight_scale; AutoBitLinear multiplies by it
+            linear = cfg_str(qc, "linear_class", wq, "bitlinear", ("bitlinear", "autobitlinear"))
+            self.divide_scale = linear == "bitlinear"
+        else:
+            self.divide_scale = True
+        self.packed = check_tensors(ckpt, h)
         super().__init__(ckpt)
-        hp = self.hp
-        self.n_head = int(self._hp("num_attention_heads"))
-        self.n_head_kv = int(hp.get("num_key_value_heads") or self.n_head)
-        self.n_embd = int(self._hp("hidden_size"))
-        self.head_dim = self.n_embd // self.n_head
-        self.theta, scaling = rope_params(hp)
-        if scaling:
-            raise ConversionError(f"rope scaling {scaling.get('rope_type')!r} is not supported for BitNet")
-        self.act = str(hp.get("hidden_act", "relu2"))
-        if self.act not in ("relu2", "silu"):
-            raise ConversionError(f"BitNet hidden_act {self.act!r} is not supported (relu2, silu)")
-        qc = hp.get("quantization_config") or {}
-        if qc and qc.get("quant_method") != "bitnet":
-            raise ConversionError(f"quantization method {qc.get('quant_method')!r} is not supported for BitNet")
-        # transformers' BitLinear divides its output by weight_scale; AutoBitLinear multiplies by it
-        self.divide_scale = qc.get("linear_class", "bitlinear") == "bitlinear"
-        names = set(ckpt.tensor_names())
-        if "lm_head.weight" in names and not hp.get("tie_word_embeddings", True):
-            raise ConversionError("an untied lm_head is not supported: llama.cpp's bitnet arch uses the token "
-                                  "embedding as the output head")
-        self.layer_names = names
+        self.h = h
+        self.n_head, self.n_head_kv, self.n_embd, self.head_dim = h.n_head, h.n_head_kv, h.n_embd, h.head_dim
+        self.theta, self.act = h.theta, h.act
+        self.layer_names = set(ckpt.tensor_names())
 
     def set_gguf_parameters(self, w):
-        hp = self.hp
+        h = self.h
         w.add_block_count(self.n_layer)
-        w.add_context_length(int(hp.get("max_position_embeddings", 4096)))
+        w.add_context_length(h.n_ctx_train)
         w.add_embedding_length(self.n_embd)
-        w.add_feed_forward_length(int(self._hp("intermediate_size")))
+        w.add_feed_forward_length(h.n_ff)
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_head_kv)
         w.add_rope_freq_base(self.theta)
-        w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-5)))
+        w.add_layer_norm_rms_eps(h.norm_eps)
         w.add_rope_dimension_count(self.head_dim)
         w.add_vocab_size(self.vocab_size())
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)  # as llama.cpp's converter writes it
@@ -84,8 +125,11 @@ class BitNetConverter(Converter):
         w.add_string(HIDDEN_ACTIVATION_KEY.format(arch=gguf.MODEL_ARCH_NAMES[self.arch]), self.act)
 
     def expected_shapes(self):
-        return decoder_shapes(self.n_layer, self.n_embd, int(self._hp("intermediate_size")), self.n_head,
-                              self.n_head_kv, self.head_dim, self.vocab_size(), True, sub_norms=True)
+        return decoder_shapes(self.n_layer, self.n_embd, self.h.n_ff, self.n_head, self.n_head_kv, self.head_dim,
+                              self.vocab_size(), True, sub_norms=True)
+
+    def vocab_size(self) -> int:
+        return self.h.n_vocab
 
     def modify_tensors(self, name, data):
         if name.endswith("rotary_emb.inv_freq") or name.endswith(".weight_scale"):
@@ -102,15 +146,15 @@ class BitNetConverter(Converter):
             yield from super().modify_tensors(name, data)
             return
         prefix = name[: -len("weight")]
-        if data.dtype == np.uint8:
-            if data.ndim != 2:
-                raise ConversionError(f"packed ternary tensor {name!r} has shape {data.shape}")
+        if data.dtype == np.uint8:  # shape and weight_scale checked by check_tensors
             tern = unpack_ternary(data)
-            if prefix + "weight_scale" not in self.layer_names:
-                raise ConversionError(f"packed ternary tensor {name!r} has no {prefix}weight_scale")
+            if (tern > 1).any():
+                raise ConversionError(f"{self.ckpt.file_of(name)}: packed ternary tensor {name!r} holds the code 3, "
+                                      "which is no ternary value (corrupted data?)")
             ws = float(np.asarray(self.ckpt.get(prefix + "weight_scale"), dtype=np.float32).reshape(-1)[0])
-            if not np.isfinite(ws) or ws == 0:
-                raise ConversionError(f"{prefix}weight_scale is {ws}")
+            if not np.isfinite(ws) or ws == 0 or not np.isfinite(1.0 / ws):
+                raise ConversionError(f"{self.ckpt.file_of(name)}: {prefix}weight_scale is {ws} (a finite, non-zero "
+                                      "scale expected)")
             scale = 1.0 / ws if self.divide_scale else ws
         else:
             tern, scale = ternarize(data)

@@ -13,7 +13,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-from .checkpoint import ConversionError, HFCheckpoint
+from .checkpoint import ConversionError, HFCheckpoint, check_conversion
 from .quantize import quantize_gguf
 from .tokenizer import add_tokenizer
 
@@ -101,6 +101,21 @@ def decoder_shapes(n_layer: int, d: int, n_ff: int, n_head: int, n_head_kv: int,
     return shapes
 
 
+# the largest magnitude a tensor may hold in each output type whose values or block scales are float16
+_F16_MAX = 65504.0
+F16_RANGE = {QT.F16: _F16_MAX, QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q4_1: _F16_MAX,
+             QT.TQ1_0: _F16_MAX, QT.TQ2_0: _F16_MAX}
+
+
+def check_range(name: str, data: np.ndarray, qtype: QT) -> None:
+    """A tensor whose values overflow the output type's float16 values or scales is an error (it would be
+    written as infinities)."""
+    lim = F16_RANGE.get(qtype)
+    if lim is not None and data.size and (m := float(np.abs(data).max())) > lim:
+        raise ConversionError(f"tensor {name!r} holds values up to {m:.3g}, beyond what {qtype.name} can store "
+                              f"(|x| <= {lim:.6g}; the outtype f32 keeps them)")
+
+
 def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
@@ -136,6 +151,7 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str
         raise ConversionError(f"model class {ckpt.architecture!r} is not supported "
                               f"(supported: {', '.join(sorted(CONVERTERS))})")
     conv = cls(ckpt)
+    check_conversion(ckpt, OUTTYPES["f16" if outtype == "q4_k" else outtype])  # memory, before any tensor is read
     if outtype == "q4_k":  # the K-quant mixture is chosen per tensor from the whole file, as llama-quantize does
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             f16 = Path(tmp) / "model-f16.gguf"
@@ -174,6 +190,7 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
                                   f"{tuple(expected[gname])}")
         written.add(gname)
         q = conv.quant_type(gname, data, qt)
+        check_range(gname, data, q)
         arr = _quantize(data, q)
         if q in (QT.F32, QT.F16):
             w.add_tensor(gname, arr)

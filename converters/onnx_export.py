@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import ConversionError, HFCheckpoint
+from .checkpoint import ConversionError, HFCheckpoint, check_torch_memory
 from .gguf_convert import check_output
 
 DTYPES = ("fp32", "int4")
@@ -235,6 +235,10 @@ def convert_to_onnx(src: str | os.PathLike, out: str | os.PathLike, dtype: str =
         known = sorted(BUILDER_EXPORTERS if builder else ONNX_EXPORTERS)
         raise ConversionError(f"model class {arch!r} cannot be exported to ONNX (supported: {', '.join(known)})")
     _need("torch", "transformers", "onnx", "onnxruntime")
+    from .gguf_convert import CONVERTERS
+    from .tokenizer import check_tokenizer
+    check_tokenizer(ckpt, CONVERTERS[arch](ckpt).vocab_size())  # config.json, tensors, tokenizer files: as for GGUF
+    check_torch_memory(ckpt, 4 if dtype == "fp32" else 6, f"exporting {src} to ONNX")  # model, trace, graph
     if exporter is export_with_optimum and arch in BUILDER_EXPORTERS:
         import importlib.util
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters") is None:

@@ -5,15 +5,26 @@ from __future__ import annotations
 import gguf
 
 from ..models.config import ConfigError
-from ..models.hf_tokenizer import read_hf_tokenizer
+from ..models.hf_tokenizer import HFTokenizer, read_hf_tokenizer
 from .checkpoint import ConversionError, HFCheckpoint
 
 
-def add_tokenizer(w: gguf.GGUFWriter, ckpt: HFCheckpoint, n_vocab: int) -> None:
+def check_tokenizer(ckpt: HFCheckpoint, n_vocab: int) -> HFTokenizer:
+    """The checkpoint's tokenizer files read and checked (models/hf_tokenizer.py), its chat template compiled:
+    every conversion (GGUF, ONNX, variants) calls this before it computes anything."""
+    from ..runtime.chat_template import compile_template
+    from ..runtime.errors import EdgeLLMError
     try:
         t = read_hf_tokenizer(ckpt.path, ckpt.config, ckpt.tokenizer_config, n_vocab)
-    except ConfigError as e:
+        if t.chat_template is not None:
+            compile_template(t.chat_template, f"{ckpt.path}: the chat template")
+    except (ConfigError, EdgeLLMError) as e:
         raise ConversionError(str(e)) from None
+    return t
+
+
+def add_tokenizer(w: gguf.GGUFWriter, ckpt: HFCheckpoint, n_vocab: int) -> None:
+    t = check_tokenizer(ckpt, n_vocab)
     w.add_tokenizer_model(t.model)
     w.add_tokenizer_pre(t.pre)
     w.add_token_list(t.tokens)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .checkpoint import ConversionError, HFCheckpoint
-from .gguf_convert import FILE_TYPES, OUTTYPES, _quantize, check_output
+from .gguf_convert import FILE_TYPES, OUTTYPES, _quantize, check_output, check_range
 from .tokenizer import add_tokenizer
 
 VARIANTS: dict[str, type["Variant"]] = {}
@@ -266,6 +266,7 @@ def write_gguf(out: Path, arch: str, ckpt: HFCheckpoint, n_vocab: int, set_param
         for i, (name, a) in enumerate(tensors):
             a = np.ascontiguousarray(a, dtype=np.float32)
             q = quant_type(name, a)
+            check_range(name, a, q)
             arr = _quantize(a, q)
             if q in (QT.F32, QT.F16):
                 w.add_tensor(name, arr)
@@ -284,6 +285,26 @@ def write_gguf(out: Path, arch: str, ckpt: HFCheckpoint, n_vocab: int, set_param
 
 
 # ---------------------------------------------------------------- the pipeline
+def check_variant(src: Path, variant: str, heal_steps: int, batch: int, seq_len: int) -> None:
+    """config.json and tensors validated as for GGUF, and the memory of the transform estimated (teacher and
+    student in float32; with healing or pruning's importances, gradients and AdamW's two moments; the logits and
+    activations of a calibration batch), before transformers reads the checkpoint."""
+    from .checkpoint import check_torch_memory
+    from .llama import LlamaConverter
+    from .tokenizer import check_tokenizer
+    ckpt = HFCheckpoint(src)
+    if ckpt.architecture != "LlamaForCausalLM":
+        raise ConversionError(f"variants take a LlamaForCausalLM checkpoint (got {ckpt.architecture!r})")
+    h = LlamaConverter(ckpt).h
+    check_tokenizer(ckpt, h.n_vocab)
+    trains = heal_steps > 0 or variant == "prune"
+    tokens = batch * seq_len
+    act = 4 * tokens * (8 * h.n_vocab + h.n_layer * (12 * h.n_embd + 4 * h.n_ff)) * (2 if trains else 1)
+    check_torch_memory(ckpt, 5 if trains else 2.5, f"the {variant} variant of {src}", act,
+                       "fewer tokens per batch or a shorter --seq-len need less; healing needs gradients and "
+                       "optimizer state for every parameter")
+
+
 def load_teacher(src: Path):
     torch = _torch()
     try:
@@ -325,13 +346,18 @@ def convert_variant(src, out, variant: str, opts: dict | None = None, heal_steps
     if fmt == "gguf" and (outtype not in OUTTYPES or outtype in ("q4_k", "tq1_0", "tq2_0")):
         raise ConversionError(f"--outtype {outtype!r} is not available for variants (f32, f16, q8_0, q4_0, q4_1)")
     check_output(out, src, force)
+    check_variant(src, variant, heal_steps, batch, seq_len)  # config, tensors, memory: before transformers loads
     torch.manual_seed(seed)
     torch.set_num_threads(threads or physical_cores())
     progress = progress or (lambda stage, i, n: None)
     log = log or (lambda msg: None)
     ckpt, teacher = load_teacher(src)
     teacher.requires_grad_(False)
-    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    try:
+        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors, as one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConversionError(f"{src / 'tokenizer.json'}: the tokenizers library cannot read it ({reason})") from None
     if calib is not None:
         windows = tokenize_windows(tok, calib, seq_len)
         if eval_text is None:  # hold out the last windows of the calibration text

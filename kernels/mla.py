@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from .attention import causal_softmax
 
-_JIT = dict(cache=True, fastmath=True, nogil=True)
+_JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 CHUNK = 256  # tokens per parallel chunk of the decode kernel
 
 

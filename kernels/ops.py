@@ -11,10 +11,13 @@ import numpy as np
 from numba import njit, prange
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
+# error_model="numpy" (a 0 divisor gives inf/NaN, no exception) only where a divisor can be 0 (rmsnorm with eps 0 on
+# a zero row): elsewhere it would let LLVM vectorize divisions behind run-time alias checks, so a row's result
+# would depend on where its buffers lie, and a batched decode would no longer equal single decodes bit for bit
 
 
 # ---------------------------------------------------------------- RMSNorm
-@njit(**_JIT)
+@njit(error_model="numpy", **_JIT)
 def rmsnorm(x, w, eps, out):
     # x (T, d), w (d,) -> out (T, d): x / sqrt(mean(x^2) + eps) * w
     T, d = x.shape

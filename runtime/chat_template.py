@@ -29,11 +29,32 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+MAX_OUTPUT = 1 << 22  # characters a rendering may produce (a prompt, not a book): beyond it, an error
+MAX_SEQUENCE = 1 << 20  # elements a template may build by repeating a string or list ('ab' * n)
+MAX_EXPONENT_BITS = 4096  # bits of an integer power the template may compute
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str):
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class Env(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with a bound on what one operation may build: a template read from a file must
+        not allocate gigabytes ('a' * 10**10) or compute for hours (10 ** 10 ** 9)."""
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_SEQUENCE:
+                        raise SecurityError(f"the template repeats a sequence {n} times (limit {MAX_SEQUENCE} "
+                                            "elements)")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * max(1, abs(left).bit_length()) > MAX_EXPONENT_BITS:
+                raise SecurityError(f"the template computes {left} ** {right}, too large a number")
+            return super().call_binop(context, operator, left, right)
 
     class GenerationTag(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` (marks the assistant's part for training): its body."""
@@ -46,8 +67,7 @@ def _compile(template: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -59,24 +79,39 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def compile_template(template: str, what: str = "the model's chat template"):
+    """The compiled template (cached); EdgeLLMError "<what> does not compile: <reason>" (one line) if it does
+    not compile."""
+    if not isinstance(template, str):
+        raise EdgeLLMError(f"{what} is a {type(template).__name__}, not a string")
+    try:
+        return _compile(template)
+    except Exception as e:  # noqa: BLE001 - jinja2's syntax errors and the like
+        raise EdgeLLMError(f"{what} does not compile: {_one_line(e)}") from None
+
+
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                bos_token: str = "", eos_token: str = "", **kwargs) -> str:
+                bos_token: str = "", eos_token: str = "", what: str = "the model's chat template", **kwargs) -> str:
     """The prompt text for a conversation (a list of {"role": ..., "content": ...}) with a Jinja2 chat
     template, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
 
     template: the model's tokenizer.chat_template; None or "" falls back to ChatML
     (CHATML_TEMPLATE). Any error in the template (a syntax error, an undefined name, the
-    template's own raise_exception) raises EdgeLLMError with a one-line message."""
-    if not template:
-        template = CHATML_TEMPLATE
-    try:
-        compiled = _compile(template)
-    except Exception as e:  # noqa: BLE001 - jinja2's syntax errors and the like
-        raise EdgeLLMError(f"the model's chat template does not compile: {_one_line(e)}") from None
+    template's own raise_exception, a result too large) raises EdgeLLMError with a one-line message
+    that starts with `what` (the template's file and key, when the caller knows them)."""
+    compiled = compile_template(template or CHATML_TEMPLATE, what)
     kwargs.setdefault("tools", None)
     kwargs.setdefault("documents", None)
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **kwargs)
+        out, n = [], 0
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token, **kwargs):
+            n += len(piece)
+            if n > MAX_OUTPUT:
+                raise EdgeLLMError(f"{what} renders more than {MAX_OUTPUT} characters")
+            out.append(piece)
+        return "".join(out)
+    except EdgeLLMError:
+        raise
     except Exception as e:  # noqa: BLE001 - raise_exception, undefined names, type errors in the template
-        raise EdgeLLMError(f"chat template error: {_one_line(e)}") from None
+        raise EdgeLLMError(f"{what} fails: {_one_line(e)}") from None

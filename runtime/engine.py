@@ -19,6 +19,7 @@ from .gguf_file import GGUFFile
 from .hub import CheckpointConverter
 from .kv_cache import AttentionConfig, AttentionStats, KVCache
 from .fast_decode import FastDecode
+from .memory import check_engine, check_weights
 from .weights import WeightSource
 
 
@@ -42,6 +43,7 @@ class Engine(EngineBase):
         if arch is None:
             raise UnsupportedError(f"architecture {self.cfg.arch!r} is not supported "
                                    f"(supported: {', '.join(ARCHITECTURES)})")
+        check_weights(self.file)  # runtime/memory.py: refused before it is spent
         self.weights = WeightSource(self.file)
         try:
             self.model = arch(self.cfg, self.weights)
@@ -52,6 +54,7 @@ class Engine(EngineBase):
         self.spec = self.model.cache_spec()
         check_options(self.spec, o.kv, o.attn)
         self.n_ctx = self._context(self.cfg.n_ctx_train)
+        check_engine(self)  # runtime/memory.py: the context's cache must fit before it is made
         self.attn = AttentionConfig()
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if o.attn == "delta":

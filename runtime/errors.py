@@ -65,3 +65,7 @@ class CacheError(EdgeLLMError):
 class ConstraintError(EdgeLLMError):
     """An invalid or unsupported JSON schema, regular expression, grammar or tool definition (reported before
     any token is generated)."""
+
+
+class InsufficientMemoryError(EdgeLLMError):
+    """A load, context or conversion that would need more memory than the machine (or the process's limits) has."""

@@ -13,7 +13,10 @@ masks the padding, so sequences of different lengths share one run (one read of 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from .backend import EngineBase, EngineOptions
 from .cache_base import RecurrentState, check_consecutive
 from .contracts import Cache, Snapshot
 from .errors import CacheError, ModelFileError, UnsupportedError
+from .memory import check, check_cache
 
 MODEL_FILE = "model.onnx"
 
@@ -110,6 +114,39 @@ def _one_line(e: BaseException) -> str:
     return s[0] if s else type(e).__name__
 
 
+_MAX_DIM = 1 << 24  # largest head count, head size or state dimension a graph may declare
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path` ({} when the file is absent); anything else is one line naming the file."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, JSONDecodeError, UnicodeDecodeError
+        raise ModelFileError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, found a JSON {type(data).__name__}")
+    return data
+
+
+class _Config:
+    """Typed values of a folder's JSON config, each failure one line naming the file and the key."""
+
+    def __init__(self, data: dict, path: Path):
+        self.data, self.path = data, path
+
+    def int(self, key: str, default: int | None = None, lo: int = 1, hi: int = _MAX_DIM) -> int:
+        v = self.data.get(key)
+        if v is None:
+            if default is None:
+                raise ModelFileError(f"{self.path}: missing {key!r} (the graph does not give it)")
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ModelFileError(f"{self.path}: {key!r} = {v!r} is not an integer in [{lo}, {hi}]")
+        return v
+
+
 class OnnxEngine(EngineBase):
     """A loaded ONNX folder: `prefill(tokens)`, `decode(token)`, `decode_batch(tokens, caches)` -> logits, over the
     graph's own caches (OnnxKVCache, or OnnxStateCache for a recurrent graph)."""
@@ -135,9 +172,10 @@ class OnnxEngine(EngineBase):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # its errors are reported here, as one line (not also logged to stderr)
         try:
-            self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints an "EP Error" banner and retries
+                self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors (corrupt file, missing data) as one line
             raise ModelFileError(f"onnxruntime cannot load {model}: {_one_line(e)}") from None
         self.cfg = self._read_config()
@@ -145,6 +183,9 @@ class OnnxEngine(EngineBase):
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_hf(self.path, self.cfg.n_vocab)
         self.n_ctx = self._context(self.cfg.n_ctx_train)
+        # memory (runtime/memory.py): the graph returns whole present arrays (a copy per step), a chunk's logits
+        check_cache(self.n_ctx, 2 * self.kv_bytes_per_token, 4 * self.cfg.n_vocab * 512,
+                    kv_per_token=self.kv_bytes_per_token)
         self.cache = self.new_cache()
         self._weight_bytes: int | None = None
         self.load_seconds = time.perf_counter() - t0
@@ -168,26 +209,31 @@ class OnnxEngine(EngineBase):
                                "(past_key_values.N.key/value -> present.N.key/value)")
         self._has_pos = "position_ids" in ins
         cfg_path = self.path / "config.json"
-        try:
-            hf = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFileError(f"{cfg_path}: invalid JSON ({e})") from None
+        hf = _read_json(cfg_path)
+        conf = _Config(hf, cfg_path)
         self._kv_shapes = []
         for name in self._past_names:  # [batch, n_kv, past, head_dim]: static in the graph, else config.json
-            _, n_kv, _, head_dim = ins[name].shape
+            shape = ins[name].shape
+            if len(shape) != 4:
+                raise ModelFileError(f"{self.path / MODEL_FILE}: input {name} has {len(shape)} dimensions, expected 4 "
+                                     "(batch, kv heads, past tokens, head size)")
+            _, n_kv, _, head_dim = shape
             if not isinstance(n_kv, int):
-                n_kv = hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+                n_kv = conf.int("num_key_value_heads", conf.int("num_attention_heads"))
             if not isinstance(head_dim, int):
-                head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-            self._kv_shapes.append((int(n_kv), int(head_dim)))
+                head_dim = conf.int("head_dim", 0) or conf.int("hidden_size") // conf.int("num_attention_heads")
+            if not (1 <= n_kv <= _MAX_DIM and 1 <= head_dim <= _MAX_DIM):
+                raise ModelFileError(f"{self.path / MODEL_FILE}: input {name} has {n_kv} heads of size {head_dim}")
+            self._kv_shapes.append((n_kv, head_dim))
         n_kv, head_dim = max(self._kv_shapes)
-        v = self.session.get_outputs()[0].shape[-1]
-        n_vocab = v if isinstance(v, int) else hf.get("vocab_size")
-        if not n_vocab:
-            raise ModelFileError(f"{self.path}: the vocabulary size is neither in the graph nor in config.json")
-        return OnnxConfig(arch=str(hf.get("model_type", "onnx")), n_layer=n_layer, n_head_kv=int(n_kv),
-                          head_dim=int(head_dim), n_vocab=int(n_vocab),
-                          n_ctx_train=int(hf.get("max_position_embeddings") or 4096))
+        v = self.session.get_outputs()[0].shape
+        n_vocab = conf.int("vocab_size", v[-1] if v and isinstance(v[-1], int) else None)
+        if v and isinstance(v[-1], int) and n_vocab != v[-1]:
+            raise ModelFileError(f"{cfg_path}: vocab_size = {n_vocab}, but {MODEL_FILE}'s logits have {v[-1]} "
+                                 "entries")
+        arch = hf.get("model_type", "onnx")
+        return OnnxConfig(arch=arch if isinstance(arch, str) else "onnx", n_layer=n_layer, n_head_kv=n_kv,
+                          head_dim=head_dim, n_vocab=n_vocab, n_ctx_train=conf.int("max_position_embeddings", 4096))
 
     def _read_state_config(self, ins: dict, outs: list[str], state: list[str]) -> OnnxConfig:
         """A graph input_ids + state.* -> logits + new_state.* (`edgellm convert --variant linear --format onnx`)."""
@@ -200,18 +246,20 @@ class OnnxEngine(EngineBase):
         if missing or any(not isinstance(d, int) for sh in shapes for d in sh):
             raise ModelFileError(f"{self.path / MODEL_FILE}: a recurrent-state graph needs new_<name> outputs for every "
                                "state input and static state sizes")
+        if any(not 1 <= d <= _MAX_DIM for sh in shapes for d in sh):
+            raise ModelFileError(f"{self.path / MODEL_FILE}: a state input has sizes {shapes} "
+                                 f"(each in [1, {_MAX_DIM}])")
         self._kv_shapes = [tuple(int(d) for d in sh) for sh in shapes]
+        check(4 * sum(math.prod(sh) for sh in self._kv_shapes), f"the recurrent state of {self.path / MODEL_FILE}")
         v = self.session.get_outputs()[0].shape[-1]
         cfg_path = self.path / "linear_config.json"
-        try:
-            lc = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFileError(f"{cfg_path}: invalid JSON ({e})") from None
-        if not isinstance(v, int):
+        conf = _Config(_read_json(cfg_path), cfg_path)
+        if not isinstance(v, int) or v < 1:
             raise ModelFileError(f"{self.path}: the graph does not give the vocabulary size")
-        return OnnxConfig(arch=str(lc.get("architecture", "onnx-recurrent")), n_layer=len(state),
-                          n_head_kv=int(lc.get("n_head_kv", 0)), head_dim=int(lc.get("head_dim", 0)), n_vocab=int(v),
-                          n_ctx_train=int(lc.get("max_position_embeddings") or 1 << 20))
+        arch = conf.data.get("architecture", "onnx-recurrent")
+        return OnnxConfig(arch=arch if isinstance(arch, str) else "onnx-recurrent", n_layer=len(state),
+                          n_head_kv=conf.int("n_head_kv", 0, lo=0), head_dim=conf.int("head_dim", 0, lo=0),
+                          n_vocab=v, n_ctx_train=conf.int("max_position_embeddings", 1 << 20))
 
     # ------------------------------------------------------------------ caches
     def new_cache(self, n_ctx: int | None = None):
@@ -260,6 +308,18 @@ class OnnxEngine(EngineBase):
         out = self._run(tokens.reshape(len(seqs), T), [c for c, _ in seqs])  # (B, T, V)
         return out.reshape(-1, out.shape[-1]) if logits == "all" else out[:, -1]
 
+    def _session_run(self, feed: dict) -> list:
+        """The graph run by onnxruntime; a graph that fails to run (a corrupted file that loaded) is one line."""
+        try:
+            outs = self.session.run(["logits"] + self._present_names, feed)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's run-time errors
+            raise ModelFileError(f"onnxruntime cannot run {self.path / MODEL_FILE}: {_one_line(e)}") from None
+        B, T = feed["input_ids"].shape
+        if outs[0].shape[:2] != (B, T) or outs[0].shape[-1] != self.cfg.n_vocab:
+            raise ModelFileError(f"{self.path / MODEL_FILE} returned logits of shape {outs[0].shape}, expected "
+                                 f"({B}, {T}, {self.cfg.n_vocab})")
+        return outs
+
     def _run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B, T) appended to each of B caches; logits (B, T, V). Shorter pasts are left-padded
         and masked out (a recurrent state has no length: the states are stacked along the batch)."""
@@ -268,7 +328,7 @@ class OnnxEngine(EngineBase):
         if self._state:
             for j, name in enumerate(self._past_names):
                 feed[name] = caches[0].kv[j] if B == 1 else np.concatenate([c.kv[j] for c in caches])
-            outs = self.session.run(["logits"] + self._present_names, feed)
+            outs = self._session_run(feed)
             for b, c in enumerate(caches):
                 c.kv = [p if B == 1 else np.ascontiguousarray(p[b:b + 1]) for p in outs[1:]]
                 c.n += T
@@ -293,7 +353,7 @@ class OnnxEngine(EngineBase):
                     if c.n:
                         a[b, :, P - c.n:] = c.kv[j][0]
                 feed[name] = a
-        outs = self.session.run(["logits"] + self._present_names, feed)
+        outs = self._session_run(feed)
         presents = outs[1:]
         for b, c in enumerate(caches):
             c.kv = [p if B == 1 else np.ascontiguousarray(p[b:b + 1, :, P - ns[b]:]) for p in presents]

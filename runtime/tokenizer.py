@@ -162,8 +162,9 @@ class Tokenizer:
     def __init__(self, hf, *, kind: str, pre: str | None, tokens: list[str], types: list[int], vocab: dict[str, int],
                  bos_id: int | None, eos_id: int | None, eot_id: int | None, unk_id: int | None,
                  eog_ids: set[int], add_bos: bool, add_eos: bool, add_space_prefix: bool, clean_spaces: bool,
-                 chat_template: str | None):
+                 chat_template: str | None, source: str = ""):
         self._hf = hf
+        self.source = source  # the file the vocabulary came from (named in errors)
         self.kind = kind  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
         self.pre = pre
         self.tokens = tokens
@@ -185,14 +186,18 @@ class Tokenizer:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_gguf(cls, f) -> "Tokenizer":
-        """Build from a `GGUFFile`'s metadata (see from_metadata)."""
-        return cls.from_metadata(f.metadata)
+        """Build from a `GGUFFile`'s metadata (see from_metadata); the file's path starts every error message and
+        is kept as the tokenizer's source (named by chat template errors)."""
+        try:
+            return cls.from_metadata(f.metadata, str(f.path))
+        except (GGUFError, UnsupportedError) as e:
+            raise type(e)(f"{f.path}: {e}") from None
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
+    def from_metadata(cls, md: Mapping[str, Any], source: str = "") -> "Tokenizer":
         """Build from GGUF tokenizer metadata (a file's, or what models/hf_tokenizer.py reads from a Hugging Face
         folder). Raises GGUFError for missing or inconsistent metadata, UnsupportedError for a tokenizer type or
-        pre-tokenizer edgellm does not implement."""
+        pre-tokenizer edgellm does not implement. source: where the metadata came from (for messages)."""
         model = md.get(TK.MODEL)
         if model is None:
             raise GGUFError(f"the model has no tokenizer ({TK.MODEL} is missing)")
@@ -205,6 +210,11 @@ class Tokenizer:
         if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) - {str}:
             raise GGUFError(f"{TK.LIST} is missing, empty or not a list of strings")
         n = len(tokens)
+        arch = md.get(Keys.General.ARCHITECTURE)
+        n_model = md.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
+        if isinstance(n_model, int) and not isinstance(n_model, bool) and n > n_model:
+            raise GGUFError(f"{TK.LIST} has {n} tokens, more than the model's {arch}.vocab_size of {n_model} "
+                            "(a token past it has no embedding)")
         if not all(tokens):  # llama.cpp names empty tokens so that they cannot collide
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         vocab = dict(zip(tokens, range(n)))
@@ -299,7 +309,8 @@ class Tokenizer:
         return cls(hf, kind=model, pre=pre_name, tokens=tokens, types=types, vocab=vocab,
                    bos_id=ids[TK.BOS_ID], eos_id=ids[TK.EOS_ID], eot_id=ids[TK.EOT_ID], unk_id=ids[TK.UNK_ID],
                    eog_ids=eog, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
-                   clean_spaces=pre.clean_spaces, chat_template=template if isinstance(template, str) else None)
+                   clean_spaces=pre.clean_spaces, chat_template=template if isinstance(template, str) else None,
+                   source=source)
 
     @classmethod
     def from_hf(cls, folder, n_vocab: int | None = None) -> "Tokenizer":
@@ -318,16 +329,23 @@ class Tokenizer:
         def read(name):
             p = folder / name
             try:
-                return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                data = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+            except (OSError, ValueError, RecursionError) as e:  # unreadable, JSONDecodeError, UnicodeDecodeError
                 raise ModelFileError(f"{p}: invalid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise ModelFileError(f"{p}: expected a JSON object, found a JSON {type(data).__name__}")
+            return data
 
         cfg = read("config.json")
+        if n_vocab is None:
+            n_vocab = cfg.get("vocab_size")
+            if not isinstance(n_vocab, int) or isinstance(n_vocab, bool) or n_vocab < 1:
+                raise ModelFileError(f"{folder / 'config.json'}: 'vocab_size' = {n_vocab!r} is not a positive integer")
         try:
-            hf = read_hf_tokenizer(folder, cfg, read("tokenizer_config.json"), int(n_vocab or cfg.get("vocab_size") or 0))
+            hf = read_hf_tokenizer(folder, cfg, read("tokenizer_config.json"), n_vocab)
         except ConfigError as e:
             raise ModelFileError(str(e)) from None
-        return cls.from_metadata(hf.metadata())
+        return cls.from_metadata(hf.metadata(), str(folder))
 
     # ------------------------------------------------------------------ encoding
     def is_eog(self, token_id: int) -> bool:
@@ -471,9 +489,10 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text of a conversation with the model's chat template (ChatML if it has none)."""
         from .chat_template import render_chat
+        what = f"{self.source}: {TK.CHAT_TEMPLATE}" if self.source else "the model's chat template"
         return render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
                            bos_token=self.tokens[self.bos_id] if self.bos_id is not None else "",
-                           eos_token=self.tokens[self.eos_id] if self.eos_id is not None else "", **kwargs)
+                           eos_token=self.tokens[self.eos_id] if self.eos_id is not None else "", what=what, **kwargs)
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.kind}, pre={self.pre!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "

@@ -46,10 +46,13 @@ class QMatrix:
         self.qtype, self.rows, self.cols, self.name = int(qtype), rows, cols, name
         self.fmt = q8act.QFORMATS.get(QT(qtype)) if isa else None
         self.isa = isa if self.fmt else None
-        if self.fmt:
-            self.W = q8act.pack(self.qtype, raw)
-        else:
-            self.packed = mv.pack(self.qtype, raw)
+        try:
+            if self.fmt:
+                self.W = q8act.pack(self.qtype, raw)
+            else:
+                self.packed = mv.pack(self.qtype, raw)
+        except ValueError as e:  # block scales that are not finite: a corrupted file
+            raise GGUFError(f"tensor {name!r}: {e}") from None
         self.nbytes = int(raw.nbytes)  # bytes of the file's encoding: what one mat-vec reads
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
@@ -115,6 +118,8 @@ class WeightSource:
         if t.qtype not in types:
             raise UnsupportedError(f"tensor {name!r} has type {t.qtype.name}, which edgellm does not support "
                                    f"(supported: {', '.join(q.name for q in types)})")
+        if t.qtype in VECTOR_TYPES and not np.isfinite(t.data).all():  # quantized scales: checked by the packer
+            raise GGUFError(f"{self.f.path}: tensor {name!r} holds NaN or infinite values")
         self.used.add(name)
         return t
 
@@ -175,9 +180,12 @@ class WeightSource:
 
     def _ternary(self, raw, rows, cols, nbytes, name, scale):
         # the integer kernels (2-bit codes, dot-product instructions) where the CPU has them, else int16 lanes
-        if self.isa:
-            return ternary_i2.TernaryI2Matrix(raw, rows, cols, nbytes, self.isa, name, scale)
-        return tern.TernaryMatrix(raw, rows, cols, nbytes, name, scale)
+        try:
+            if self.isa:
+                return ternary_i2.TernaryI2Matrix(raw, rows, cols, nbytes, self.isa, name, scale)
+            return tern.TernaryMatrix(raw, rows, cols, nbytes, name, scale)
+        except ValueError as e:  # scales that are not finite, bytes that do not fit the shape: a corrupted file
+            raise GGUFError(f"tensor {name!r}: {e}") from None
 
 
 class ConcatBitLinear:

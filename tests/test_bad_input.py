@@ -142,3 +142,80 @@ def test_mutated_files_through_the_cli(tmp_path, model_path):
         p = tmp_path / f"m{i}.gguf"
         p.write_bytes(bytes(m))
         assert_clean_error(cli("run", str(p), "-p", "hi", "-n", "2"))
+
+
+# ---------------------------------------------------------------------------- memory checked before it is spent
+def _limited(script: str, headroom_mb: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python after edgellm's imports, with the address space limited to what the process
+    maps then + headroom_mb (an allocation past it fails at once instead of growing until the kernel kills)."""
+    pre = ("import resource\n"
+           "import edgellm.runtime.engine, edgellm.converters\n"
+           "from edgellm.runtime.memory import _vm_size\n"
+           f"lim = _vm_size() + ({headroom_mb} << 20)\n"
+           "resource.setrlimit(resource.RLIMIT_AS, (lim, resource.getrlimit(resource.RLIMIT_AS)[1]))\n")
+    return subprocess.run([sys.executable, "-c", pre + script], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, EDGELLM_DEBUG=""))
+
+
+def test_huge_context_is_refused_before_it_is_allocated(model_path):
+    r = cli("run", str(model_path), "-p", "hi", "-n", "2", "--ctx", "100000000")
+    assert_clean_error(r)
+    assert "needs" in r.stderr and "available" in r.stderr and "smaller context" in r.stderr, r.stderr
+    assert "q8_0" in r.stderr  # the smaller KV type is suggested for an f32 cache
+    # under an address-space limit the check sees the limit, not the machine's memory
+    r = _limited(f"from edgellm.runtime.engine import Engine\n"
+                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
+                 f"try:\n    Engine({str(model_path)!r}, n_ctx=2_000_000, threads=1)\n"
+                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=1024)
+    assert r.returncode == 0 and "REFUSED" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "available" in r.stdout
+
+
+def test_available_memory_respects_rlimit():
+    r = _limited("from edgellm.runtime.memory import available_bytes\nprint(available_bytes())\n", headroom_mb=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0 < int(r.stdout) <= 300 << 20
+
+
+def test_huge_layer_count_in_config_is_a_clear_error(tmp_path):
+    import json
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fuzzkit
+    src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**12
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("convert", str(src), "-o", str(tmp_path / "o.gguf"))
+    assert_clean_error(r)
+    assert "num_hidden_layers" in r.stderr and "config.json" in r.stderr
+    # a value that is in range but disagrees with the tensors is an error too
+    cfg["num_hidden_layers"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("convert", str(src), "-o", str(tmp_path / "o.gguf"))
+    assert_clean_error(r)
+    assert "num_hidden_layers = 3" in r.stderr and "2 layers" in r.stderr
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_conversion_that_cannot_fit_is_refused_before_reading(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fuzzkit
+    src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
+    r = _limited(f"from edgellm.converters import convert_to_gguf\n"
+                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
+                 f"try:\n    convert_to_gguf({str(src)!r}, {str(tmp_path / 'o.gguf')!r}, 'f32')\n"
+                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=40)
+    assert r.returncode == 0 and "REFUSED" in r.stdout and "converting" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_variant_memory_is_checked_before_transformers_loads(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fuzzkit
+    src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
+    r = _limited(f"from pathlib import Path\n"
+                 f"from edgellm.converters.variant import check_variant\n"
+                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
+                 f"try:\n    check_variant(Path({str(src)!r}), 'prune', 100, 4, 256)\n"
+                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=100)
+    assert r.returncode == 0 and "REFUSED" in r.stdout and "prune" in r.stdout, (r.stdout, r.stderr[-2000:])
