@@ -56,6 +56,7 @@ class Engine(EngineBase):
         self.n_ctx = self._context(self.cfg.n_ctx_train)
         check_engine(self)  # runtime/memory.py: the context's cache must fit before it is made
         self.attn = AttentionConfig()
+        self.fast = None  # the compiled decode step, built below (delta calibration runs the forward before)
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if o.attn == "delta":
             if o.delta_threshold is None:  # attn delta alone: calibrated to DEFAULT_SPARSITY
