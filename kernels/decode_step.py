@@ -19,6 +19,9 @@ depth and every B, and a call unboxes a few arrays rather than hundreds.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numba
 import numpy as np
 from numba import njit, types
@@ -91,10 +94,24 @@ def _matrix(wtab, li, j):
     return W, rs
 
 
+def kernel_sources_digest() -> str:
+    """A digest of the other kernel modules' sources. The step compiles their functions into itself, but Numba's
+    cache checks only this file's stamp; the digest is one of the step's closure variables, which Numba's cache
+    key hashes, so an edit to any kernel module (an editable install updated by git, a checkout) recompiles the
+    step instead of running stale code."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve()
+    for f in sorted(here.parent.glob("*.py")):
+        if f != here:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2: bool, kv: tuple):
     """The step for one instruction set, layer format, head format, embedding decoding (nibbles, zero, has_min,
     code bytes of kernels/q8act.dequantize_rows), architecture (bitnet: sub-norms, ternary per-token scales;
     relu2: squared ReLU instead of SiLU) and K/V cache types (kv = (type_k, type_v))."""
+    sources = kernel_sources_digest()  # (a closure variable: part of the cache key, see kernel_sources_digest)
     nib, zero, has_min, code_bytes = emb
     KT, VT = KV_DTYPES[kv[0]], KV_DTYPES[kv[1]]
     k_half, v_half = kv[0] == "q4_0", kv[1] == "q4_0"
@@ -110,6 +127,8 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
         # addresses; n_ctx (B,) int64; x, h (B, d), big (B, >= max rows), att (B * max(H*hd, n_ff),),
         # q (B, max H, hd), k, v (B, max Hkv, hd) f32 scratch; qbuf i8, dbuf f32, sbuf i32 flat activation scratch;
         # tokscale (B,) f32 -> logits (B, V). Each sequence's cache.n is advanced by the caller.
+        if len(sources) == 0:  # never (the digest is 16 characters): it makes `sources` part of the closure
+            return
         B = tokens.shape[0]
         L = widths.shape[0]
         d = x.shape[1]
