@@ -435,7 +435,10 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
           ppl_ctx: int = typer.Option(512, "--ppl-ctx", help="Window of --ppl-file's perplexity."),
           ppl_chunks: int = typer.Option(8, "--ppl-chunks", help="Windows of --ppl-file's perplexity."),
           startup: bool = typer.Option(False, "--startup", help="Also time a fresh `edgellm run` process to its first "
-                                                                "token, warm and cold JIT cache.")):
+                                                                "token, warm and cold JIT cache."),
+          profile: bool = typer.Option(False, "--profile", help="Instead: where each token's time goes in edgellm "
+                                       "(mat-vecs, attention, norms/rope/activation, the rest), kernel calls and bytes "
+                                       "per token against the measured bandwidth (bench/profile.py).")):
     """Prompt processing (pp) and generation (tg) speed after llama-bench, edgellm beside llama.cpp (and
     onnxruntime) in the same run: mean ± std tok/s, warm-up discarded, ratios to llama.cpp, first-logits
     time, peak RSS, KV bytes and the fraction of the machine's read bandwidth a decode reaches.
@@ -455,6 +458,13 @@ def bench(model: Optional[List[str]] = typer.Argument(None, metavar="[MODEL]..."
             _err("--machine takes one --threads value")
         info = machine_info(thread_list[0] if thread_list else None)
         print(json.dumps(info, indent=2) if fmt in ("json", "jsonl") else machine_line(info))
+        return
+    if profile:
+        from .bench.profile import format_report, run as run_profile
+        p0, n0 = suite.parse_ints(n_prompt, "--n-prompt")[0], suite.parse_ints(n_gen, "--n-gen")[0]
+        for m in list(model or []) + list(models_opt) or [None]:
+            res = run_profile(m, max(1, p0), max(1, n0), thread_list[0] if thread_list else None, measure_bw=ceiling)
+            print(json.dumps(res) if fmt in ("json", "jsonl") else format_report(res))
         return
     s = suite.Settings(model=list(model or []) + list(models_opt), backends=suite.parse_list(backends, "--backends"),
                        n_prompt=suite.parse_ints(n_prompt, "--n-prompt"), n_gen=suite.parse_ints(n_gen, "--n-gen"),

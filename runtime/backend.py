@@ -61,7 +61,9 @@ class EngineOptions:
     attn: "dense" or "delta"; delta takes a threshold θ (one float, or one per layer) or a target sparsity, for which
     θ is calibrated per layer on `calib` (text or token ids; default runtime/calibration.py's text), and a window
     of exact keys; attn="delta" alone calibrates to DEFAULT_SPARSITY.
-    kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache)."""
+    kv_transform: store quantized K/V Hadamard-rotated (as llama.cpp does) and centred (see KVCache).
+    fast: decode steps run as one compiled call where the model allows it (runtime/fast_decode.py); False: always
+    the model's per-operation forward (the reference)."""
     n_ctx: int | None = None
     threads: int | None = None
     kv: str = "f32"
@@ -71,6 +73,7 @@ class EngineOptions:
     delta_window: int = DEFAULT_WINDOW
     calib: str | Sequence[int] | None = None
     kv_transform: bool = True
+    fast: bool = True
 
     def __post_init__(self):
         if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, (int, np.integer))

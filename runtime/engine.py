@@ -18,6 +18,7 @@ from .fetch import resolve_model
 from .gguf_file import GGUFFile
 from .hub import CheckpointConverter
 from .kv_cache import AttentionConfig, AttentionStats, KVCache
+from .fast_decode import FastDecode
 from .memory import check_engine, check_weights
 from .weights import WeightSource
 
@@ -55,6 +56,7 @@ class Engine(EngineBase):
         self.n_ctx = self._context(self.cfg.n_ctx_train)
         check_engine(self)  # runtime/memory.py: the context's cache must fit before it is made
         self.attn = AttentionConfig()
+        self.fast = None  # the compiled decode step, built below (delta calibration runs the forward before)
         self.attn_stats = AttentionStats(self.cfg.n_layer, self.cfg.n_head)
         if o.attn == "delta":
             if o.delta_threshold is None:  # attn delta alone: calibrated to DEFAULT_SPARSITY
@@ -65,6 +67,7 @@ class Engine(EngineBase):
                 th = [float(th)] * self.cfg.n_layer if np.ndim(th) == 0 else [float(t) for t in th]
                 self.attn = AttentionConfig("delta", tuple(th), o.delta_window)
         self.cache = self.new_cache()
+        self.fast = FastDecode.build(self) if o.fast else None  # the compiled decode step, compiled on its first use
         self.load_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ attention settings
@@ -143,16 +146,25 @@ class Engine(EngineBase):
     # ------------------------------------------------------------------ running
     def _forward(self, tokens: np.ndarray, seqs: list, logits: str) -> np.ndarray:
         """The model's forward on this engine's thread count (applied for the call: engines with different counts,
-        and calls from other threads, do not disturb each other)."""
+        and calls from other threads, do not disturb each other); a decode step (one token for each of distinct
+        caches) runs as the compiled step where it applies (runtime/fast_decode.py)."""
         import numba
+        run = self.model.forward
+        if self.fast is not None and all(n == 1 for _, n in seqs) and len({id(c) for c, _ in seqs}) == len(seqs) \
+                and self.fast.accepts([c for c, _ in seqs]):
+            run = self._fast_step
         prev = numba.get_num_threads()
         if prev == self.threads:
-            return self.model.forward(tokens, seqs, logits)
+            return run(tokens, seqs, logits)
         numba.set_num_threads(self.threads)
         try:
-            return self.model.forward(tokens, seqs, logits)
+            return run(tokens, seqs, logits)
         finally:
             numba.set_num_threads(prev)
+
+    def _fast_step(self, tokens: np.ndarray, seqs: list, logits: str) -> np.ndarray:
+        # one new token per sequence: the rows of "all" and "last" are the same
+        return self.fast.run(tokens, [c for c, _ in seqs])
 
 
 def load(model: str | os.PathLike | None = None, options: EngineOptions | None = None,

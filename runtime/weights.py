@@ -1,42 +1,86 @@
 """Weight tensors in their quantized form, looked up by GGUF name and checked before use."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from ..kernels import igemm
 from ..kernels import matvec as mv
+from ..kernels import q8act
+from ..kernels import simd
 from ..kernels import ternary as tern
-from .errors import GGUFError, UnsupportedError
+from ..kernels import ternary_i2
+from .errors import EdgeLLMError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 
 MATRIX_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K)
 VECTOR_TYPES = (QT.F32, QT.F16)
 TERNARY_TYPES = {QT.TQ1_0: tern.TQ1_BYTES, QT.TQ2_0: tern.TQ2_BYTES}
+ISA_ENV = "EDGELLM_ISA"  # forces the integer kernels' instruction set ("none": f32 activations everywhere)
+
+
+def kernel_isa() -> str | None:
+    """The instruction set of the integer kernels, chosen from the CPU Numba compiles for (kernels/simd.py), or
+    the one EDGELLM_ISA names (it must be one this machine runs; "none" keeps f32 activations)."""
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return simd.target_isa()
+    if forced in ("none", "f32"):
+        return None
+    runnable = simd.runnable_isas()
+    if forced not in runnable:
+        raise EdgeLLMError(f"{ISA_ENV}={forced!r}: this machine runs {', '.join(runnable)} (or none)")
+    return forced
 
 
 class QMatrix:
-    """A (rows, cols) weight matrix, repacked once at load for the fused kernels: y = W @ x."""
+    """A (rows, cols) weight matrix, repacked once at load for the kernels chosen for this CPU: y = W @ x.
 
-    def __init__(self, qtype: QT, raw: np.ndarray, rows: int, cols: int, name: str = ""):
+    Q4_0 / Q4_1 / Q8_0 on a CPU with integer dot products (`isa`): kernels/igemm.py with activations quantized
+    to int8 per block of 32, as llama.cpp does, for decode and prefill alike. Otherwise (other types, or no
+    such instructions): kernels/matvec.py with f32 activations, dequantized tiles + BLAS for prefill."""
+
+    def __init__(self, qtype: QT, raw: np.ndarray, rows: int, cols: int, name: str = "", isa: str | None = None):
         self.qtype, self.rows, self.cols, self.name = int(qtype), rows, cols, name
+        self.fmt = q8act.QFORMATS.get(QT(qtype)) if isa else None
+        self.isa = isa if self.fmt else None
         try:
-            self.packed = mv.pack(self.qtype, raw)
+            if self.fmt:
+                self.W = q8act.pack(self.qtype, raw)
+            else:
+                self.packed = mv.pack(self.qtype, raw)
         except ValueError as e:  # block scales that are not finite: a corrupted file
             raise GGUFError(f"tensor {name!r}: {e}") from None
         self.nbytes = int(raw.nbytes)  # bytes of the file's encoding: what one mat-vec reads
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        # X (N, cols) -> (N, rows): fused mat-vec for a few rows (decode), dequantized tiles + BLAS for many (prefill)
+        # X (N, cols) -> (N, rows)
+        X = np.ascontiguousarray(X, dtype=np.float32)
         out = np.empty((X.shape[0], self.rows), dtype=np.float32)
-        mv.matmul(self.qtype, self.packed, np.ascontiguousarray(X, dtype=np.float32), out)
+        if self.fmt:
+            if X.shape[1] != self.cols:
+                raise ValueError(f"{self.name}: input {X.shape} does not fit ({self.rows}, {self.cols})")
+            igemm.matmul_x(self.isa, self.fmt, self.W, X, out)
+        else:
+            mv.matmul(self.qtype, self.packed, X, out)
         return out
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup; gather_rows checks the ids)
-        return mv.gather_rows(self.packed, ids, np.empty((len(ids), self.cols), dtype=np.float32))
+        # ids (N,) -> (N, cols): rows of the matrix (token embedding lookup)
+        out = np.empty((len(ids), self.cols), dtype=np.float32)
+        if not self.fmt:
+            return mv.gather_rows(self.packed, ids, out)  # checks the ids
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1 or (len(ids) and not (0 <= ids.min() and ids.max() < self.rows)):
+            raise ValueError(f"token ids must be in [0, {self.rows})")
+        return q8act.gather(self.fmt, self.W, ids, out)
 
     def dequantize(self) -> np.ndarray:
         out = np.empty((self.rows, self.cols), dtype=np.float32)
+        if self.fmt:
+            return q8act.gather(self.fmt, self.W, np.arange(self.rows, dtype=np.int64), out)
         mv.dequantize_rows(self.qtype, self.packed, 0, self.rows, out)
         return out
 
@@ -56,8 +100,10 @@ class ConcatMatrix:
 class WeightSource:
     """Hands a model its weights by GGUF name, checking shape and type; records which tensors were used."""
 
-    def __init__(self, f: GGUFFile):
+    def __init__(self, f: GGUFFile, isa: str | None = "auto"):
+        """isa: the integer kernels' instruction set; "auto": kernel_isa(); None: f32 activations everywhere."""
         self.f = f
+        self.isa = kernel_isa() if isa == "auto" else isa
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -88,7 +134,7 @@ class WeightSource:
 
     def matrix(self, name: str, shape: tuple[int, int]) -> QMatrix:
         t = self._info(name, shape, MATRIX_TYPES)
-        return QMatrix(t.qtype, t.data, shape[0], shape[1], name)
+        return QMatrix(t.qtype, t.data, shape[0], shape[1], name, self.isa)
 
     def fused(self, specs: list[tuple[str, tuple[int, int]]]):
         """Matrices that share one input, stacked by rows into one matrix when their types agree."""
@@ -96,8 +142,8 @@ class WeightSource:
         if len({t.qtype for t in infos}) == 1:
             raw = np.concatenate([t.data for t in infos], axis=0)
             return QMatrix(infos[0].qtype, raw, sum(s[0] for _, s in specs), specs[0][1][1],
-                           "+".join(n for n, _ in specs))
-        return ConcatMatrix([QMatrix(t.qtype, t.data, s[0], s[1], n) for t, (n, s) in zip(infos, specs)])
+                           "+".join(n for n, _ in specs), self.isa)
+        return ConcatMatrix([QMatrix(t.qtype, t.data, s[0], s[1], n, self.isa) for t, (n, s) in zip(infos, specs)])
 
     def bitlinear(self, name: str, shape: tuple[int, int], row_perm: np.ndarray | None = None):
         """A BitNet projection: ternary (TQ1_0 / TQ2_0) or any matrix type, times its optional `<name>.scale`."""
@@ -123,14 +169,23 @@ class WeightSource:
             rows = [shape[0] for _, shape, _ in specs]
             row_scale = np.repeat(np.array(scales, dtype=np.float32), rows)
             raw = raws[0] if len(raws) == 1 else np.concatenate(raws, axis=0)
-            return tern.TernaryMatrix(raw, sum(rows), specs[0][1][1], TERNARY_TYPES[infos[0].qtype], names, row_scale)
+            return self._ternary(raw, sum(rows), specs[0][1][1], TERNARY_TYPES[infos[0].qtype], names, row_scale)
         parts = []
         for t, raw, scale, (name, shape, _) in zip(infos, raws, scales, specs):
             if t.qtype in TERNARY_TYPES:
-                parts.append(tern.TernaryMatrix(raw, shape[0], shape[1], TERNARY_TYPES[t.qtype], name, scale))
+                parts.append(self._ternary(raw, shape[0], shape[1], TERNARY_TYPES[t.qtype], name, scale))
             else:
-                parts.append(ScaledMatrix(QMatrix(t.qtype, raw, shape[0], shape[1], name), scale))
+                parts.append(ScaledMatrix(QMatrix(t.qtype, raw, shape[0], shape[1], name, self.isa), scale))
         return parts[0] if len(parts) == 1 else ConcatBitLinear(parts)
+
+    def _ternary(self, raw, rows, cols, nbytes, name, scale):
+        # the integer kernels (2-bit codes, dot-product instructions) where the CPU has them, else int16 lanes
+        try:
+            if self.isa:
+                return ternary_i2.TernaryI2Matrix(raw, rows, cols, nbytes, self.isa, name, scale)
+            return tern.TernaryMatrix(raw, rows, cols, nbytes, name, scale)
+        except ValueError as e:  # scales that are not finite, bytes that do not fit the shape: a corrupted file
+            raise GGUFError(f"tensor {name!r}: {e}") from None
 
 
 class ConcatBitLinear:

@@ -485,6 +485,12 @@ def exercise(path) -> dict:
     return dict(finite=bool(np.isfinite(logits).all()), roundtrip=text == TEXT, n_chat=len(chat_ids))
 
 
+def exercise_all(paths: list) -> list:
+    """exercise() on each file: a worker's warm-up, so that every kernel these files need (the compiled decode step
+    of each weight format included) is compiled before the address space is limited and outside the job timeout."""
+    return [exercise(p) for p in paths]
+
+
 def gguf_bytes_mutant(src: str, m: tuple) -> dict:
     """A byte-level mutation ("bytes", offset, data) / ("truncate", size) of the GGUF file `src`, exercised."""
     import shutil

@@ -73,7 +73,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(files):
-    p = fuzzkit.Pool(2, warmup=("fuzzkit:exercise", (str(files["tq2_0"]),)))
+    p = fuzzkit.Pool(2, warmup=("fuzzkit:exercise_all", ([str(files[k]) for k in ("q8_0", "q4_0", "tq2_0")],)))
     yield p
     p.close()
 

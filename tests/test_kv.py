@@ -139,7 +139,11 @@ def ppl(engine_kw, model_path, text, windows=2):
 
 
 @pytest.mark.slow
-def test_real_model_delta_theta0_q8_q4_perplexity(model_path, text):
+def test_real_model_delta_theta0_q8_q4_perplexity(model_path, text, monkeypatch):
+    # f32 activations: with llama.cpp's int8 activation blocks (the default where the CPU has integer dot products)
+    # the centred keys' last-bit differences flip a few activation roundings and the perplexities part by ~0.4%,
+    # which says nothing about the attention arithmetic this compares
+    monkeypatch.setenv("EDGELLM_ISA", "none")
     base, _ = ppl({}, model_path, text)
     d0, eng = ppl(dict(attn="delta", delta_threshold=0.0), model_path, text)
     assert abs(d0 / base - 1) < 1e-4, (d0, base)

@@ -140,9 +140,15 @@ def test_prm_budget_is_hard(engine):
 # --------------------------------------------------------------------------- prefix sharing
 def test_shared_prefixes_are_never_recomputed(engine, monkeypatch):
     calls = _instrument(engine, monkeypatch)
-    s, res, _ = _run(engine, "astar", 48, 3, seed=5, prm="self", max_step_tokens=6)
+    # a tree several levels deep, so prefixes really are shared: the first seed whose search expands 3 states or
+    # more (where a search stops depends on the model's last bits: int8 or f32 activations, the machine)
+    for seed in range(5, 15):
+        calls.clear()
+        s, res, _ = _run(engine, "astar", 48, 3, seed=seed, prm="self", max_step_tokens=6)
+        if res.trace.states_expanded >= 3:
+            break
     tr = res.trace
-    assert tr.states_expanded >= 3  # a tree several levels deep, so prefixes really are shared
+    assert tr.states_expanded >= 3
     # the prompt is run once; after that only one token per call and sequence: each generated token at most once
     assert calls[0] == ("prefill", tr.prompt_tokens)
     assert all(n == 1 for kind, n in calls[1:] if kind == "prefill")
@@ -164,8 +170,11 @@ def test_restored_cache_gives_the_same_logits_as_recomputing(engine):
     n = deep[0]
     toks = [t for m in n.path() for t in m.tokens]
     ref = engine.prefill(toks, engine.new_cache(len(toks) + 1))
-    assert int(np.argmax(ref)) == int(np.argmax(n.logits))
-    assert np.abs(ref - n.logits).max() < 0.05 * np.abs(ref).max()
+    tol = 0.05 * np.abs(ref).max()
+    assert np.abs(ref - n.logits).max() < tol
+    # the same top token up to that tolerance (with int8 activations, prefill and decode round differently, and
+    # a near-tie may go either way)
+    assert n.logits[int(np.argmax(ref))] >= n.logits.max() - tol
 
 
 def test_waiting_states_keep_snapshots_not_caches(engine):

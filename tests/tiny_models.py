@@ -95,8 +95,10 @@ class _Tensors:
 
 def write_tiny_llama(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv=2, n_ctx=256, theta=10000.0,
                      qtype=None, seed=0, rope_freqs: np.ndarray | None = None, tied=True, scale=0.5,
-                     layer_heads: list[tuple[int, int]] | None = None, layer_ff: list[int] | None = None):
-    """A random-weight Llama GGUF. qtype: gguf.GGMLQuantizationType for the 2-D weights (default F32).
+                     layer_heads: list[tuple[int, int]] | None = None, layer_ff: list[int] | None = None,
+                     embd_qtype=None):
+    """A random-weight Llama GGUF. qtype: gguf.GGMLQuantizationType for the 2-D weights (default F32; the token
+    embedding embd_qtype when given).
     layer_heads / layer_ff: per-layer (n_head, n_head_kv) and feed-forward widths: a `deci` file (llama.cpp's
     architecture for pruned Llamas), head size n_embd // n_head."""
     from gguf import MODEL_TENSOR as T, TENSOR_NAMES
@@ -113,7 +115,7 @@ def write_tiny_llama(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv
     w.add_rope_freq_base(theta)
     w.add_rope_dimension_count(hd)
     t = _Tensors(w, seed, scale, qtype)
-    t.add(_nm(T.TOKEN_EMBD), (t.rng.standard_normal((V, n_embd))).astype(np.float32))
+    t.add(_nm(T.TOKEN_EMBD), (t.rng.standard_normal((V, n_embd))).astype(np.float32), embd_qtype)
     t.add(_nm(T.OUTPUT_NORM), t.norm(n_embd))
     if not tied:
         t.add(_nm(T.OUTPUT), t.mat(V, n_embd))
@@ -133,9 +135,9 @@ def write_tiny_llama(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv
 
 
 def write_tiny_bitnet(path, *, n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_ctx=256, seed=0,
-                      act="relu2"):
+                      act="relu2", embd_qtype=None):
     """A random BitNet b1.58 GGUF: TQ2_0 ternary projections (256 columns a block) with per-tensor `.scale`s,
-    sub-norms, the embedding as the output head."""
+    sub-norms, the embedding as the output head (F32, or embd_qtype: Q8_0 as the converter writes it)."""
     import gguf
     from gguf import MODEL_TENSOR as T
     hd = n_embd // n_head
@@ -151,7 +153,7 @@ def write_tiny_bitnet(path, *, n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head
         t.add(name, np.clip(np.round(t.rng.standard_normal((rows, cols))), -1, 1).astype(np.float32), TQ)
         w.add_tensor(name[:-len(".weight")] + ".scale", np.array([0.5 / np.sqrt(cols)], dtype=np.float32))
 
-    t.add(_nm(T.TOKEN_EMBD), (t.rng.standard_normal((V, n_embd))).astype(np.float32))
+    t.add(_nm(T.TOKEN_EMBD), (t.rng.standard_normal((V, n_embd))).astype(np.float32), embd_qtype)
     t.add(_nm(T.OUTPUT_NORM), t.norm(n_embd))
     for i in range(n_layer):
         t.add(_nm(T.ATTN_NORM, i), t.norm(n_embd))

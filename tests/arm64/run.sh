@@ -154,7 +154,9 @@ WHL=$(ls "$WORK"/dist/edgellm-*.whl)
 # resolved afresh each time; files already in the cache dir are not downloaded again, and only the files this
 # resolution chose go into the root
 mkdir -p "$CACHE/wheels"
-"$PY" -m pip download --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+# (bookworm's glibc is 2.36: every manylinux_2_17 .. 2_36 tag installs there; llguidance ships manylinux_2_31)
+PLATFORMS=$(for v in $(seq 17 36); do printf -- "--platform manylinux_2_%s_aarch64 " "$v"; done)
+"$PY" -m pip download --only-binary=:all: $PLATFORMS --platform manylinux2014_aarch64 \
     --python-version $PYVER --implementation cp --abi cp311 -d "$CACHE/wheels" "$WHL" pytest \
     > "$WORK/download.log" 2>&1 || { tail -20 "$WORK/download.log" >&2; die "pip download of aarch64 wheels (log above)"; }
 sed -nE 's/^ *(Saved|File was already downloaded) (.*\.whl)$/\2/p' "$WORK/download.log" | grep -v '/edgellm-[^/]*$' \

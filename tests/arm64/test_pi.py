@@ -104,7 +104,9 @@ def test_hot_kernels_are_vectorized_on_this_host():
     finally:
         sys.path.remove(str(HERE))
     results = dict(check_asm.check())
-    assert set(results) == {"matvec_q4", "matvec_q8", "matvec_ternary_q"}
+    from edgellm.kernels import simd
+    isa = simd.target_isa()  # the integer kernel of this CPU's instruction set, where it has one
+    assert set(results) == {"matvec_q4", "matvec_q8", "matvec_ternary_q"} | ({f"igemm_{isa}"} if isa else set())
     assert all(c > 0 for counts in results.values() for c in counts.values())
 
 
@@ -118,12 +120,13 @@ def test_check_asm_fails_on_scalar_code():
 
 def test_an_empty_jit_cache_is_cold_and_says_so(tmp_path):
     code = ("import io; from edgellm.runtime import jit; f = io.StringIO(); cold = jit.cold_kernels(); "
-            "assert jit.compile_notice(f); print(len(cold)); print(f.getvalue())")
+            "assert jit.compile_notice(f); print(len(cold) - len(jit.CORE_KERNELS) - len(jit.matvec_kernels()) - "
+            "(jit.step_kernel() is not None)); print(f.getvalue())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)))
     assert r.returncode == 0, r.stderr[-2000:]
     n, line = r.stdout.strip().splitlines()
-    assert int(n) == 8  # the core kernels and all three mat-vec kernels
+    assert int(n) == 0  # the core kernels, every mat-vec kernel of this machine and its decode step
     assert re.fullmatch(r"edgellm: compiling kernels, once: ~\d+0 s \(later runs load them from the cache\)", line)
     assert not list(tmp_path.rglob("*.nbi"))  # knowing it compiled nothing
 

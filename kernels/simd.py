@@ -1,0 +1,221 @@
+"""Integer dot-product instructions per instruction set, written as LLVM IR for Numba intrinsics, and the choice
+of instruction set from the CPU Numba compiles for.
+
+The one primitive the integer kernels need: acc (V x i32) + for every lane l, sum over m < 4 of a[4l+m] * b[4l+m],
+a unsigned bytes (weight codes), b signed bytes (activations, always within [-127, 127]). Each instruction set
+computes it its own way:
+  avx512vnni  vpdpbusd zmm (16 lanes)         avx512bw  vpmaddubsw + vpmaddwd zmm (16 lanes)
+  avxvnni     vpdpbusd ymm (8 lanes)          avx2      vpmaddubsw + vpmaddwd ymm (8 lanes)
+  neon_dot    sdot (ARMv8.2 dotprod, 4 lanes) generic   widen, multiply, add groups of 4 (any LLVM target)
+vpmaddubsw sums pairs into int16 with saturation and sdot multiplies signed bytes, so when codes may exceed what
+they take exactly (pairs <= 32767; sdot: a < 128), the codes are shifted by -128 first (a ^ 0x80, signed) and the
+kernel is told so (`z_done` = 128): it then corrects with 128 * sum(b) instead of the code's zero point.
+Every variant gives the same integers; the tests run each one the machine can run against a NumPy reference.
+"""
+from __future__ import annotations
+
+import platform
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+ISAS = ("avx512vnni", "avxvnni", "avx512bw", "avx2", "neon_dot", "generic")
+LANES = {"avx512vnni": 16, "avxvnni": 8, "avx512bw": 16, "avx2": 8, "neon_dot": 4, "generic": 16}
+# what each instruction set needs from the CPU (LLVM feature names), in order of preference
+REQUIRES = {"avx512vnni": ("avx512f", "avx512bw", "avx512vnni"), "avxvnni": ("avx2", "avxvnni"),
+            "avx512bw": ("avx512f", "avx512bw"), "avx2": ("avx2",), "neon_dot": ("neon", "dotprod"),
+            "generic": ()}
+_X86 = ("avx512vnni", "avxvnni", "avx512bw", "avx2")
+
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32, F16 = ir.FloatType(), ir.HalfType()
+_VNNI_I8_OPERANDS = llb.llvm_version_info[0] >= 21  # LLVM 21 retyped the VNNI intrinsics' byte operands
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def parse_features(features: str | dict) -> set[str]:
+    """LLVM's feature string ("+avx2,-avx512f,...") or dict -> the set of enabled feature names."""
+    if isinstance(features, dict):
+        return {k for k, v in features.items() if v}
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+def choose_isa(arch: str, features: set[str]) -> str | None:
+    """The best integer dot-product instruction set for a CPU (arch: platform.machine()), or None when it has none
+    worth using (the kernels then keep f32 activations). `generic` is never chosen: it exists for tests and
+    for machines where it is asked for explicitly."""
+    arch = arch.lower()
+    if arch in ("x86_64", "amd64", "i686", "i386", "x86"):
+        names = _X86
+    elif arch in ("aarch64", "arm64", "armv8l"):
+        names = ("neon_dot",)
+        features = features | {"neon"} if arch in ("aarch64", "arm64") else features  # NEON is baseline there
+    else:
+        return None
+    for name in names:
+        if all(f in features for f in REQUIRES[name]):
+            return name
+    return None
+
+
+def target_features() -> set[str]:
+    """The features Numba compiles for (NUMBA_CPU_FEATURES when set, else the host's), as LLVM names them."""
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        return parse_features(config.CPU_FEATURES)
+    try:
+        return parse_features(llb.get_host_cpu_features().flatten())
+    except RuntimeError:  # LLVM cannot tell on this host
+        return set()
+
+
+def target_isa() -> str | None:
+    """The instruction set the integer kernels use on this machine (None: keep f32 activations)."""
+    from numba.core import config
+    if config.CPU_NAME == "generic" and config.CPU_FEATURES is None:
+        return None  # a portable build (NUMBA_CPU_NAME=generic): no instruction beyond the baseline
+    return choose_isa(platform.machine(), target_features())
+
+
+def runnable_isas() -> list[str]:
+    """Every instruction set this machine can run (not only its best one), generic included: what the tests run."""
+    feats, arch = target_features(), platform.machine().lower()
+    if arch in ("x86_64", "amd64"):
+        names = _X86
+    elif arch in ("aarch64", "arm64"):
+        names, feats = ("neon_dot",), feats | {"neon"}
+    else:
+        names = ()
+    if {"avx512vnni", "avx512vl"} <= feats:
+        feats = feats | {"avxvnni"}  # the 256-bit vpdpbusd runs there too (EVEX-encoded)
+    return [n for n in names if all(f in feats for f in REQUIRES[n])] + ["generic"]
+
+
+# ---------------------------------------------------------------- IR building blocks
+def const_vec(t, n, v):
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+def splat(builder, x, n):
+    """A scalar -> a vector of n copies."""
+    t = vec(x.type, n)
+    v = builder.insert_element(ir.Constant(t, ir.Undefined), x, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(t, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
+
+
+def load_vec(builder, ptr, off, t):
+    """Load a vector of type t from the byte pointer `ptr` + off (i64), unaligned."""
+    p = builder.gep(ptr, [off]) if off is not None else ptr
+    return builder.load(builder.bitcast(p, t.as_pointer()), align=1)
+
+
+def _call(builder, name, ret, args):
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(f, args)
+
+
+class Isa:
+    """Code generation of the primitive for one instruction set (V = lanes of i32 per vector)."""
+
+    def __init__(self, name: str):
+        if name not in ISAS:
+            raise ValueError(f"unknown instruction set {name!r} (known: {', '.join(ISAS)})")
+        self.name, self.V = name, LANES[name]
+        self.kind = {"avx512vnni": "vnni", "avxvnni": "vnni", "avx512bw": "maddubs", "avx2": "maddubs",
+                     "neon_dot": "sdot", "generic": "generic"}[name]
+
+    def z_done(self, umax: int) -> int:
+        """The zero point the primitive subtracts from codes of at most `umax` (0 or 128)."""
+        if self.kind == "maddubs":
+            return 0 if umax <= 129 else 128  # pairs 2 * 129 * 127 < 2^15
+        if self.kind == "sdot":
+            return 0 if umax <= 127 else 128
+        return 0
+
+    def prep(self, builder, a, umax):
+        """Codes a (<4V x i8>, unsigned, <= umax) -> the operand(s) the dot takes (hoisted out of token loops)."""
+        if self.z_done(umax) == 0:
+            return (a,)
+        s = builder.xor(a, const_vec(I8, 4 * self.V, 0x80))  # a - 128 as signed bytes
+        if self.kind == "sdot":
+            return (s,)
+        absv = _call(builder, f"llvm.abs.v{4 * self.V}i8", s.type, [s, ir.Constant(ir.IntType(1), 0)])
+        neg = builder.icmp_signed("<", s, ir.Constant(s.type, None))
+        return (absv, neg)
+
+    def dot(self, builder, acc, pairs, umax):
+        """acc (<V x i32>) + the 4-groups of a * b summed, over pairs [(prep(a), b <4V x i8>)]; exact for codes
+        <= umax and b within [-127, 127]."""
+        V = self.V
+        n8 = 4 * V
+        if self.kind in ("vnni", "sdot"):
+            for a, b in pairs:
+                if self.kind == "sdot":
+                    acc = _call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, [acc, a[0], b])
+                    continue
+                name = "llvm.x86.avx512.vpdpbusd.512" if V == 16 else "llvm.x86.avx512.vpdpbusd.256"
+                aa, bb = a[0], b
+                if not _VNNI_I8_OPERANDS:
+                    aa, bb = builder.bitcast(aa, vec(I32, V)), builder.bitcast(bb, vec(I32, V))
+                acc = _call(builder, name, acc.type, [acc, aa, bb])
+            return acc
+        if self.kind == "maddubs":
+            mb = "llvm.x86.avx512.pmaddubs.w.512" if V == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+            mw = "llvm.x86.avx512.pmaddw.d.512" if V == 16 else "llvm.x86.avx2.pmadd.wd"
+            t16 = vec(I16, 2 * V)
+            ones = const_vec(I16, 2 * V, 1)
+            signed = self.z_done(umax) == 128
+            bound = 2 * (128 if signed else umax) * 127
+            group = max(1, 32767 // max(1, bound))  # int16 pair sums that can be added before widening
+            for i in range(0, len(pairs), group):
+                s16 = None
+                for a, b in pairs[i:i + group]:
+                    if signed:  # |a - 128| times b with a's sign: vpsignb's trick, written portably
+                        b = builder.select(a[1], builder.sub(ir.Constant(b.type, None), b), b)
+                    p = _call(builder, mb, t16, [a[0], b])
+                    s16 = p if s16 is None else builder.add(s16, p)
+                acc = builder.add(acc, _call(builder, mw, acc.type, [s16, ones]))
+            return acc
+        # generic: widen, multiply, add the four products of each lane
+        w = vec(I32, n8)
+        for a, b in pairs:
+            aw = builder.zext(a[0], w)
+            p = builder.mul(aw, builder.sext(b, w))
+            for m in range(4):
+                acc = builder.add(acc, builder.shuffle_vector(p, ir.Constant(w, ir.Undefined),
+                                                              ir.Constant(vec(I32, V), [4 * l + m for l in range(V)])))
+        return acc
+
+
+# ---------------------------------------------------------------- f16 -> f32 (Numba has no float16 type)
+@intrinsic
+def half_to_float(typingctx, bits):
+    """The float32 value of IEEE half-precision bits (a uint16), as the hardware converts it (exact)."""
+    if not isinstance(bits, types.Integer):
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        h = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(h, F16), F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def round_to_half(typingctx, x):
+    """x (float32) rounded to the nearest IEEE half-precision value, as float32 (as ggml stores a block's scale)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+    sig = types.float32(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], F16), F32)
+
+    return sig, codegen
