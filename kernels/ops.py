@@ -11,9 +11,10 @@ import numpy as np
 from numba import njit
 
 _JIT = dict(cache=True, fastmath=True, nogil=True)
-# error_model="numpy" (a 0 divisor gives inf/NaN, no exception) only where a divisor can be 0 (rmsnorm with eps 0 on
-# a zero row): elsewhere it would let LLVM vectorize divisions behind run-time alias checks, so a row's result
-# would depend on where its buffers lie, and a batched decode would no longer equal single decodes bit for bit
+# error_model="numpy" (a 0 divisor gives inf/NaN, no exception) where a divisor can be 0 (rmsnorm with eps 0 on a
+# zero row; swiglu on garbage weights). It lets LLVM vectorize divisions, so a division must read and write one
+# array only: behind a run-time alias check (vector or scalar path, depending on where the buffers lie) a row's
+# result would depend on its buffers' addresses, and a batched decode would no longer equal single decodes bit for bit
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -141,7 +142,7 @@ def exp_inplace(x, n, kbuf):
     return x
 
 
-@njit(**_JIT)
+@njit(error_model="numpy", **_JIT)
 def swiglu(gate, up, out):
     # gate, up (T, n_ff) (views of one fused gate|up output are fine) -> out (T, n_ff) = silu(gate) * up;
     # out must not overlap gate or up (it holds exp(-gate) first)
@@ -153,8 +154,10 @@ def swiglu(gate, up, out):
         for i in range(n):
             e[i] = -gate[t, i]
         exp_inplace(e, n, kbuf)  # exp(-g)
+        for i in range(n):  # sigmoid(g), in place: one array, so the same machine code for every row
+            e[i] = np.float32(1.0) / (np.float32(1.0) + e[i])
         for i in range(n):
-            e[i] = gate[t, i] / (np.float32(1.0) + e[i]) * up[t, i]
+            e[i] = gate[t, i] * e[i] * up[t, i]
     return out
 
 
