@@ -19,7 +19,7 @@ from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
 from .checkpoint import FLOAT_DTYPES, ConversionError, HFCheckpoint, cfg_dict, cfg_str
 from .gguf_convert import Converter, decoder_shapes, register
-from .llama import HParams, read_hparams
+from .llama import HParams, read_hparams, write_decoder_parameters
 from .llama import check_tensors as check_llama_tensors
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,17 +108,7 @@ class BitNetConverter(Converter):
         self.layer_names = set(ckpt.tensor_names())
 
     def set_gguf_parameters(self, w):
-        h = self.h
-        w.add_block_count(self.n_layer)
-        w.add_context_length(h.n_ctx_train)
-        w.add_embedding_length(self.n_embd)
-        w.add_feed_forward_length(h.n_ff)
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_rope_freq_base(self.theta)
-        w.add_layer_norm_rms_eps(h.norm_eps)
-        w.add_rope_dimension_count(self.head_dim)
-        w.add_vocab_size(self.vocab_size())
+        write_decoder_parameters(w, self)
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)  # as llama.cpp's converter writes it
         w.add_rope_scaling_factor(1.0)
         w.add_string(HIDDEN_ACT_KEY, self.act)

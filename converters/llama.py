@@ -206,6 +206,22 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def write_decoder_parameters(w, c) -> None:
+    """The decoder's hyperparameters as llama.cpp reads them, for a converter `c` of a Llama-shaped model (Llama,
+    BitNet): blocks, context, widths, heads, rope base and dimensions, norm epsilon, vocabulary size."""
+    h = c.h
+    w.add_block_count(c.n_layer)
+    w.add_context_length(h.n_ctx_train)
+    w.add_embedding_length(c.n_embd)
+    w.add_feed_forward_length(h.n_ff)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_head_kv)
+    w.add_rope_freq_base(c.theta)
+    w.add_layer_norm_rms_eps(h.norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size())
+
+
 @register("LlamaForCausalLM")
 class LlamaConverter(Converter):
     arch = gguf.MODEL_ARCH.LLAMA
@@ -221,17 +237,7 @@ class LlamaConverter(Converter):
         self.rope_freqs = llama3_factors(ckpt, h)
 
     def set_gguf_parameters(self, w):
-        h = self.h
-        w.add_block_count(self.n_layer)
-        w.add_context_length(h.n_ctx_train)
-        w.add_embedding_length(self.n_embd)
-        w.add_feed_forward_length(h.n_ff)
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head_kv)
-        w.add_rope_freq_base(self.theta)
-        w.add_layer_norm_rms_eps(h.norm_eps)
-        w.add_rope_dimension_count(self.head_dim)
-        w.add_vocab_size(self.vocab_size())
+        write_decoder_parameters(w, self)
         if self.head_dim != self.n_embd // self.n_head:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
