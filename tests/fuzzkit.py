@@ -327,6 +327,16 @@ def tally(results: list[tuple]) -> dict[str, int]:
     return out
 
 
+def assert_contained(mutations: list, results: list[tuple], show=repr) -> dict[str, int]:
+    """Every mutation either worked ("ok") or raised edgellm's error with a one-line message; the tally."""
+    bad = [(m, r) for m, r in zip(mutations, results) if r[0] not in ("ok", "error")]
+    assert not bad, f"{len(bad)} mutations escaped: " + "\n".join(f"{show(m)}: {r[:3]}" for m, r in bad[:8]) + \
+        ("\n" + bad[0][1][3] if bad[0][1][0] == "other" else "")
+    multiline = [r[1] for r in results if r[0] == "error" and "\n" in r[1]]
+    assert not multiline, multiline[:3]
+    return tally(results)
+
+
 # ---------------------------------------------------------------------------- jobs run in the workers
 IDS = [5, 250, 42]  # token ids whose logits are compared (all < every vocabulary here; three tokens stay on the
 # decode kernels: longer prompts take the prefill path, ~100x slower for these tiny shapes)

@@ -81,12 +81,7 @@ def pool(files):
 def run_and_check(pool, path, muts):
     t0 = time.time()
     res = pool.run([("fuzzkit:gguf_bytes_mutant", (str(path), m)) for m in muts])
-    bad = [(m, r) for m, r in zip(muts, res) if r[0] not in ("ok", "error")]
-    assert not bad, f"{len(bad)} mutations escaped: " + "\n".join(f"{m!r}: {r[:3]}" for m, r in bad[:8]) + \
-        ("\n" + bad[0][1][3] if bad[0][1][0] == "other" else "")
-    multiline = [r[1] for r in res if r[0] == "error" and "\n" in r[1]]
-    assert not multiline, multiline[:3]
-    t = fuzzkit.tally(res)
+    t = fuzzkit.assert_contained(muts, res)
     print(f"{path.name}: {len(muts)} mutations in {time.time() - t0:.1f} s: {t.get('ok', 0)} loaded and ran, "
           f"{t.get('error', 0)} clear errors")
     return t

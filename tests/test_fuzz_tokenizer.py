@@ -156,13 +156,7 @@ def pool(model_file):
 def run_and_check(pool, src, changes: list[dict], what: str):
     t0 = time.time()
     res = pool.run([("fuzzkit:gguf_meta_mutant", (str(src), ch)) for ch in changes])
-    bad = [(ch, r) for ch, r in zip(changes, res) if r[0] not in ("ok", "error")]
-    short = lambda ch: {k: (repr(v)[:80]) for k, v in ch.items()}  # noqa: E731
-    assert not bad, f"{len(bad)} mutations escaped: " + "\n".join(f"{short(c)}: {r[:3]}" for c, r in bad[:8]) + \
-        ("\n" + bad[0][1][3] if bad[0][1][0] == "other" else "")
-    multiline = [r[1] for r in res if r[0] == "error" and "\n" in r[1]]
-    assert not multiline, multiline[:3]
-    t = fuzzkit.tally(res)
+    t = fuzzkit.assert_contained(changes, res, show=lambda ch: {k: repr(v)[:80] for k, v in ch.items()})
     print(f"{what}: {len(changes)} mutations in {time.time() - t0:.1f} s: {t.get('ok', 0)} loaded and ran, "
           f"{t.get('error', 0)} clear errors")
     return res

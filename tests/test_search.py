@@ -14,6 +14,7 @@ from edgellm.runtime import tasks
 from edgellm.runtime.prm import FunctionPRM, VerifierPRM, make_prm
 from edgellm.runtime.search import STRATEGIES, Searcher, search
 from edgellm.runtime.errors import EdgeLLMError
+from engine_probe import instrument
 
 PROMPT = "What is 3 + 4? Answer in one short sentence."
 
@@ -67,22 +68,6 @@ def test_verifier_scores_steps():
 
 
 # --------------------------------------------------------------------------- helpers
-def _instrument(engine, monkeypatch):
-    """Count every token the policy runs, per call, independently of the search's own accounting."""
-    calls = []
-    prefill, decode_batch = engine.prefill, engine.decode_batch
-
-    def p(tokens, cache=None, *a, **kw):
-        calls.append(("prefill", len(tokens)))
-        return prefill(tokens, cache, *a, **kw)
-
-    def d(tokens, caches):
-        calls.append(("decode_batch", len(tokens)))
-        return decode_batch(tokens, caches)
-
-    monkeypatch.setattr(engine, "prefill", p)
-    monkeypatch.setattr(engine, "decode_batch", d)
-    return calls
 
 
 def _run(engine, strategy, budget, k, seed, prm="self", prm_budget=None, **kw):
@@ -139,7 +124,7 @@ def test_prm_budget_is_hard(engine):
 
 # --------------------------------------------------------------------------- prefix sharing
 def test_shared_prefixes_are_never_recomputed(engine, monkeypatch):
-    calls = _instrument(engine, monkeypatch)
+    calls = instrument(engine, monkeypatch)
     # a tree several levels deep, so prefixes really are shared: the first seed whose search expands 3 states or
     # more (where a search stops depends on the model's last bits: int8 or f32 activations, the machine)
     for seed in range(5, 15):

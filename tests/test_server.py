@@ -23,6 +23,7 @@ from edgellm.runtime.sampling import SamplerSettings
 from edgellm.runtime.scheduler import Delta, GenParams, Request, RequestEnd, RequestError, Scheduler
 from edgellm.runtime.server import build, start_in_thread
 
+from engine_probe import instrument
 from tiny_models import ARCHS, write_tiny, write_tiny_llama
 
 openai = pytest.importorskip("openai")
@@ -119,24 +120,6 @@ def wait_until(pred, what: str, timeout: float = 300.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-def instrument(engine, monkeypatch):
-    """Record every prefill (its token count) and decode_batch (its rows) the engine runs."""
-    calls = []
-    prefill, decode_batch = engine.prefill, engine.decode_batch
-
-    def p(tokens, cache=None, *a, **kw):
-        calls.append(("prefill", len(tokens)))
-        return prefill(tokens, cache, *a, **kw)
-
-    def d(tokens, caches):
-        calls.append(("decode_batch", len(tokens)))
-        return decode_batch(tokens, caches)
-
-    monkeypatch.setattr(engine, "prefill", p)
-    monkeypatch.setattr(engine, "decode_batch", d)
-    return calls
 
 
 def user(p):
