@@ -93,78 +93,66 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
 
 
 # ================================================================ decode: one query per head, on the cache directly
-@njit(parallel=True, **_JIT)
-def attention_decode(q, kv, n, scale, dstate, out):
-    # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd), over one layer's cache
-    # kv = (kd, ks, vd, vs, tbl, rot_k, rot_v): K and V data / block scales in a kv_store.py format, the f16 table, and
-    # whether the cache holds Hadamard-rotated keys / values (q is rotated alike, the output rotated back).
-    # dstate = (delta, window, qhat, srow, theta, skipped, total): delta attention (kernels/delta.py) when delta is
-    # True: update q̂ (H, hd) and the score rows srow (H, n_ctx) with the threshold of each head and dimension
-    # theta (H, hd) f32 and a window of exact keys; add the outside-window multiply-adds skipped / possible per head to
-    # skipped, total (H,) f64. Dense: delta False (the rest unused).
-    # Work is split over (kv head, token range) pairs, combined flash-decoding style.
-    kd, ks, vd, vs, tbl, rot_k, rot_v = kv
-    delta, window, qhat, srow, theta, skipped, total = dstate
-    H, D = q.shape
-    if rot_k:
-        q = fwht_rows(q.copy())
-    Hkv = kd.shape[0]
-    G = H // Hkv
-    n_old = max(0, n - window) if delta else 0
-    nzi = np.empty((H, D), dtype=np.int64)  # the entries of d per head that are used: indices, values, count
-    nzc = np.empty((H, D), dtype=np.float32)
-    nnz = np.zeros(H, dtype=np.int64)
-    need = np.zeros((Hkv, D), dtype=np.bool_)
-    if delta:
-        delta_step(q, qhat, theta, need, nzi, nzc, nnz)
-        for h in range(H):
-            skipped[h] += n_old * (D - nnz[h])
-            total[h] += n_old * D
-    # token ranges of about TJ tokens, but at least 4 work items when that leaves each 256 tokens or more
+@njit(**_JIT)
+def split_tokens(n, Hkv):
+    # -> (S, L): n tokens in S ranges of L (a multiple of 64) for each kv head: ranges of about TJ tokens, but at
+    # least 4 work items when that leaves each 256 tokens or more
     S = max((n + TJ - 1) // TJ, min((n + 255) // 256, (Hkv + 3) // Hkv))
     L = ((n + S - 1) // S + 63) // 64 * 64
-    S = (n + L - 1) // L
-    m_part = np.full((Hkv * S, G), -np.inf, dtype=np.float32)
-    l_part = np.zeros((Hkv * S, G), dtype=np.float32)
-    o_part = np.zeros((Hkv * S, G, D), dtype=np.float32)
-    for w in prange(Hkv * S):
-        kh = w // S
-        j0 = (w % S) * L
-        j1 = min(n, j0 + L)
-        buf = tile_buf(kd, vd, D, min(TJ, L))
-        sc = np.zeros((G, L), dtype=np.float32)
-        kbuf = np.empty(L, dtype=np.int32)
-        for t0 in range(j0, j1, TJ):
-            t1 = min(j1, t0 + TJ)
-            a = min(t1, n_old)
-            if a > t0:  # keys outside the window: s += d . k over the non-zero d_i only
-                src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
-                axpy_rows_gi(srow, kh * G, G, t0, src, off, a - t0, nzi, nzc, nnz[kh * G])
+    return (n + L - 1) // L, L
+
+
+@njit(**_JIT)
+def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow, nzi, nzc, nnz, scale, m_part,
+                l_part, o_part):
+    # one work item of a decode: the keys j0 .. j1 - 1 (j1 - j0 <= L) of kv head kh for its G = m_part.shape[0]
+    # query heads -> the running max m_part (G,), the sum of exponentials l_part (G,) and the unnormalised output
+    # o_part (G, hd) (zeroed by the caller), combined over the items by `combine`. Keys before n_old (delta only)
+    # are scored through the score rows srow (H, n_ctx), updated from the non-zero d entries nzi, nzc, nnz; the rest
+    # exactly (and written to srow when delta).
+    D = q.shape[1]
+    G = m_part.shape[0]
+    buf = tile_buf(kd, vd, D, min(TJ, L))
+    sc = np.zeros((G, L), dtype=np.float32)
+    kbuf = np.empty(L, dtype=np.int32)
+    for t0 in range(j0, j1, TJ):
+        t1 = min(j1, t0 + TJ)
+        a = min(t1, n_old)
+        if a > t0:  # keys outside the window: s += d . k over the non-zero d_i only
+            src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
+            axpy_rows_gi(srow, kh * G, G, t0, src, off, a - t0, nzi, nzc, nnz[kh * G])
+            for g in range(G):
+                h = kh * G + g
+                for j in range(t0, a):
+                    sc[g, j - j0] = srow[h, j]
+        b = max(t0, n_old)
+        if t1 > b:  # the window (dense: everything): exact scores
+            src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
+            axpy_rows_g(sc, b - j0, src, off, t1 - b, q, kh * G, G)
+            if delta:
                 for g in range(G):
                     h = kh * G + g
-                    for j in range(t0, a):
-                        sc[g, j - j0] = srow[h, j]
-            b = max(t0, n_old)
-            if t1 > b:  # the window (dense: everything): exact scores
-                src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
-                axpy_rows_g(sc, b - j0, src, off, t1 - b, q, kh * G, G)
-                if delta:
-                    for g in range(G):
-                        h = kh * G + g
-                        for j in range(b, t1):
-                            srow[h, j] = sc[g, j - j0]
-        nj = j1 - j0
-        for g in range(G):
-            m = np.float32(-np.inf)
-            for j in range(nj):
-                m = max(m, sc[g, j])
-            m *= scale
-            m_part[w, g] = m
-            l_part[w, g] = exp_sum(sc[g], nj, scale, m, kbuf)
-        for t0 in range(j0, j1, TJ):
-            t1 = min(j1, t0 + TJ)
-            src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
-            dot_rows_g(sc, t0 - j0, src, off, t1 - t0, o_part[w], G)
+                    for j in range(b, t1):
+                        srow[h, j] = sc[g, j - j0]
+    nj = j1 - j0
+    for g in range(G):
+        m = np.float32(-np.inf)
+        for j in range(nj):
+            m = max(m, sc[g, j])
+        m *= scale
+        m_part[g] = m
+        l_part[g] = exp_sum(sc[g], nj, scale, m, kbuf)
+    for t0 in range(j0, j1, TJ):
+        t1 = min(j1, t0 + TJ)
+        src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
+        dot_rows_g(sc, t0 - j0, src, off, t1 - t0, o_part, G)
+
+
+@njit(**_JIT)
+def combine(m_part, l_part, o_part, S, out):
+    # the partials (Hkv * S, G[, hd]) of the S token ranges of each kv head (decode_item) -> out (H, hd) (flash-decoding)
+    H, D = out.shape
+    G = m_part.shape[1]
     for h in range(H):
         kh = h // G
         g = h % G
@@ -182,6 +170,44 @@ def attention_decode(q, kv, n, scale, dstate, out):
         inv = np.float32(1.0) / tot
         for i in range(D):
             out[h, i] *= inv
+
+
+@njit(parallel=True, **_JIT)
+def attention_decode(q, kv, n, scale, dstate, out):
+    # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd), over one layer's cache
+    # kv = (kd, ks, vd, vs, tbl, rot_k, rot_v): K and V data / block scales in a kv_store.py format, the f16 table, and
+    # whether the cache holds Hadamard-rotated keys / values (q is rotated alike, the output rotated back).
+    # dstate = (delta, window, qhat, srow, theta, skipped, total): delta attention (kernels/delta.py) when delta is
+    # True: update q̂ (H, hd) and the score rows srow (H, n_ctx) with the threshold of each head and dimension
+    # theta (H, hd) f32 and a window of exact keys; add the outside-window multiply-adds skipped / possible per head to
+    # skipped, total (H,) f64. Dense: delta False (the rest unused).
+    # Work is split over (kv head, token range) pairs (decode_item), combined flash-decoding style (combine).
+    kd, ks, vd, vs, tbl, rot_k, rot_v = kv
+    delta, window, qhat, srow, theta, skipped, total = dstate
+    H, D = q.shape
+    if rot_k:
+        q = fwht_rows(q.copy())
+    Hkv = kd.shape[0]
+    G = H // Hkv
+    n_old = max(0, n - window) if delta else 0
+    nzi = np.empty((H, D), dtype=np.int64)  # the entries of d per head that are used: indices, values, count
+    nzc = np.empty((H, D), dtype=np.float32)
+    nnz = np.zeros(H, dtype=np.int64)
+    need = np.zeros((Hkv, D), dtype=np.bool_)
+    if delta:
+        delta_step(q, qhat, theta, need, nzi, nzc, nnz)
+        for h in range(H):
+            skipped[h] += n_old * (D - nnz[h])
+            total[h] += n_old * D
+    S, L = split_tokens(n, Hkv)
+    m_part = np.empty((Hkv * S, G), dtype=np.float32)
+    l_part = np.empty((Hkv * S, G), dtype=np.float32)
+    o_part = np.zeros((Hkv * S, G, D), dtype=np.float32)
+    for w in prange(Hkv * S):
+        j0 = (w % S) * L
+        decode_item(q, kd, ks, vd, vs, tbl, w // S, j0, min(n, j0 + L), L, n_old, delta, need, srow, nzi, nzc, nnz,
+                    scale, m_part[w], l_part[w], o_part[w])
+    combine(m_part, l_part, o_part, S, out)
     if rot_v:
         fwht_rows(out)
     return out

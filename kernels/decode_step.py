@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import ops
-from .attention import attention_decode
+from .attention import combine, decode_item, split_tokens
 from .igemm import QK8, _NO_SCALE, _gemm, quantize_absmax_row, quantize_q8_row
-from .kv_store import store_kv
+from .kv_store import fwht_rows, store_kv
 from .q8act import dequantize_rows
 
 # per cache and layer, the data addresses in the `addr` array (B, N_ADDR, n_layer)
@@ -119,6 +119,15 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
     k_blocks, v_blocks = kv[0] in ("q8_0", "q4_0"), kv[1] in ("q8_0", "q4_0")
     ternary = fmt == "tq2"  # (closure constants: the branches they decide are pruned at compile time)
 
+    @njit(inline="always", nogil=True, error_model="numpy")
+    def _layer_cache(addr, b, li, Hkv, hd, nc):
+        # sequence b's K and V data and block scales of layer li, from their addresses -> (kd, ks, vd, vs)
+        kd = numba.carray(_ptr(addr[b, K_DATA, li], KT), (Hkv, hd // 2 if k_half else hd, nc))
+        vd = numba.carray(_ptr(addr[b, V_DATA, li], VT), (Hkv, hd // 2 if v_half else hd, nc))
+        ks = numba.carray(_ptr(addr[b, K_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if k_blocks else (Hkv, 0, 1))
+        vs = numba.carray(_ptr(addr[b, V_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if v_blocks else (Hkv, 0, 1))
+        return kd, ks, vd, vs
+
     @njit(**_STEP_JIT)
     def step(tokens, pos, emb_W, attn_norm, ffn_norm, wtab, widths, attn_sub, ffn_sub, out_norm, head_W, cos, sin,
              rope_dim, head_dim, eps, scale, addr, n_ctx, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
@@ -137,7 +146,12 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
         dequantize_rows(emb_W, nib, zero, has_min, code_bytes, tokens, x)
         rot_k, rot_v, center_k, center_v = flags[0], flags[1], flags[2], flags[3]
         dummy = np.zeros((1, 1), dtype=np.float32)
-        dummy64 = np.zeros(1, dtype=np.float64)
+        qr = np.empty(q.shape, dtype=np.float32)           # the queries as attention takes them (rotated with rot_k)
+        split = np.empty((B, 2), dtype=np.int64)           # each sequence's token ranges: (S, L) (split_tokens)
+        item0 = np.zeros(B + 1, dtype=np.int64)            # its first work item
+        no_need = np.zeros((q.shape[1], hd), dtype=np.bool_)  # (delta attention's arguments, unused)
+        no_nzi = np.zeros((1, 1), dtype=np.int64)
+        no_nnz = np.zeros(1, dtype=np.int64)
         for li in range(L):
             H, Hkv, n_ff = widths[li, 0], widths[li, 1], widths[li, 2]
             Wqkv, rs_qkv = _matrix(wtab, li, QKV)
@@ -165,14 +179,11 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
                         vh[b, j, i] = qkv[b, (H + Hkv + j) * hd + i]
             ops.rope_inplace(qh, pos, cos, sin, rope_dim)
             ops.rope_inplace(kh, pos, cos, sin, rope_dim)
+            # store each sequence's k, v; then attention for all B sequences in one parallel loop whose work items
+            # are (sequence, kv head, token range), as attention_decode splits one sequence (same items, same sums)
+            G = H // Hkv
             for b in range(B):
-                nc = n_ctx[b]
-                kd = numba.carray(_ptr(addr[b, K_DATA, li], KT), (Hkv, hd // 2 if k_half else hd, nc))
-                vd = numba.carray(_ptr(addr[b, V_DATA, li], VT), (Hkv, hd // 2 if v_half else hd, nc))
-                ks = numba.carray(_ptr(addr[b, K_SCALES, li], np.uint16),
-                                  (Hkv, hd // 32, nc) if k_blocks else (Hkv, 0, 1))
-                vs = numba.carray(_ptr(addr[b, V_SCALES, li], np.uint16),
-                                  (Hkv, hd // 32, nc) if v_blocks else (Hkv, 0, 1))
+                kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b])
                 km = numba.carray(_ptr(addr[b, K_MEAN, li], np.float32), (Hkv, hd))
                 vm = numba.carray(_ptr(addr[b, V_MEAN, li], np.float32), (Hkv, hd))
                 kb = kh[b:b + 1]
@@ -186,11 +197,36 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
                         for i in range(hd):
                             vb[0, j, i] -= vm[j, i]
                 store_kv(kd, ks, vd, vs, kb, vb, pos[b], rot_k, rot_v)
+                for j in range(H):
+                    for i in range(hd):
+                        qr[b, j, i] = qh[b, j, i]
+                if rot_k:
+                    fwht_rows(qr[b, :H])
+                S_b, L_b = split_tokens(pos[b] + 1, Hkv)
+                split[b, 0], split[b, 1] = S_b, L_b
+                item0[b + 1] = item0[b] + Hkv * S_b
+            W = item0[B]
+            m_part = np.empty((W, G), dtype=np.float32)
+            l_part = np.empty((W, G), dtype=np.float32)
+            o_part = np.zeros((W, G, hd), dtype=np.float32)
+            for w in prange(W):
+                bw = 0
+                while item0[bw + 1] <= w:
+                    bw += 1
+                Sw, Lw = split[bw, 0], split[bw, 1]
+                r = w - item0[bw]
+                j0 = (r % Sw) * Lw
+                kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, n_ctx[bw])
+                decode_item(qr[bw, :H], kdw, ksw, vdw, vsw, tbl, r // Sw, j0, min(pos[bw] + 1, j0 + Lw), Lw, 0, False,
+                            no_need, dummy, no_nzi, dummy, no_nnz, scale, m_part[w], l_part[w], o_part[w])
+            for b in range(B):
                 ob = a[b].reshape(H, hd)
-                attention_decode(np.ascontiguousarray(qh[b]), (kd, ks, vd, vs, tbl, rot_k, rot_v), pos[b] + 1, scale,
-                                 (False, 1, dummy, dummy, dummy, dummy64, dummy64), ob)
+                w0, w1 = item0[b], item0[b + 1]
+                combine(m_part[w0:w1], l_part[w0:w1], o_part[w0:w1], split[b, 0], ob)
+                if rot_v:
+                    fwht_rows(ob)
                 if center_v:
-                    G = H // Hkv
+                    vm = numba.carray(_ptr(addr[b, V_MEAN, li], np.float32), (Hkv, hd))
                     for j in range(H):
                         for i in range(hd):
                             ob[j, i] += vm[j // G, i]
