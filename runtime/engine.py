@@ -9,8 +9,8 @@ import numpy as np
 
 from ..models import ARCHITECTURES
 from ..models.config import ConfigError, ModelConfig
-from .backend import (DEFAULT_SPARSITY, DEFAULT_WINDOW, EngineBase, EngineOptions, physical_cores,  # noqa: F401
-                      set_threads, use_threads)
+from .backend import (DEFAULT_SPARSITY, DEFAULT_WINDOW, EngineBase, EngineOptions, blas_threads,  # noqa: F401
+                      physical_cores, set_threads, use_threads)
 from .caches import build_cache, bytes_per_token, check_options
 from .contracts import Backend, Cache
 from .errors import ArgumentError, GGUFError, UnsupportedError
@@ -154,11 +154,12 @@ class Engine(EngineBase):
                 and self.fast.accepts([c for c, _ in seqs]):
             run = self._fast_step
         prev = numba.get_num_threads()
-        if prev == self.threads:
-            return run(tokens, seqs, logits)
         numba.set_num_threads(self.threads)
         try:
-            return run(tokens, seqs, logits)
+            if run == self._fast_step:  # (no BLAS in it)
+                return run(tokens, seqs, logits)
+            with blas_threads(1):
+                return run(tokens, seqs, logits)
         finally:
             numba.set_num_threads(prev)
 

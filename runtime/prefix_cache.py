@@ -2,9 +2,10 @@
 that a request whose prompt starts with those tokens (a conversation re-sent with one more turn, the same system
 prompt) pays only for the tokens after the common prefix.
 
-An entry is never handed out itself: `lookup` forks it (`Cache.fork()`) and truncates the fork to the common prefix
-(`Cache.truncate(n)`, when `Cache.can_truncate(n)`: a recurrent state can only be reused whole), so entries stay
-valid for the next request. The entries are bounded in number and in bytes, each charged for its whole context
+`lookup` forks the entry it reuses (`Cache.fork()`) and truncates the fork to the common prefix (`Cache.truncate(n)`,
+when `Cache.can_truncate(n)`: a recurrent state can only be reused whole), so that the entry stays valid for the
+next request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed
+out itself, without a copy: the request's own cache will hold all of it and more, and replace it when it ends. The entries are bounded in number and in bytes, each charged for its whole context
 (`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache allocates its context up front (lazily), and how its rows lie in
 memory is its own business, so the pages a short entry keeps resident can be many more than its tokens' bytes; the
 whole context is the bound that holds. Only the scheduler thread uses it (no locking).
@@ -57,7 +58,7 @@ class PrefixCache:
     def lookup(self, tokens) -> tuple[object | None, int]:
         """A cache holding the longest prefix of `tokens` found (at most len(tokens) - 1 tokens, so that at least
         one token is left to run for the next logits) and that prefix's length; (None, 0) when nothing is reusable.
-        The cache returned is the caller's (a fork of the entry)."""
+        The cache returned is the caller's (a fork of the entry, or the entry itself, then no longer kept)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         limit = len(tokens) - 1
         best, best_k = None, 0
@@ -68,9 +69,15 @@ class PrefixCache:
         if best is None:
             self.misses += 1
             return None, 0
-        self._entries.move_to_end(best)
-        cache = self._entries[best].cache.fork()
-        if best_k < cache.n:
+        e = self._entries[best]
+        if best_k == len(e.tokens):
+            # the whole entry is a prefix of these tokens (a conversation re-sent with one more turn): it is handed
+            # out itself, no copy; the cache of this request, which will hold all of it and more, replaces it
+            self._drop(best)
+            cache = e.cache
+        else:
+            self._entries.move_to_end(best)
+            cache = e.cache.fork()
             cache.truncate(best_k)
         self.hits += 1
         self.tokens_reused += best_k

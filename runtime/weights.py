@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
@@ -12,6 +13,7 @@ from ..kernels import q8act
 from ..kernels import simd
 from ..kernels import ternary as tern
 from ..kernels import ternary_i2
+from .backend import blas_threads
 from .errors import EdgeLLMError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 
@@ -63,6 +65,9 @@ class QMatrix:
             if X.shape[1] != self.cols:
                 raise ValueError(f"{self.name}: input {X.shape} does not fit ({self.rows}, {self.cols})")
             igemm.matmul_x(self.isa, self.fmt, self.W, X, out)
+        elif X.shape[0] > mv.BATCH_MAX:  # dequantized tiles + BLAS: BLAS on the engine's threads for the call
+            with blas_threads(numba.get_num_threads()):
+                mv.matmul(self.qtype, self.packed, X, out)
         else:
             mv.matmul(self.qtype, self.packed, X, out)
         return out

@@ -385,12 +385,16 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
         eng.prefill(tokens, c)
         return c
     a = list(range(10, 20))
-    assert pc.insert(a, filled(a)) and pc.nbytes == entry
-    c, k = pc.lookup(a + [1, 2])
-    assert k == 10 and c.n == 10
+    ca = filled(a)
+    assert pc.insert(a, ca) and pc.nbytes == entry
+    c, k = pc.lookup(a + [1, 2])  # all of the entry is a prefix: the entry itself is handed out (no copy)...
+    assert k == 10 and c is ca and len(pc) == 0 and pc.nbytes == 0
+    assert pc.lookup(a + [1, 2]) == (None, 0)  # ... and is no longer kept
+    assert pc.insert(a, ca)
     c, k = pc.lookup(a[:4] + [99])  # truncated fork: the entry itself stays whole
-    assert k == 4 and c.n == 4 and pc.lookup(a + [5])[1] == 10
-    assert pc.lookup(a)[1] == 9  # at least one token is left to run
+    assert c is not ca and k == 4 and c.n == 4 and ca.n == 10
+    assert pc.lookup(a)[1] == 9  # at least one token is left to run (a truncated fork too)
+    assert pc.lookup(a + [5]) == (ca, 10) and pc.insert(a, ca)
     assert pc.lookup([1, 2, 3]) == (None, 0)
     b = a + [21, 22]
     pc.insert(b, filled(b))  # covers a: a is dropped
@@ -398,7 +402,7 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     assert not pc.insert(a, filled(a))  # already held by b
     d, e = list(range(50, 65)), list(range(70, 75))
     pc.insert(d, filled(d))
-    pc.lookup(b + [1])  # b is now more recently used than d
+    pc.lookup(b)  # b is now more recently used than d (a truncated fork: b stays)
     pc.insert(e, filled(e))  # three entries do not fit: the least recently used (d) goes
     assert len(pc) == 2 and pc.nbytes == 2 * entry
     assert pc.lookup(d + [1])[1] == 0 and pc.lookup(b + [1])[1] == 12 and pc.lookup(e + [1])[1] == 5
