@@ -538,19 +538,17 @@ def convert(src: str = typer.Argument(..., help="A local Hugging Face checkpoint
     if fmt == "onnx":
         if outtype is not None:
             _err("--outtype is for --format gguf (ONNX takes --dtype fp32|int4)")
-        from .converters.onnx_export import convert_to_onnx
-        with progress_bar("convert", "steps") as update:
-            path = convert_to_onnx(src, out, dtype=dtype or "fp32", force=force,
-                                   progress=lambda i, n, name: update(i, n))
+        from .converters.onnx_export import convert_to_onnx as convert
+        unit, options = "steps", dict(dtype=dtype or "fp32")
     elif fmt == "gguf":
         if dtype is not None:
             _err("--dtype is for --format onnx (GGUF takes --outtype)")
-        from .converters import convert_to_gguf
-        with progress_bar("convert", "tensors") as update:
-            path = convert_to_gguf(src, out, outtype=outtype or "f16", force=force,
-                                   progress=lambda i, n, name: update(i, n))
+        from .converters import convert_to_gguf as convert
+        unit, options = "tensors", dict(outtype=outtype or "f16")
     else:
         _err(f"unknown --format {fmt!r} (choose gguf or onnx)")
+    with progress_bar("convert", unit) as update:
+        path = convert(src, out, force=force, progress=lambda i, n, name: update(i, n), **options)
     print(path)
 
 

@@ -19,11 +19,43 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.cache_base import RecurrentState
 from ..runtime.engine import Engine
 
 
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "shakespeare_60k.txt"
+
+
+def variant_parser(doc: str, variant: str, gen: int) -> argparse.ArgumentParser:
+    """The options a variant-against-original benchmark shares (this file, bench/mla.py): the two GGUF paths
+    (`variant` names the first), the depths, tokens and rounds per point, the text, threads, perplexity windows,
+    the output folder and how the cache reaches the depth."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument(variant)
+    ap.add_argument("original")
+    ap.add_argument("--depths", default="0,4096")
+    ap.add_argument("--gen", type=int, default=gen)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--text", default=str(TEXT))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-windows", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--fill", choices=["prefill", "skip"], default="prefill",
+                    help="how the cache reaches the depth: a real prefill of the text, or (for large models, where only "
+                         "speed is measured) by setting its length (zero cache rows; a linear state stays empty)")
+    return ap
+
+
+def save_results(out, name: str, res: dict, lines: list[str]) -> None:
+    """res -> OUT/name.json, the table `lines` -> OUT/name.md (the folder made if needed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def _cache_bytes(eng, cache) -> int:
-    if hasattr(cache, "state_nbytes"):
+    if isinstance(cache, RecurrentState):  # constant in the depth
         return int(cache.state_nbytes)
     return int(eng.kv_bytes_per_token * cache.n)
 
@@ -86,28 +118,13 @@ def run(linear, original, depths, n_gen, rounds, text, out, threads, ppl_windows
     if ppl:
         lines += ["", "| model | perplexity (edgellm) |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ppl.items()]
     if out:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "linear.json").write_text(json.dumps(res, indent=1))
-        (out / "linear.md").write_text("\n".join(lines) + "\n")
+        save_results(out, "linear", res, lines)
     print("\n".join(lines))
     return res
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("linear")
-    ap.add_argument("original")
-    ap.add_argument("--depths", default="0,4096")
-    ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "shakespeare_60k.txt"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ppl-windows", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--fill", choices=["prefill", "skip"], default="prefill",
-                    help="how the cache reaches the depth: a real prefill of the text, or (for large models, where only "
-                         "speed is measured) by setting its length (zero K/V rows; the linear state stays empty)")
+    ap = variant_parser(__doc__, "linear", gen=32)
     a = ap.parse_args(argv)
     run(a.linear, a.original, [int(x) for x in a.depths.split(",")], a.gen, a.rounds, a.text, a.out, a.threads,
         a.ppl_windows, a.fill)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..runtime.memory import proc_status_bytes
 from .backends import open_backend
 
 Progress = Callable[[int, int, str], None]  # (steps done, steps in all, what runs now)
@@ -76,13 +77,9 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

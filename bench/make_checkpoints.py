@@ -57,13 +57,12 @@ def save_tokenizer(out: Path, gguf_path: str | None = None) -> None:
     tok.save_pretrained(str(out))
 
 
-def pack_ternary(t):
-    """transformers' BitNet packing of a ternary (out, in) tensor: uint8 (out/4, in), code t+1 of row i*out/4 + r
-    in bits 2i..2i+1 of row r."""
-    import torch
-    q = (t + 1).to(torch.uint8)
+def pack_ternary(t: np.ndarray) -> np.ndarray:
+    """transformers' BitNet packing of a ternary (out, in) array (values -1, 0, 1): uint8 (out/4, in), code t+1 of
+    row i*out/4 + r in bits 2i..2i+1 of row r."""
+    q = (np.asarray(t) + 1).astype(np.uint8)
     R = q.shape[0] // 4
-    packed = torch.zeros((R, q.shape[1]), dtype=torch.uint8)
+    packed = np.zeros((R, q.shape[1]), dtype=np.uint8)
     for i in range(4):
         packed |= q[i * R:(i + 1) * R] << (2 * i)
     return packed
@@ -111,7 +110,7 @@ def make(out: str | Path, model: str, seed: int = 0, dtype: str | None = None, t
             if bitnet and name.split(".")[-2] in PROJ:
                 s = p.abs().mean().clamp(min=1e-5)
                 t = (p / s).round().clamp(-1, 1)
-                sd[name] = pack_ternary(t)
+                sd[name] = torch.from_numpy(pack_ternary(t.to(torch.int8).numpy()))
                 # transformers' BitLinear divides its output by weight_scale
                 sd[name[: -len("weight")] + "weight_scale"] = (1.0 / s).reshape(1).to(torch_dtype)
             else:

@@ -10,16 +10,12 @@ in rounds (the machine is shared: compare within one run).
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..runtime.engine import Engine
-from .linear import _ppl
-
-TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "shakespeare_60k.txt"
+from .linear import _ppl, save_results, variant_parser
 
 
 def decode_speed(engs: dict, toks, depths, n_gen, rounds, fill):
@@ -66,18 +62,8 @@ def llama_check(path, toks, n: int, threads: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mla")
-    ap.add_argument("original")
-    ap.add_argument("--depths", default="0,4096")
-    ap.add_argument("--gen", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--fill", choices=["prefill", "skip"], default="prefill")
+    ap = variant_parser(__doc__, "mla", gen=16)
     ap.add_argument("--llama-check", type=int, default=0, help="tokens of the logits check against llama.cpp")
-    ap.add_argument("--ppl-windows", type=int, default=0)
-    ap.add_argument("--text", default=str(TEXT))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     depths = [int(x) for x in a.depths.split(",")]
     n_ctx = max(depths) + a.gen + 16
@@ -98,10 +84,7 @@ def main(argv=None):
     lines += [f"| {r['model']} | {r['depth']} | {r['tok_s']:.1f} | {r['kv_bytes_per_token']:,} |" for r in res["rows"]]
     print("\n".join(lines))
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "mla.json").write_text(json.dumps(res, indent=1))
-        (out / "mla.md").write_text("\n".join(lines) + "\n")
+        save_results(a.out, "mla", res, lines)
     return res
 
 

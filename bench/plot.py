@@ -17,6 +17,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """A finished figure -> the PNG at path (120 dpi), the figure closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_depth_sweep(rows: list[BenchRow], path, title: str = "") -> Path:
     """tok/s against context depth, one line per backend, prompt processing and generation side by side."""
     plt = _plt()
@@ -37,10 +45,7 @@ def plot_depth_sweep(rows: list[BenchRow], path, title: str = "") -> Path:
             ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_bars(rows: list[BenchRow], path, title: str = "") -> Path:
@@ -61,7 +66,4 @@ def plot_bars(rows: list[BenchRow], path, title: str = "") -> Path:
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -13,6 +13,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
+from ..runtime.dirs import atomic_output
 from .checkpoint import ConversionError, HFCheckpoint, check_conversion
 from .quantize import quantize_gguf
 from .tokenizer import add_tokenizer
@@ -116,12 +117,15 @@ def check_range(name: str, data: np.ndarray, qtype: QT) -> None:
                               f"(|x| <= {lim:.6g}; the outtype f32 keeps them)")
 
 
-def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
-    if qtype == QT.F32:
-        return np.ascontiguousarray(data, dtype=np.float32)
-    if qtype == QT.F16:
-        return np.ascontiguousarray(data, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+def add_quantized(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: QT) -> None:
+    """One tensor (any float array, GGUF name `name`) -> w, stored as qtype: F32/F16 as arrays, a block type as
+    gguf-py's quantized bytes; values beyond what qtype can hold are an error (check_range)."""
+    check_range(name, data, qtype)
+    if qtype in (QT.F32, QT.F16):
+        w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32 if qtype == QT.F32 else np.float16))
+        return
+    q = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
 
 
 def check_output(out: Path, src: Path, force: bool) -> None:
@@ -158,13 +162,8 @@ def convert_to_gguf(src: str | os.PathLike, out: str | os.PathLike, outtype: str
             _write(conv, f16, "f16", transform, progress)
             quantize_gguf(f16, out, "q4_k_m", force=force)
         return out
-    tmp_out = out.with_name(f".{out.name}.part-{os.getpid()}")
-    try:
-        _write(conv, tmp_out, outtype, transform, progress)
-        os.replace(tmp_out, out)
-    finally:
-        if tmp_out.exists():
-            tmp_out.unlink()
+    with atomic_output(out) as tmp:
+        _write(conv, tmp, outtype, transform, progress)
     return out
 
 
@@ -189,13 +188,7 @@ def _write(conv: Converter, path: Path, outtype: str, transform, progress) -> No
             raise ConversionError(f"tensor {gname!r} has shape {tuple(data.shape)}, the config implies "
                                   f"{tuple(expected[gname])}")
         written.add(gname)
-        q = conv.quant_type(gname, data, qt)
-        check_range(gname, data, q)
-        arr = _quantize(data, q)
-        if q in (QT.F32, QT.F16):
-            w.add_tensor(gname, arr)
-        else:
-            w.add_tensor(gname, arr, raw_shape=arr.shape, raw_dtype=q)
+        add_quantized(w, gname, data, conv.quant_type(gname, data, qt))
 
     for i, name in enumerate(names):
         data = conv.ckpt.get(name)

@@ -121,20 +121,22 @@ def _check(rows: np.ndarray, name: str) -> np.ndarray:
     return rows
 
 
-def _chunks(rows: np.ndarray, groups_per_row: int):
-    step = max(1, CHUNK_GROUPS // groups_per_row)
-    for r in range(0, rows.shape[0], step):
-        yield r, rows[r:r + step]
+def _quantize_rows(rows: np.ndarray, name: str, block_bytes: int, sub: int, blocks) -> np.ndarray:
+    """(R, C) f32, C % 256 == 0 -> (R, C / 256 * block_bytes) uint8: blocks((NB, 256) f32) -> (NB, block_bytes)
+    applied to a few rows at a time (about CHUNK_GROUPS sub-blocks of `sub` values each), bounding the temporaries."""
+    rows = _check(rows, name)
+    R, C = rows.shape
+    out = np.empty((R, C // QK_K * block_bytes), dtype=np.uint8)
+    step = max(1, CHUNK_GROUPS // max(1, C // sub))
+    for r0 in range(0, R, step):
+        part = rows[r0:r0 + step]
+        out[r0:r0 + part.shape[0]] = blocks(part.reshape(-1, QK_K)).reshape(part.shape[0], -1)
+    return out
 
 
 def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     """(R, C) f32, C % 256 == 0 -> (R, C / 256 * 144) uint8 Q4_K blocks (quantize_row_q4_K_ref)."""
-    rows = _check(rows, "Q4_K")
-    R, C = rows.shape
-    out = np.empty((R, C // QK_K * Q4_K_BYTES), dtype=np.uint8)
-    for r0, part in _chunks(rows, C // 32):
-        out[r0:r0 + part.shape[0]] = _q4_k_blocks(part.reshape(-1, QK_K)).reshape(part.shape[0], -1)
-    return out
+    return _quantize_rows(rows, "Q4_K", Q4_K_BYTES, 32, _q4_k_blocks)
 
 
 def _q4_k_blocks(xb: np.ndarray) -> np.ndarray:
@@ -178,12 +180,7 @@ def _q4_k_blocks(xb: np.ndarray) -> np.ndarray:
 
 def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     """(R, C) f32, C % 256 == 0 -> (R, C / 256 * 210) uint8 Q6_K blocks (quantize_row_q6_K_ref)."""
-    rows = _check(rows, "Q6_K")
-    R, C = rows.shape
-    out = np.empty((R, C // QK_K * Q6_K_BYTES), dtype=np.uint8)
-    for r0, part in _chunks(rows, C // 16):
-        out[r0:r0 + part.shape[0]] = _q6_k_blocks(part.reshape(-1, QK_K)).reshape(part.shape[0], -1)
-    return out
+    return _quantize_rows(rows, "Q6_K", Q6_K_BYTES, 16, _q6_k_blocks)
 
 
 def _q6_k_blocks(xb: np.ndarray) -> np.ndarray:

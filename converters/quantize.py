@@ -35,7 +35,8 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T, TENSOR_NAMES
 
-from ..runtime.errors import GGUFError, UnsupportedError
+from ..runtime.dirs import atomic_output
+from ..runtime.errors import UnsupportedError
 from ..runtime.gguf_file import GGUFFile
 from . import kquants
 from .checkpoint import ConversionError
@@ -280,13 +281,8 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str, fo
                                   f"{t.qtype.name} would compound its error)")
     report = QuantizeReport(str(src), str(out), ft.name, int(ft.ftype), len(f.tensors), 0, 0,
                             fallbacks=fallbacks, input_bytes=f.file_size)
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    try:
+    with atomic_output(out) as tmp:
         _write(f, src, tmp, arch, ft, types, report, progress)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     report.output_bytes = out.stat().st_size
     report.params = sum(t.n_elements for t in f.tensors.values())
     report.bits_per_weight = round(8 * sum(_out_layout(t.shape, types[n])[2] for n, t in f.tensors.items())

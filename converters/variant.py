@@ -11,7 +11,6 @@ Python API: `transform_model(model, "mla", kv_rank=128)` on a transformers model
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .checkpoint import ConversionError, HFCheckpoint
-from .gguf_convert import FILE_TYPES, OUTTYPES, _quantize, check_output, check_range
+from ..runtime.dirs import atomic_output
+from .gguf_convert import FILE_TYPES, OUTTYPES, add_quantized, check_output
 from .tokenizer import add_tokenizer
 
 VARIANTS: dict[str, type["Variant"]] = {}
@@ -256,8 +256,7 @@ def write_gguf(out: Path, arch: str, ckpt: HFCheckpoint, n_vocab: int, set_param
         return qt if a.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] == 0 else QT.F16
 
     quant_type = quant_type or default_qt
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    try:
+    with atomic_output(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         set_params(w)
         w.add_file_type(FILE_TYPES[outtype])
@@ -265,23 +264,13 @@ def write_gguf(out: Path, arch: str, ckpt: HFCheckpoint, n_vocab: int, set_param
         add_tokenizer(w, ckpt, n_vocab)
         for i, (name, a) in enumerate(tensors):
             a = np.ascontiguousarray(a, dtype=np.float32)
-            q = quant_type(name, a)
-            check_range(name, a, q)
-            arr = _quantize(a, q)
-            if q in (QT.F32, QT.F16):
-                w.add_tensor(name, arr)
-            else:
-                w.add_tensor(name, arr, raw_shape=arr.shape, raw_dtype=q)
+            add_quantized(w, name, a, quant_type(name, a))
             if progress and n_tensors:
                 progress("write", i + 1, n_tensors)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- the pipeline

@@ -18,6 +18,15 @@ _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or 
 CHUNK = 256  # tokens per parallel chunk of the decode kernel
 
 
+@njit(inline="always", **_JIT)
+def _column_max(a, n, h):
+    # a (>= n, H) -> max of a[:n, h], n >= 1
+    mx = a[0, h]
+    for j in range(1, n):
+        mx = max(mx, a[j, h])
+    return mx
+
+
 @njit(parallel=True, **_JIT)
 def mla_decode(qa, kv, n, scale, out):
     # qa (H, D), kv (n_ctx, D) with D = r + dr, n tokens held -> out (H, r): softmax_j(qa_h . kv_j * scale) kv_j[:r]
@@ -41,9 +50,7 @@ def mla_decode(qa, kv, n, scale, out):
                     acc += qa[h, i] * row[i]
                 s[j, h] = acc * scale
         for h in range(H):
-            mx = s[0, h]
-            for j in range(1, m):
-                mx = max(mx, s[j, h])
+            mx = _column_max(s, m, h)
             tot = np.float32(0.0)
             for j in range(m):
                 e = np.exp(s[j, h] - mx)
@@ -58,9 +65,7 @@ def mla_decode(qa, kv, n, scale, out):
                 for i in range(r):
                     pout[ci, h, i] += p * row[i]
     for h in range(H):
-        mx = pmax[0, h]
-        for ci in range(1, nc):
-            mx = max(mx, pmax[ci, h])
+        mx = _column_max(pmax, nc, h)
         tot = np.float32(0.0)
         for i in range(r):
             out[h, i] = 0

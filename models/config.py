@@ -71,6 +71,12 @@ class ModelConfig:
     def n_embd_kv(self) -> int:
         return self.n_head_kv * self.head_dim
 
+    def extra_int(self, key: str, default: int | None = None, lo: int = 1, hi: int = 1 << 20) -> int:
+        """extra[key] (an architecture key without its `arch.` prefix) -> an integer in [lo, hi], else ConfigError
+        naming the whole key (e.g. 'deepseek2.attention.kv_lora_rank')."""
+        name = f"{self.arch}.{key}"
+        return _int({name: self.extra.get(key, default)}, name, lo=lo, hi=hi)
+
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any]) -> "ModelConfig":
         arch = meta.get(Keys.General.ARCHITECTURE)

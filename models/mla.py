@@ -23,15 +23,6 @@ from .llama import Llama, tname
 from .weights import Matrix, Weights
 
 
-def _key(extra, key: str, default=None, lo: int = 1, hi: int = 1 << 20) -> int:
-    v = extra.get(key, default)
-    if v is None:
-        raise ConfigError(f"missing metadata key 'deepseek2.{key}'")
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ConfigError(f"metadata 'deepseek2.{key}' = {v!r} is not an integer in [{lo}, {hi}]")
-    return v
-
-
 @dataclass
 class LatentAttention:
     """Multi-head latent attention of one layer (r_q, r: query and KV latent ranks; dn + dr = dk per head)."""
@@ -54,17 +45,17 @@ class DeepSeek2(Llama):
     def __init__(self, cfg: ModelConfig, w: Weights):
         e = cfg.extra
         L = cfg.n_layer
-        dense = _key(e, "leading_dense_block_count", 0, lo=0, hi=L)
+        dense = cfg.extra_int("leading_dense_block_count", 0, lo=0, hi=L)
         if dense != L or e.get("expert_count", 0) not in (0, None):
             raise ConfigError("deepseek2 with mixture-of-experts blocks is not supported (only dense MLA models: "
                               "leading_dense_block_count = block_count)")
         if any(isinstance(e.get(k), list) for k in ("attention.head_count", "attention.head_count_kv",
                                                     "feed_forward_length")):
             raise ConfigError("deepseek2 with per-layer head counts or widths is not supported")
-        self.r_q = _key(e, "attention.q_lora_rank")
-        self.r = _key(e, "attention.kv_lora_rank")
-        self.dk = _key(e, "attention.key_length_mla")
-        self.dv = _key(e, "attention.value_length_mla")
+        self.r_q = cfg.extra_int("attention.q_lora_rank")
+        self.r = cfg.extra_int("attention.kv_lora_rank")
+        self.dk = cfg.extra_int("attention.key_length_mla")
+        self.dv = cfg.extra_int("attention.value_length_mla")
         self.dr = cfg.rope_dim
         self.dn = self.dk - self.dr
         if cfg.n_head_kv != 1:
@@ -72,7 +63,7 @@ class DeepSeek2(Llama):
         if self.dn < 1 or self.dr < 2 or cfg.head_dim != self.r + self.dr:
             raise ConfigError(f"inconsistent MLA sizes: key_length {cfg.head_dim}, kv_lora_rank {self.r}, rope "
                               f"{self.dr}, key_length_mla {self.dk}")
-        if _key(e, "attention.value_length", self.r) != self.r:
+        if cfg.extra_int("attention.value_length", self.r) != self.r:
             raise ConfigError("deepseek2 (MLA) needs attention.value_length = kv_lora_rank")
         super().__init__(cfg, w)
         self.scale = np.float32(1.0 / np.sqrt(self.dk))

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from .dirs import cache_dir
+from .dirs import atomic_output, cache_dir
 from .errors import EdgeLLMError, HubError
 from .progress import progress_bar
 
@@ -311,8 +310,7 @@ def join_shards(shards: list[Path], out: Path) -> Path:
     if arch is None:
         raise HubError(f"{shards[0].name} has no {Keys.General.ARCHITECTURE}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    try:
+    with atomic_output(out) as tmp:
         w = GGUFWriter(tmp, arch.contents())
         for f in readers[0].fields.values():
             if f.name.startswith("GGUF.") or f.name in split_keys or f.name == Keys.General.ARCHITECTURE:
@@ -329,10 +327,6 @@ def join_shards(shards: list[Path], out: Path) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -20,15 +20,24 @@ FIXED_BUFFERS = 96 << 20  # per engine: score blocks (kernels/attention.SCORE_BL
 PREFILL_CHUNK = 512       # tokens per prefill chunk (Engine.prefill's default)
 
 
-def _vm_size() -> int:
-    """Bytes of address space this process maps now (VmSize)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A size in this process's /proc/self/status (Linux; e.g. "VmSize", "VmHWM", given in kB there) -> bytes, or
+    None where the file or the field is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmSize:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _vm_size() -> int:
+    """Bytes of address space this process maps now (VmSize)."""
+    size = proc_status_bytes("VmSize")
+    if size is not None:
+        return size
     import psutil
     return psutil.Process().memory_info().vms
 

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.bench.make_checkpoints import pack_ternary
+from edgellm.runtime.memory import _vm_size
+
 DATA = Path(__file__).parent / "data"
 TESTS = Path(__file__).parent
 HEADROOM = 2 << 30  # address space a worker may add after its warm-up: any blow-up crosses it
@@ -84,16 +87,6 @@ def _save_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) ->
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-def pack_ternary(t: np.ndarray) -> np.ndarray:
-    """transformers' BitNet packing: uint8 (rows/4, cols), code t+1 of row i*rows/4 + r in bits 2i of row r."""
-    q = (t + 1).astype(np.uint8)
-    R = q.shape[0] // 4
-    out = np.zeros((R, q.shape[1]), dtype=np.uint8)
-    for i in range(4):
-        out |= q[i * R:(i + 1) * R] << (2 * i)
-    return out
 
 
 def write_checkpoint(out: Path, kind: str = "llama", seed: int = 0, dialect: str = "rope_scaling") -> Path:
@@ -181,14 +174,6 @@ def shard_checkpoint(src: Path, out: Path, n: int = 2) -> Path:
 
 
 # ---------------------------------------------------------------------------- the worker pool
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
-
-
 def _send(stream, obj) -> None:
     b = pickle.dumps(obj)
     stream.write(struct.pack("<Q", len(b)) + b)

@@ -14,6 +14,8 @@ from edgellm.runtime.engine import Engine
 from edgellm.runtime.errors import EdgeLLMError
 from edgellm.runtime.gguf_file import GGUFFile
 
+import fuzzkit
+
 N_MUTATIONS = 300
 
 
@@ -157,18 +159,24 @@ def _limited(script: str, headroom_mb: int, timeout: float = 300) -> subprocess.
                           env=dict(os.environ, EDGELLM_DEBUG=""))
 
 
+def _refused(imports: str, call: str, headroom_mb: int) -> str:
+    """`call` (one line of Python, after `imports`) run under _limited must raise InsufficientMemoryError -> its
+    message."""
+    r = _limited(f"{imports}from edgellm.runtime.errors import InsufficientMemoryError\n"
+                 f"try:\n    {call}\nexcept InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb)
+    assert r.returncode == 0 and "REFUSED" in r.stdout, (r.stdout, r.stderr[-2000:])
+    return r.stdout
+
+
 def test_huge_context_is_refused_before_it_is_allocated(model_path):
     r = cli("run", str(model_path), "-p", "hi", "-n", "2", "--ctx", "100000000")
     assert_clean_error(r)
     assert "needs" in r.stderr and "available" in r.stderr and "smaller context" in r.stderr, r.stderr
     assert "q8_0" in r.stderr  # the smaller KV type is suggested for an f32 cache
     # under an address-space limit the check sees the limit, not the machine's memory
-    r = _limited(f"from edgellm.runtime.engine import Engine\n"
-                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
-                 f"try:\n    Engine({str(model_path)!r}, n_ctx=2_000_000, threads=1)\n"
-                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=1024)
-    assert r.returncode == 0 and "REFUSED" in r.stdout, (r.stdout, r.stderr[-2000:])
-    assert "available" in r.stdout
+    msg = _refused("from edgellm.runtime.engine import Engine\n",
+                   f"Engine({str(model_path)!r}, n_ctx=2_000_000, threads=1)", headroom_mb=1024)
+    assert "available" in msg
 
 
 def test_available_memory_respects_rlimit():
@@ -179,8 +187,6 @@ def test_available_memory_respects_rlimit():
 
 def test_huge_layer_count_in_config_is_a_clear_error(tmp_path):
     import json
-    sys.path.insert(0, os.path.dirname(__file__))
-    import fuzzkit
     src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
     cfg = json.loads((src / "config.json").read_text())
     cfg["num_hidden_layers"] = 10**12
@@ -197,25 +203,15 @@ def test_huge_layer_count_in_config_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_conversion_that_cannot_fit_is_refused_before_reading(tmp_path):
-    sys.path.insert(0, os.path.dirname(__file__))
-    import fuzzkit
+@pytest.mark.parametrize("imports, call, headroom_mb, word", [
+    ("from edgellm.converters import convert_to_gguf\n", "convert_to_gguf({src!r}, {out!r}, 'f32')", 40,
+     "converting"),
+    # a variant's memory (teacher, student, training state) is checked before transformers loads the checkpoint
+    ("from pathlib import Path\nfrom edgellm.converters.variant import check_variant\n",
+     "check_variant(Path({src!r}), 'prune', 100, 4, 256)", 100, "prune"),
+], ids=["gguf", "variant"])
+def test_conversion_that_cannot_fit_is_refused_before_reading(tmp_path, imports, call, headroom_mb, word):
     src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
-    r = _limited(f"from edgellm.converters import convert_to_gguf\n"
-                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
-                 f"try:\n    convert_to_gguf({str(src)!r}, {str(tmp_path / 'o.gguf')!r}, 'f32')\n"
-                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=40)
-    assert r.returncode == 0 and "REFUSED" in r.stdout and "converting" in r.stdout, (r.stdout, r.stderr[-2000:])
+    msg = _refused(imports, call.format(src=str(src), out=str(tmp_path / "o.gguf")), headroom_mb)
+    assert word in msg
     assert not (tmp_path / "o.gguf").exists()
-
-
-def test_variant_memory_is_checked_before_transformers_loads(tmp_path):
-    sys.path.insert(0, os.path.dirname(__file__))
-    import fuzzkit
-    src = fuzzkit.write_checkpoint(tmp_path / "ck", "llama")
-    r = _limited(f"from pathlib import Path\n"
-                 f"from edgellm.converters.variant import check_variant\n"
-                 f"from edgellm.runtime.errors import InsufficientMemoryError\n"
-                 f"try:\n    check_variant(Path({str(src)!r}), 'prune', 100, 4, 256)\n"
-                 f"except InsufficientMemoryError as e:\n    print('REFUSED', e)\n", headroom_mb=100)
-    assert r.returncode == 0 and "REFUSED" in r.stdout and "prune" in r.stdout, (r.stdout, r.stderr[-2000:])

@@ -33,20 +33,6 @@ def test_decode_with_cache_equals_full_recompute(tiny):
     np.testing.assert_allclose(inc, full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
-def test_batched_decode_equals_single_decodes(tiny):
-    eng = Engine(tiny, n_ctx=64, threads=2)
-    rng = np.random.default_rng(2)
-    prompts = [rng.integers(0, eng.cfg.n_vocab, n) for n in (5, 9, 3)]
-    caches = [eng.new_cache() for _ in prompts]
-    for p, c in zip(prompts, caches):
-        eng.prefill(p, c)
-    forks = [c.fork() for c in caches]
-    nxt = [11, 12, 13]
-    batched = eng.decode_batch(nxt, caches)
-    single = np.stack([eng.decode(t, c) for t, c in zip(nxt, forks)])
-    np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5 * np.abs(single).max())
-
-
 @pytest.mark.parametrize("variant", ["gqa", "llama3_rope", "untied_mha"])
 def test_tiny_llama_logits_match_llama_cpp(tmp_path, llama_cpp, variant):
     kw = dict(seed=3)

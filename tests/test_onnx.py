@@ -25,6 +25,7 @@ pytest.importorskip("onnx")
 PROMPT = "To be, or not to be, that is the question: whether 'tis nobler"
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+from edgellm.bench.make_checkpoints import pack_ternary  # noqa: E402
 from tiny_models import _norms_near_one, write_tiny_hf_llama, write_tokenizer  # noqa: E402
 
 
@@ -33,16 +34,6 @@ from tiny_models import _norms_near_one, write_tiny_hf_llama, write_tokenizer  #
 def hf_llama(tmp_path_factory) -> Path:
     """Llama-3.2's structure, tiny: llama3 rope scaling, 8 query heads over 2 kv heads, tied embeddings."""
     return write_tiny_hf_llama(tmp_path_factory.mktemp("llama") / "hf")
-
-
-def pack_ternary(t):
-    """transformers' BitNet packing: uint8 (rows/4, cols), code t+1 of row i*rows/4 + r in bits 2i of row r."""
-    q = (t + 1).to(torch.uint8)
-    R = q.shape[0] // 4
-    packed = torch.zeros((R, q.shape[1]), dtype=torch.uint8)
-    for i in range(4):
-        packed |= q[i * R:(i + 1) * R] << (2 * i)
-    return packed
 
 
 def write_tiny_bitnet(out: Path, linear_class: str = "bitlinear") -> Path:
@@ -65,7 +56,7 @@ def write_tiny_bitnet(out: Path, linear_class: str = "bitlinear") -> Path:
             continue  # tied
         if name.split(".")[-2] in PROJ:
             s = p.abs().mean().clamp(min=1e-5)
-            sd[name] = pack_ternary((p / s).round().clamp(-1, 1))
+            sd[name] = torch.from_numpy(pack_ternary((p / s).round().clamp(-1, 1).to(torch.int8).numpy()))
             # BitLinear divides its output by weight_scale, AutoBitLinear multiplies by it
             sd[name[:-len("weight")] + "weight_scale"] = (1 / s if linear_class == "bitlinear" else s).reshape(1)
         else:

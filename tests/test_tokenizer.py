@@ -18,6 +18,8 @@ from edgellm.runtime.errors import EdgeLLMError, GGUFError, UnsupportedError
 from edgellm.runtime.gguf_file import GGUFFile
 from edgellm.runtime.tokenizer import SUPPORTED_PRE, Tokenizer
 
+from tiny_models import bytes_to_unicode
+
 K = gguf.Keys.Tokenizer
 DATA = Path(__file__).parent / "data"
 SHAKESPEARE = (DATA / "shakespeare_60k.txt").read_text(encoding="utf-8")
@@ -414,23 +416,12 @@ def test_spm_decode_equals_llama_cpp(spm, llama_cpp):
 
 # ---------------------------------------------------------------------- metadata errors
 def _tiny_md(**over) -> dict:
-    b2u = _b2u()
+    b2u = bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
     md = {K.MODEL: "gpt2", K.PRE: "gpt-2", K.LIST: tokens, K.TOKEN_TYPE: [1] * 259 + [3],
           K.MERGES: ["Ġ t", "h e", "Ġt he"], K.BOS_ID: 259, K.EOS_ID: 259}
     md.update(over)
     return {k: v for k, v in md.items() if v is not None}
-
-
-def _b2u():
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def test_tiny_vocab_and_errors():
@@ -454,7 +445,7 @@ def test_tiny_vocab_and_errors():
         "merge token": {K.MERGES: ["Ġ t", "x y"]},
         "merge result": {K.MERGES: ["h e", "t h"]},
         "no merges": {K.MERGES: None},
-        "duplicate": {K.LIST: [_b2u()[b] for b in range(256)] + ["Ġt", "he", "he", "<|endoftext|>"]},
+        "duplicate": {K.LIST: [bytes_to_unicode()[b] for b in range(256)] + ["Ġt", "he", "he", "<|endoftext|>"]},
         "type of types": {K.TOKEN_TYPE: "x"},
     }
     for what, over in bad.items():

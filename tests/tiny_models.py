@@ -83,6 +83,22 @@ class _Tensors:
     def norm(self, n):
         return (1 + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
 
+    def attention_in(self, i, n_embd, n_head, n_head_kv, hd):
+        """Layer i's attention norm and q, k, v projections (of a llama-like layer)."""
+        from gguf import MODEL_TENSOR as T
+        self.add(_nm(T.ATTN_NORM, i), self.norm(n_embd))
+        self.add(_nm(T.ATTN_Q, i), self.mat(n_head * hd, n_embd))
+        self.add(_nm(T.ATTN_K, i), self.mat(n_head_kv * hd, n_embd))
+        self.add(_nm(T.ATTN_V, i), self.mat(n_head_kv * hd, n_embd))
+
+    def feed_forward(self, i, n_embd, n_ff):
+        """Layer i's FFN norm and SwiGLU gate, up and down projections."""
+        from gguf import MODEL_TENSOR as T
+        self.add(_nm(T.FFN_NORM, i), self.norm(n_embd))
+        self.add(_nm(T.FFN_GATE, i), self.mat(n_ff, n_embd))
+        self.add(_nm(T.FFN_UP, i), self.mat(n_ff, n_embd))
+        self.add(_nm(T.FFN_DOWN, i), self.mat(n_embd, n_ff))
+
     def add(self, name, arr, qtype=None):
         import gguf
         qtype = self.qtype if qtype is None else qtype
@@ -122,15 +138,9 @@ def write_tiny_llama(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_kv
     if rope_freqs is not None:
         w.add_tensor(TENSOR_NAMES[T.ROPE_FREQS] + ".weight", rope_freqs.astype(np.float32))
     for i, ((H, Hkv), F) in enumerate(zip(heads, ffs)):
-        t.add(_nm(T.ATTN_NORM, i), t.norm(n_embd))
-        t.add(_nm(T.ATTN_Q, i), t.mat(H * hd, n_embd))
-        t.add(_nm(T.ATTN_K, i), t.mat(Hkv * hd, n_embd))
-        t.add(_nm(T.ATTN_V, i), t.mat(Hkv * hd, n_embd))
+        t.attention_in(i, n_embd, H, Hkv, hd)
         t.add(_nm(T.ATTN_OUT, i), t.mat(n_embd, H * hd))
-        t.add(_nm(T.FFN_NORM, i), t.norm(n_embd))
-        t.add(_nm(T.FFN_GATE, i), t.mat(F, n_embd))
-        t.add(_nm(T.FFN_UP, i), t.mat(F, n_embd))
-        t.add(_nm(T.FFN_DOWN, i), t.mat(n_embd, F))
+        t.feed_forward(i, n_embd, F)
     return _finish(w, path)
 
 
@@ -201,10 +211,7 @@ def write_tiny_mla(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_ctx=256, 
         t.add(_nm(T.ATTN_K_B, i), (t.rng.standard_normal((n_head, r_kv, dn)) / np.sqrt(r_kv)).astype(np.float32))
         t.add(_nm(T.ATTN_V_B, i), (t.rng.standard_normal((n_head, dv, r_kv)) / np.sqrt(r_kv)).astype(np.float32))
         t.add(_nm(T.ATTN_OUT, i), t.mat(n_embd, n_head * dv))
-        t.add(_nm(T.FFN_NORM, i), t.norm(n_embd))
-        t.add(_nm(T.FFN_GATE, i), t.mat(n_ff, n_embd))
-        t.add(_nm(T.FFN_UP, i), t.mat(n_ff, n_embd))
-        t.add(_nm(T.FFN_DOWN, i), t.mat(n_embd, n_ff))
+        t.feed_forward(i, n_embd, n_ff)
     return _finish(w, path)
 
 
@@ -227,10 +234,7 @@ def write_tiny_linear(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_k
     t.add(_nm(T.TOKEN_EMBD), (t.rng.standard_normal((V, n_embd))).astype(np.float32))
     t.add(_nm(T.OUTPUT_NORM), t.norm(n_embd))
     for i in range(n_layer):
-        t.add(_nm(T.ATTN_NORM, i), t.norm(n_embd))
-        t.add(_nm(T.ATTN_Q, i), t.mat(n_head * hd, n_embd))
-        t.add(_nm(T.ATTN_K, i), t.mat(n_head_kv * hd, n_embd))
-        t.add(_nm(T.ATTN_V, i), t.mat(n_head_kv * hd, n_embd))
+        t.attention_in(i, n_embd, n_head, n_head_kv, hd)
         for x, n in (("q", n_head), ("k", n_head_kv)):
             conv = 0.3 * t.rng.standard_normal((n * hd, conv_kernel)).astype(np.float32)
             conv[:, -1] += 1  # near the identity (the current token), as the converter initialises it
@@ -238,10 +242,7 @@ def write_tiny_linear(path, *, n_layer=2, n_embd=64, n_ff=96, n_head=4, n_head_k
         w.add_tensor(f"blk.{i}.attn_gate.weight", t.mat(n_head_kv * hd, n_embd))
         w.add_tensor(f"blk.{i}.attn_gate.bias", (2 + t.rng.standard_normal(n_head_kv * hd)).astype(np.float32))
         t.add(_nm(T.ATTN_OUT, i), t.mat(n_embd, n_head * hd))
-        t.add(_nm(T.FFN_NORM, i), t.norm(n_embd))
-        t.add(_nm(T.FFN_GATE, i), t.mat(n_ff, n_embd))
-        t.add(_nm(T.FFN_UP, i), t.mat(n_ff, n_embd))
-        t.add(_nm(T.FFN_DOWN, i), t.mat(n_embd, n_ff))
+        t.feed_forward(i, n_embd, n_ff)
     return _finish(w, path)
 
 
