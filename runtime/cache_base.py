@@ -7,12 +7,28 @@
 """
 from __future__ import annotations
 
+import mmap
 from typing import Sequence
 
 import numpy as np
 
 from .contracts import Cache, Snapshot
 from .errors import CacheError
+
+
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """np.zeros for the arrays a cache allocates for its whole context: anonymous memory that the kernel zeroes page
+    by page as it is first written, in small pages. A sequence writes a few positions of every row of a dim-major
+    cache, so it touches one page per row; NumPy advises huge pages for large arrays, and then each of those writes
+    zero-fills 2 MiB: a fresh 4,096-token cache of SmolLM2 cost 430 ms to write its first 30 tokens (47 ms in small
+    pages) and kept all 189 MB resident."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < 1 << 20 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype=dtype)
+    m = mmap.mmap(-1, nbytes)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype=dtype).reshape(shape)
 
 
 def _along(axis: int, a: int, b: int) -> tuple:

@@ -20,7 +20,7 @@ import numpy as np
 from ..kernels import attention as A
 from ..kernels import kv_store as S
 from ..models.cache_spec import KV, CacheSpec
-from .cache_base import RowCache
+from .cache_base import RowCache, lazy_zeros
 from .errors import ArgumentError
 
 KV_TYPES = S.KV_TYPES
@@ -125,15 +125,15 @@ class KVCache(RowCache):
         for name, t in (("k", self.type_k), ("v", self.type_v)):
             if not self.per_layer:
                 shape, dtype, sshape = S.layout(t, n_head_kv, head_dim, n_ctx)
-                setattr(self, name, np.zeros((n_layer,) + shape, dtype=dtype))
-                setattr(self, name + "_scales", np.zeros((n_layer,) + sshape, dtype=np.uint16))
+                setattr(self, name, lazy_zeros((n_layer,) + shape, dtype))
+                setattr(self, name + "_scales", lazy_zeros((n_layer,) + sshape, np.uint16))
             else:  # one array per layer, of that layer's size
                 lay = [S.layout(t, hkv, head_dim, n_ctx) for _, hkv in self.layer_heads]
-                setattr(self, name, [np.zeros(shape, dtype=dtype) for shape, dtype, _ in lay])
-                setattr(self, name + "_scales", [np.zeros(sshape, dtype=np.uint16) for _, _, sshape in lay])
+                setattr(self, name, [lazy_zeros(shape, dtype) for shape, dtype, _ in lay])
+                setattr(self, name + "_scales", [lazy_zeros(sshape, np.uint16) for _, _, sshape in lay])
         if self.attn.kind == "delta":
             self.qhat = np.zeros((n_layer, self.n_head, head_dim), dtype=np.float32)
-            self.srow = np.zeros((n_layer, self.n_head, n_ctx), dtype=np.float32)
+            self.srow = lazy_zeros((n_layer, self.n_head, n_ctx), np.float32)
             sc = (np.ones((n_layer, self.n_head, head_dim), np.float32) if self.attn.dim_scale is None
                   else np.asarray(self.attn.dim_scale, np.float32).reshape(n_layer, self.n_head, head_dim))
             self._theta = np.ascontiguousarray(np.asarray(self.attn.theta, np.float32)[:, None, None] * sc)

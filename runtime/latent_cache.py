@@ -13,7 +13,7 @@ import numpy as np
 
 from ..kernels import mla as K
 from ..models.cache_spec import LATENT, CacheSpec
-from .cache_base import RowCache
+from .cache_base import RowCache, lazy_zeros
 from .kv_cache import DECODE, PREFILL, AttentionStats
 
 
@@ -25,7 +25,7 @@ class LatentCache(RowCache):
         self.spec, self.n_layer, self.n_ctx, self.rank, self.rope_dim, self.n_head = (spec, n_layer, n_ctx, rank,
                                                                                       rope_dim, n_head)
         self.n = 0
-        self.kv = np.zeros((n_layer, n_ctx, rank + rope_dim), dtype=np.float32)
+        self.kv = lazy_zeros((n_layer, n_ctx, rank + rope_dim), np.float32)
         self.stats = stats or AttentionStats(n_layer, n_head)
         self._qa = np.empty((n_head, rank + rope_dim), dtype=np.float32)
         self._lat = np.empty((n_head, rank), dtype=np.float32)
