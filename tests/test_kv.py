@@ -166,3 +166,13 @@ def test_cli_perplexity_json_reports_sparsity_and_kv_bytes(model_path, tmp_path,
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 < out["sparsity"] < 1 and out["kv_bytes_per_token"] == 30 * 2 * 3 * 2 * 34
     assert out["attn"] == "delta" and out["kv"] == "q8_0" and len(out["sparsity_per_layer"]) == 30
+
+
+def test_lazy_zeros_is_zeroed_writable_memory_of_the_shape_asked():
+    from edgellm.runtime.cache_base import lazy_zeros
+    for shape, dtype in (((3, 4), np.float32), ((2, 3, 1 << 18), np.uint16), ((1 << 20,), np.int8)):
+        a = lazy_zeros(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous
+        assert not a.any()
+        a[..., -1] = 7
+        assert a.sum() == 7 * (a.size // shape[-1])
