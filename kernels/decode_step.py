@@ -19,9 +19,6 @@ depth and every B, and a call unboxes a few arrays rather than hundreds.
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -32,6 +29,7 @@ from .attention import combine, decode_item, split_tokens
 from .igemm import QK8, _NO_SCALE, _gemm, quantize_absmax_row, quantize_q8_row
 from .kv_store import fwht_rows, store_kv
 from .q8act import dequantize_rows
+from .sources import sources_digest
 
 # per cache and layer, the data addresses in the `addr` array (B, N_ADDR, n_layer)
 K_DATA, K_SCALES, V_DATA, V_SCALES, K_MEAN, V_MEAN = range(6)
@@ -86,6 +84,17 @@ def _matmul_t(isa, fmt, W, X, n_in, n_out, qbuf, dbuf, sbuf, obuf, nchunk, rowsc
 
 
 @njit(inline="always", nogil=True, error_model="numpy")
+def _layer_cache(addr, b, li, Hkv, hd, nc, KT, VT, k_half, v_half, k_blocks, v_blocks):
+    # sequence b's K and V data and block scales of layer li, from their addresses (types KT, VT; q4_0 halves the
+    # data rows; q8_0 / q4_0 have block scales) -> (kd, ks, vd, vs)
+    kd = numba.carray(_ptr(addr[b, K_DATA, li], KT), (Hkv, hd // 2 if k_half else hd, nc))
+    vd = numba.carray(_ptr(addr[b, V_DATA, li], VT), (Hkv, hd // 2 if v_half else hd, nc))
+    ks = numba.carray(_ptr(addr[b, K_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if k_blocks else (Hkv, 0, 1))
+    vs = numba.carray(_ptr(addr[b, V_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if v_blocks else (Hkv, 0, 1))
+    return kd, ks, vd, vs
+
+
+@njit(inline="always", nogil=True, error_model="numpy")
 def _matrix(wtab, li, j):
     # layer li's matrix j from its addresses -> (records (G, nb, rec) u8, row scales (n,) f32 or empty)
     W = numba.carray(_ptr(wtab[li, j, 0], np.uint8), (wtab[li, j, 1], wtab[li, j, 2], wtab[li, j, 3]))
@@ -95,38 +104,16 @@ def _matrix(wtab, li, j):
     return W, rs
 
 
-def kernel_sources_digest() -> str:
-    """A digest of the other kernel modules' sources. The step compiles their functions into itself, but Numba's
-    cache checks only this file's stamp; the digest is one of the step's closure variables, which Numba's cache
-    key hashes, so an edit to any kernel module (an editable install updated by git, a checkout) recompiles the
-    step instead of running stale code."""
-    h = hashlib.sha256()
-    here = Path(__file__).resolve()
-    for f in sorted(here.parent.glob("*.py")):
-        if f != here:
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2: bool, kv: tuple):
     """The step for one instruction set, layer format, head format, embedding decoding (nibbles, zero, has_min,
     code bytes of kernels/q8act.dequantize_rows), architecture (bitnet: sub-norms, ternary per-token scales;
     relu2: squared ReLU instead of SiLU) and K/V cache types (kv = (type_k, type_v))."""
-    sources = kernel_sources_digest()  # (a closure variable: part of the cache key, see kernel_sources_digest)
+    sources = sources_digest(__file__)  # (a closure variable: part of the cache key, see kernels/sources.py)
     nib, zero, has_min, code_bytes = emb
     KT, VT = KV_DTYPES[kv[0]], KV_DTYPES[kv[1]]
     k_half, v_half = kv[0] == "q4_0", kv[1] == "q4_0"
     k_blocks, v_blocks = kv[0] in ("q8_0", "q4_0"), kv[1] in ("q8_0", "q4_0")
     ternary = fmt == "tq2"  # (closure constants: the branches they decide are pruned at compile time)
-
-    @njit(inline="always", nogil=True, error_model="numpy")
-    def _layer_cache(addr, b, li, Hkv, hd, nc):
-        # sequence b's K and V data and block scales of layer li, from their addresses -> (kd, ks, vd, vs)
-        kd = numba.carray(_ptr(addr[b, K_DATA, li], KT), (Hkv, hd // 2 if k_half else hd, nc))
-        vd = numba.carray(_ptr(addr[b, V_DATA, li], VT), (Hkv, hd // 2 if v_half else hd, nc))
-        ks = numba.carray(_ptr(addr[b, K_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if k_blocks else (Hkv, 0, 1))
-        vs = numba.carray(_ptr(addr[b, V_SCALES, li], np.uint16), (Hkv, hd // 32, nc) if v_blocks else (Hkv, 0, 1))
-        return kd, ks, vd, vs
 
     @njit(**_STEP_JIT)
     def step(tokens, pos, emb_W, attn_norm, ffn_norm, wtab, widths, attn_sub, ffn_sub, out_norm, head_W, cos, sin,
@@ -183,7 +170,8 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
             # are (sequence, kv head, token range), as attention_decode splits one sequence (same items, same sums)
             G = H // Hkv
             for b in range(B):
-                kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b])
+                kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b], KT, VT, k_half, v_half, k_blocks,
+                                              v_blocks)
                 km = numba.carray(_ptr(addr[b, K_MEAN, li], np.float32), (Hkv, hd))
                 vm = numba.carray(_ptr(addr[b, V_MEAN, li], np.float32), (Hkv, hd))
                 kb = kh[b:b + 1]
@@ -216,7 +204,8 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
                 Sw, Lw = split[bw, 0], split[bw, 1]
                 r = w - item0[bw]
                 j0 = (r % Sw) * Lw
-                kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, n_ctx[bw])
+                kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, n_ctx[bw], KT, VT, k_half, v_half,
+                                                  k_blocks, v_blocks)
                 decode_item(qr[bw, :H], kdw, ksw, vdw, vsw, tbl, r // Sw, j0, min(pos[bw] + 1, j0 + Lw), Lw, 0, False,
                             no_need, dummy, no_nzi, dummy, no_nnz, scale, m_part[w], l_part[w], o_part[w])
             for b in range(B):

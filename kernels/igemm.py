@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, round_to_half, splat, vec
+from .sources import sources_digest
 
 R = 16  # rows per group
 QK8 = 32  # values per activation block of the q formats
@@ -192,13 +193,19 @@ def _make_igemm(isa: str, fmt: str):
     # the kernels with the instruction set and format as constants (closure strings are typed as literals: one
     # compiled, cached function per pair, no dispatch on strings at call time): igemm takes quantized
     # activations, igemm_x quantizes f32 activations to Q8 blocks first (one call from Python instead of two)
+    sources = sources_digest(__file__)  # (a closure variable: part of the cache key, see kernels/sources.py)
+
     @njit(parallel=True, **JIT)
     def igemm(W, XQ, XD, XS, out, nchunk):
+        if len(sources) == 0:  # never (the digest is 16 characters): it makes `sources` part of the closure
+            return
         _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, _NO_SCALE, _NO_SCALE)  # returns nothing: see below
 
     @njit(parallel=True, **JIT)
     def igemm_x(W, X, XQ, XD, XS, out, nchunk):
         # X (N, cols) f32 quantized into XQ, XD, XS (Q8 blocks of 32), then as igemm
+        if len(sources) == 0:
+            return
         if X.shape[0] > TT:
             for t in prange(X.shape[0]):
                 quantize_q8_row(X, XQ, XD, XS, t)
@@ -211,6 +218,8 @@ def _make_igemm(isa: str, fmt: str):
     def igemm_t(W, X, XQ, XD, XS, tokscale, rowscale, out, nchunk):
         # X (N, cols) f32 quantized per token (BitNet's absmax) into XQ, XD, XS, tokscale, then as igemm with
         # out[t, r] *= rowscale[r] / tokscale[t] (the ternary formats)
+        if len(sources) == 0:
+            return
         if X.shape[0] > TT:
             for t in prange(X.shape[0]):
                 quantize_absmax_row(X, XQ, XD, XS, tokscale, t)

@@ -15,8 +15,10 @@ import time
 from ..kernels import attention, decode_step, igemm, kv_store, matvec, ops, ternary
 from .weights import kernel_isa
 
-# kernels every dense decode step calls, whatever the weight type ...
-CORE_KERNELS = (ops.rmsnorm, ops.rope_inplace, ops.swiglu, attention.attention_decode, kv_store.store_kv)
+# kernels every dense decode step calls, whatever the weight type (attention through its work items: the compiled
+# step calls them directly, the per-operation forward through attention.attention_decode) ...
+CORE_KERNELS = (ops.rmsnorm, ops.rope_inplace, ops.swiglu, attention.decode_item, attention.combine,
+                kv_store.store_kv)
 # ... and one of these mat-vec kernels (which one depends on the model's weights and the CPU: see matvec_kernels)
 MATVEC_KERNELS = (matvec.matvec_q4, matvec.matvec_q8, ternary.matvec_ternary_q)
 INTEGER_FORMATS = ("q4_0", "q4_1", "q8_0")  # kernels/igemm.py's formats with Q8 activations (plus "tq2")
