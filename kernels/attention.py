@@ -150,7 +150,8 @@ def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow,
 
 @njit(**_JIT)
 def combine(m_part, l_part, o_part, S, out):
-    # the partials (Hkv * S, G[, hd]) of the S token ranges of each kv head (decode_item) -> out (H, hd) (flash-decoding)
+    # the partials (Hkv * S, G[, hd]) of the S token ranges of each kv head (decode_item) -> out (H, hd),
+    # flash-decoding style
     H, D = out.shape
     G = m_part.shape[1]
     for h in range(H):
