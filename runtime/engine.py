@@ -149,23 +149,18 @@ class Engine(EngineBase):
         and calls from other threads, do not disturb each other); a decode step (one token for each of distinct
         caches) runs as the compiled step where it applies (runtime/fast_decode.py)."""
         import numba
-        run = self.model.forward
-        if self.fast is not None and all(n == 1 for _, n in seqs) and len({id(c) for c, _ in seqs}) == len(seqs) \
-                and self.fast.accepts([c for c, _ in seqs]):
-            run = self._fast_step
+        caches = [c for c, _ in seqs]
+        fast = self.fast is not None and all(n == 1 for _, n in seqs) and len(set(map(id, caches))) == len(caches) \
+            and self.fast.accepts(caches)
         prev = numba.get_num_threads()
         numba.set_num_threads(self.threads)
         try:
-            if run == self._fast_step:  # (no BLAS in it)
-                return run(tokens, seqs, logits)
+            if fast:  # one new token per sequence (the rows of "all" and "last" are the same); no BLAS in the step
+                return self.fast.run(tokens, caches)
             with blas_threads(1):
-                return run(tokens, seqs, logits)
+                return self.model.forward(tokens, seqs, logits)
         finally:
             numba.set_num_threads(prev)
-
-    def _fast_step(self, tokens: np.ndarray, seqs: list, logits: str) -> np.ndarray:
-        # one new token per sequence: the rows of "all" and "last" are the same
-        return self.fast.run(tokens, [c for c, _ in seqs])
 
 
 def load(model: str | os.PathLike | None = None, options: EngineOptions | None = None,
