@@ -95,6 +95,32 @@ def _layer_cache(addr, b, li, Hkv, hd, nc, KT, VT, k_half, v_half, k_blocks, v_b
 
 
 @njit(inline="always", nogil=True, error_model="numpy")
+def _store_one(addr, b, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr, pos, H,
+               center_k, center_v, rot_k, rot_v):
+    # sequence b's new key and value of layer li (centred, rotated as its cache keeps them) -> its cache at pos[b];
+    # its queries as attention takes them -> qr[b]
+    kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b], KT, VT, k_half, v_half, k_blocks, v_blocks)
+    kb = kh[b:b + 1]
+    vb = vh[b:b + 1]
+    if center_k:
+        km = numba.carray(_ptr(addr[b, K_MEAN, li], np.float32), (Hkv, hd))
+        for j in range(Hkv):
+            for i in range(hd):
+                kb[0, j, i] -= km[j, i]
+    if center_v:
+        vm = numba.carray(_ptr(addr[b, V_MEAN, li], np.float32), (Hkv, hd))
+        for j in range(Hkv):
+            for i in range(hd):
+                vb[0, j, i] -= vm[j, i]
+    store_kv(kd, ks, vd, vs, kb, vb, pos[b], rot_k, rot_v)
+    for j in range(H):
+        for i in range(hd):
+            qr[b, j, i] = qh[b, j, i]
+    if rot_k:
+        fwht_rows(qr[b, :H])
+
+
+@njit(inline="always", nogil=True, error_model="numpy")
 def _matrix(wtab, li, j):
     # layer li's matrix j from its addresses -> (records (G, nb, rec) u8, row scales (n,) f32 or empty)
     W = numba.carray(_ptr(wtab[li, j, 0], np.uint8), (wtab[li, j, 1], wtab[li, j, 2], wtab[li, j, 3]))
@@ -169,27 +195,14 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
             # store each sequence's k, v; then attention for all B sequences in one parallel loop whose work items
             # are (sequence, kv head, token range), as attention_decode splits one sequence (same items, same sums)
             G = H // Hkv
+            if B > 1:  # (the stores of B sequences are B x Hkv x hd scattered writes per K and V: spread on the threads)
+                for b in prange(B):
+                    _store_one(addr, b, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
+                               pos, H, center_k, center_v, rot_k, rot_v)
+            else:
+                _store_one(addr, 0, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
+                           pos, H, center_k, center_v, rot_k, rot_v)
             for b in range(B):
-                kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b], KT, VT, k_half, v_half, k_blocks,
-                                              v_blocks)
-                km = numba.carray(_ptr(addr[b, K_MEAN, li], np.float32), (Hkv, hd))
-                vm = numba.carray(_ptr(addr[b, V_MEAN, li], np.float32), (Hkv, hd))
-                kb = kh[b:b + 1]
-                vb = vh[b:b + 1]
-                if center_k:
-                    for j in range(Hkv):
-                        for i in range(hd):
-                            kb[0, j, i] -= km[j, i]
-                if center_v:
-                    for j in range(Hkv):
-                        for i in range(hd):
-                            vb[0, j, i] -= vm[j, i]
-                store_kv(kd, ks, vd, vs, kb, vb, pos[b], rot_k, rot_v)
-                for j in range(H):
-                    for i in range(hd):
-                        qr[b, j, i] = qh[b, j, i]
-                if rot_k:
-                    fwht_rows(qr[b, :H])
                 S_b, L_b = split_tokens(pos[b] + 1, Hkv)
                 split[b, 0], split[b, 1] = S_b, L_b
                 item0[b + 1] = item0[b] + Hkv * S_b

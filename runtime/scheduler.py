@@ -4,8 +4,9 @@ Each turn of the loop, at a step boundary:
 1. cancelled requests are dropped and their slots freed (a client that went away costs at most one more step);
 2. waiting requests are admitted, first come first served, while `parallel` slots are free (a request takes one
    slot per choice, `n`); beyond the slots a bounded queue waits, and `submit` refuses past it (`QueueFullError`);
-3. one prompt is prefilled: whole when nothing is decoding, else one chunk of `prefill_chunk` tokens, so running
-   streams keep flowing while a long prompt goes in. The prompt starts from the longest prefix the prefix cache
+3. prompts are prefilled in turn: whole while nothing is decoding, else up to `prefill_chunk` tokens in all (the
+   last one cut into a chunk), so that running streams keep flowing while long prompts go in and short prompts
+   arriving together start together. The prompt starts from the longest prefix the prefix cache
    holds (`prefix_cache.py`); `n > 1` choices fork the prefilled cache, so the prompt runs once;
 4. every running sequence advances by one token in one `engine.decode_batch` call (one read of the weights).
 
@@ -239,8 +240,9 @@ class Scheduler:
                     self._prefilling.append(req)
             try:
                 self._reap_cancelled()
-                if self._prefilling:
-                    self._prefill_step()
+                budget = self.prefill_chunk
+                while self._prefilling and (budget > 0 or not self._running):
+                    budget -= self._prefill_step(budget)
                 if self._running:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - a fault must not take the server down: fail those involved
@@ -268,8 +270,11 @@ class Scheduler:
             self._busy -= n
 
     # ------------------------------------------------------------------ prefill
-    def _prefill_step(self) -> None:
+    def _prefill_step(self, budget: int) -> int:
+        """Prefill the first prompt waiting: whole when nothing is decoding, else at most `budget` tokens; -> the
+        tokens it took from the budget (none when nothing was decoding)."""
         req = self._prefilling[0]
+        budgeted = bool(self._running)
         eng = self.engine
         try:
             if req.cache is None:
@@ -277,18 +282,18 @@ class Scheduler:
                 req.cache = cache if cache is not None else eng.new_cache()
                 req.pos = req.cached_tokens = k
             left = len(req.prompt) - req.pos
-            step = left if not self._running else min(left, self.prefill_chunk)
+            step = min(left, budget) if budgeted else left
             logits = eng.prefill(req.prompt[req.pos:req.pos + step], req.cache)
         except Exception as e:  # noqa: BLE001 - this request's fault (e.g. context), not the server's
             self._prefilling.popleft()
             self._release_slots(req.params.n)
             self._fail(req, e)
-            return
+            return 0
         req.pos += step
         req.prefill_tokens += step
         self.counters["prefill_tokens"] += step
         if req.pos < len(req.prompt):
-            return
+            return step if budgeted else 0
         self._prefilling.popleft()
         self.counters["prompt_tokens"] += len(req.prompt)
         n = req.params.n
@@ -300,6 +305,7 @@ class Scheduler:
                            self.tokenizer.stream_decoder())
             self._running.append(seq)
             self._advance(seq, logits)
+        return step if budgeted else 0
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:
