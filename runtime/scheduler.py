@@ -166,7 +166,7 @@ class Scheduler:
             raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
         self.engine, self.parallel, self.max_queue, self.prefill_chunk = engine, parallel, max_queue, prefill_chunk
         self.tokenizer = engine.tokenizer
-        self.prefix = PrefixCache(cache_bytes)
+        self.prefix = PrefixCache(cache_bytes, max_spares=parallel)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._prefilling: deque[Request] = deque()
@@ -279,7 +279,7 @@ class Scheduler:
         try:
             if req.cache is None:
                 cache, k = self.prefix.lookup(req.prompt) if req.params.cache_prompt else (None, 0)
-                req.cache = cache if cache is not None else eng.new_cache()
+                req.cache = cache if cache is not None else self.prefix.new_cache(eng.new_cache)
                 req.pos = req.cached_tokens = k
             left = len(req.prompt) - req.pos
             step = min(left, budget) if budgeted else left
@@ -297,7 +297,7 @@ class Scheduler:
         self._prefilling.popleft()
         self.counters["prompt_tokens"] += len(req.prompt)
         n = req.params.n
-        caches = [req.cache] + [req.cache.fork() for _ in range(n - 1)]
+        caches = [req.cache] + [self.prefix.copy(req.cache) for _ in range(n - 1)]
         req.cache = None
         req.open = n
         for i, cache in enumerate(caches):
@@ -404,9 +404,9 @@ class Scheduler:
                 self._emit_delta(seq, seq.pending)
                 seq.pending = ""
             req.emit(ChoiceEnd(seq.index, reason))
-        if req.params.cache_prompt:
-            # the cache holds seq.tokens minus a sampled token not fed yet
-            self.prefix.insert(seq.tokens[:seq.cache.n], seq.cache)
+        # the cache holds seq.tokens minus a sampled token not fed yet
+        if not (req.params.cache_prompt and self.prefix.insert(seq.tokens[:seq.cache.n], seq.cache)):
+            self.prefix.recycle(seq.cache)
         seq.cache = None
         req.open -= 1
         if req.open == 0:

@@ -410,6 +410,54 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     assert not PrefixCache(entry - 1).insert(a, filled(a))  # larger than the whole budget
 
 
+
+def test_prefix_cache_spares_are_reused_within_the_byte_bound(tiny_engine):
+    """Emptied caches are kept as spares (charged to the same bound) and hand their memory to the next new cache or
+    copy; a copy into a spare equals a fork, and decoding on it equals decoding on a fresh cache."""
+    from edgellm.runtime.prefix_cache import PrefixCache
+    eng = tiny_engine
+    entry = 32 * eng.new_cache(32).nbytes_per_token
+    pc = PrefixCache(max_bytes=2 * entry, max_spares=1)
+    a, b = list(range(10, 22)), list(range(40, 45))
+    ca = eng.new_cache(32)
+    eng.prefill(a, ca)
+    spare = eng.new_cache(32)
+    eng.prefill(b, spare)
+    pc.recycle(spare)  # emptied, kept, charged
+    assert spare.n == 0 and pc.stats()["spares"] == 1 and pc.nbytes == entry
+    pc.recycle(eng.new_cache(32))  # one spare at most: this one is left to be freed
+    assert pc.stats()["spares"] == 1 and pc.nbytes == entry
+    assert pc.insert(a, ca) and pc.nbytes == 2 * entry
+    c, k = pc.lookup(a[:7] + [99])  # a truncated copy: into the spare, whose memory it reuses
+    assert c is spare and k == 7 and c.n == 7 and ca.n == 12 and pc.stats()["spares"] == 0 and pc.nbytes == entry
+    ref = ca.fork()
+    ref.truncate(7)
+    for x, y in ((c, ref),):
+        for layer in range(c.n_layer):
+            np.testing.assert_array_equal(x.keys(layer), y.keys(layer))
+            np.testing.assert_array_equal(x.values(layer), y.values(layer))
+    np.testing.assert_array_equal(eng.prefill([5, 6], c), eng.prefill([5, 6], ref))  # the same logits after
+    assert pc.new_cache(lambda: "made") == "made"  # no spare left: a new one
+    pc.recycle(c)
+    assert pc.new_cache(lambda: "made") is c and c.n == 0
+    d = eng.new_cache(32)
+    eng.prefill(b, d)
+    assert pc.insert(b, d) and pc.nbytes == 2 * entry
+    pc.recycle(eng.new_cache(32))  # entries fill the bound: no room for a spare
+    assert pc.stats()["spares"] == 0
+    pc2 = PrefixCache(max_bytes=2 * entry, max_spares=2)
+    pc2.recycle(eng.new_cache(32))
+    pc2.recycle(eng.new_cache(32))
+    e1, e2 = eng.new_cache(32), eng.new_cache(32)
+    eng.prefill(a, e1)
+    eng.prefill(b, e2)
+    assert pc2.insert(a, e1) and pc2.stats()["spares"] == 1 and pc2.nbytes == 2 * entry  # spares make room first
+    assert pc2.insert(b, e2) and pc2.stats()["spares"] == 0 and len(pc2) == 2
+    assert PrefixCache(0, max_spares=4).new_cache(lambda: None) is None
+    off = PrefixCache(0, max_spares=4)
+    off.recycle(eng.new_cache(32))  # --cache-ram 0: no spares either
+    assert off.stats()["spares"] == 0 and off.nbytes == 0
+
 def _ask(sched, prompt, params):
     """Submit one request to a running scheduler and wait: (its RequestEnd, the ids of its generated tokens)."""
     done, toks, end = threading.Event(), [], []
