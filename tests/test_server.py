@@ -410,54 +410,6 @@ def test_prefix_cache_lru_bounds_and_reuse(tiny_engine):
     assert not PrefixCache(entry - 1).insert(a, filled(a))  # larger than the whole budget
 
 
-
-def test_prefix_cache_spares_are_reused_within_the_byte_bound(tiny_engine):
-    """Emptied caches are kept as spares (charged to the same bound) and hand their memory to the next new cache or
-    copy; a copy into a spare equals a fork, and decoding on it equals decoding on a fresh cache."""
-    from edgellm.runtime.prefix_cache import PrefixCache
-    eng = tiny_engine
-    entry = 32 * eng.new_cache(32).nbytes_per_token
-    pc = PrefixCache(max_bytes=2 * entry, max_spares=1)
-    a, b = list(range(10, 22)), list(range(40, 45))
-    ca = eng.new_cache(32)
-    eng.prefill(a, ca)
-    spare = eng.new_cache(32)
-    eng.prefill(b, spare)
-    pc.recycle(spare)  # emptied, kept, charged
-    assert spare.n == 0 and pc.stats()["spares"] == 1 and pc.nbytes == entry
-    pc.recycle(eng.new_cache(32))  # one spare at most: this one is left to be freed
-    assert pc.stats()["spares"] == 1 and pc.nbytes == entry
-    assert pc.insert(a, ca) and pc.nbytes == 2 * entry
-    c, k = pc.lookup(a[:7] + [99])  # a truncated copy: into the spare, whose memory it reuses
-    assert c is spare and k == 7 and c.n == 7 and ca.n == 12 and pc.stats()["spares"] == 0 and pc.nbytes == entry
-    ref = ca.fork()
-    ref.truncate(7)
-    for x, y in ((c, ref),):
-        for layer in range(c.n_layer):
-            np.testing.assert_array_equal(x.keys(layer), y.keys(layer))
-            np.testing.assert_array_equal(x.values(layer), y.values(layer))
-    np.testing.assert_array_equal(eng.prefill([5, 6], c), eng.prefill([5, 6], ref))  # the same logits after
-    assert pc.new_cache(lambda: "made") == "made"  # no spare left: a new one
-    pc.recycle(c)
-    assert pc.new_cache(lambda: "made") is c and c.n == 0
-    d = eng.new_cache(32)
-    eng.prefill(b, d)
-    assert pc.insert(b, d) and pc.nbytes == 2 * entry
-    pc.recycle(eng.new_cache(32))  # entries fill the bound: no room for a spare
-    assert pc.stats()["spares"] == 0
-    pc2 = PrefixCache(max_bytes=2 * entry, max_spares=2)
-    pc2.recycle(eng.new_cache(32))
-    pc2.recycle(eng.new_cache(32))
-    e1, e2 = eng.new_cache(32), eng.new_cache(32)
-    eng.prefill(a, e1)
-    eng.prefill(b, e2)
-    assert pc2.insert(a, e1) and pc2.stats()["spares"] == 1 and pc2.nbytes == 2 * entry  # spares make room first
-    assert pc2.insert(b, e2) and pc2.stats()["spares"] == 0 and len(pc2) == 2
-    assert PrefixCache(0, max_spares=4).new_cache(lambda: None) is None
-    off = PrefixCache(0, max_spares=4)
-    off.recycle(eng.new_cache(32))  # --cache-ram 0: no spares either
-    assert off.stats()["spares"] == 0 and off.nbytes == 0
-
 def _ask(sched, prompt, params):
     """Submit one request to a running scheduler and wait: (its RequestEnd, the ids of its generated tokens)."""
     done, toks, end = threading.Event(), [], []
@@ -501,6 +453,53 @@ def test_prefix_cache_on_every_cache_type(arch, tmp_path, monkeypatch):
         sched.stop()
         numba.set_num_threads(before)
 
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scheduler_reuses_the_memory_of_caches_it_lets_go(arch, tmp_path, monkeypatch):
+    """Caches of ended requests (and dropped prefix entries) are emptied and kept as spares, at most `parallel`
+    with the caches requests hold; the next new cache or copy is a spare: the same answers, no new cache."""
+    import numba
+    from edgellm.runtime.engine import Engine
+    before = numba.get_num_threads()
+    eng = Engine(write_tiny(tmp_path / f"{arch}.gguf", arch, n_ctx=256), n_ctx=256, threads=1)
+    ban = tuple((t, -100.0) for t in sorted(eng.tokenizer.eog_ids))
+    once = GenParams(max_tokens=4, settings=SamplerSettings(temp=0), logit_bias=ban, logprobs=0, cache_prompt=False)
+    made = []
+    new_cache = eng.new_cache
+    monkeypatch.setattr(eng, "new_cache", lambda *a, **kw: made.append(1) or new_cache(*a, **kw))
+    p, q = list(range(40, 60)), list(range(80, 95))
+    sched = Scheduler(eng, parallel=2).start()
+    try:
+        _, g1 = _ask(sched, p, once)  # a new cache, let go: a spare
+        assert len(made) == 1 and sched.status()["spare_caches"] == 1
+        _, g2 = _ask(sched, q, once)  # the spare (what it held before does not matter) ...
+        _, g1b = _ask(sched, p, once)
+        assert len(made) == 1 and g1b == g1 and len(g2) == 4  # ... and again: the same answer
+    finally:
+        sched.stop()
+        numba.set_num_threads(before)
+    # a copy into a spare equals a fork; spares + the caches requests hold stay within `parallel`
+    sched = Scheduler(eng, parallel=2)
+    src = new_cache()
+    eng.prefill(p, src)
+    spare = new_cache()
+    eng.prefill(q, spare)
+    sched._recycle(spare)
+    assert sched._spares == [spare] and spare.n == 0
+    c, ref = sched._copy(src), src.fork()
+    assert c is spare and c.n == ref.n == len(p) and not sched._spares
+    np.testing.assert_array_equal(eng.prefill([5, 6], c), eng.prefill([5, 6], ref))
+    for x in [new_cache() for _ in range(3)]:
+        sched._recycle(x)
+    assert len(sched._spares) == 2
+    held = Request(p, once, lambda ev: None)
+    held.cache = c
+    sched._prefilling.append(held)
+    sched._trim_spares()
+    assert len(sched._spares) == 1
+    sched._recycle(new_cache())
+    assert len(sched._spares) == 1
 
 # --------------------------------------------------------------------------- bad requests
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
