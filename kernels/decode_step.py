@@ -95,11 +95,11 @@ def _layer_cache(addr, b, li, Hkv, hd, nc, KT, VT, k_half, v_half, k_blocks, v_b
 
 
 @njit(inline="always", nogil=True, error_model="numpy")
-def _store_one(addr, b, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr, pos, H,
+def _store_one(addr, b, li, Hkv, hd, cap, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr, pos, H,
                center_k, center_v, rot_k, rot_v):
     # sequence b's new key and value of layer li (centred, rotated as its cache keeps them) -> its cache at pos[b];
     # its queries as attention takes them -> qr[b]
-    kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, n_ctx[b], KT, VT, k_half, v_half, k_blocks, v_blocks)
+    kd, ks, vd, vs = _layer_cache(addr, b, li, Hkv, hd, cap[b], KT, VT, k_half, v_half, k_blocks, v_blocks)
     kb = kh[b:b + 1]
     vb = vh[b:b + 1]
     if center_k:
@@ -143,13 +143,14 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
 
     @njit(**_STEP_JIT)
     def step(tokens, pos, emb_W, attn_norm, ffn_norm, wtab, widths, attn_sub, ffn_sub, out_norm, head_W, cos, sin,
-             rope_dim, head_dim, eps, scale, addr, n_ctx, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
+             rope_dim, head_dim, eps, scale, addr, cap, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
              tokscale, logits, nchunk):
         # tokens, pos (B,) int64; wtab (L, 4, 6) int64 the layers' matrices (see QKV above); widths (L, 3) =
         # (H, Hkv, n_ff) per layer; flags = (rot_k, rot_v, center_k, center_v); addr (B, 6, L) int64 cache
-        # addresses; n_ctx (B,) int64; x, h (B, d), big (B, >= max rows), att (B * max(H*hd, n_ff),),
-        # q (B, max H, hd), k, v (B, max Hkv, hd) f32 scratch; qbuf i8, dbuf f32, sbuf i32 flat activation scratch;
-        # tokscale (B,) f32 -> logits (B, V). Each sequence's cache.n is advanced by the caller.
+        # addresses; cap (B,) int64 the positions each cache allocates (> pos); x, h (B, d), big (B, >= max rows),
+        # att (B * max(H*hd, n_ff),), q (B, max H, hd), k, v (B, max Hkv, hd) f32 scratch; qbuf i8, dbuf f32, sbuf i32
+        # flat activation scratch; tokscale (B,) f32 -> logits (B, V). Each sequence's cache.n is advanced by the
+        # caller.
         if len(sources) == 0:  # never (the digest is 16 characters): it makes `sources` part of the closure
             return
         B = tokens.shape[0]
@@ -197,10 +198,10 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
             G = H // Hkv
             if B > 1:  # (the stores of B sequences are B x Hkv x hd scattered writes per K and V: spread on the threads)
                 for b in prange(B):
-                    _store_one(addr, b, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
+                    _store_one(addr, b, li, Hkv, hd, cap, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
                                pos, H, center_k, center_v, rot_k, rot_v)
             else:
-                _store_one(addr, 0, li, Hkv, hd, n_ctx, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
+                _store_one(addr, 0, li, Hkv, hd, cap, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
                            pos, H, center_k, center_v, rot_k, rot_v)
             for b in range(B):
                 S_b, L_b = split_tokens(pos[b] + 1, Hkv)
@@ -217,7 +218,7 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
                 Sw, Lw = split[bw, 0], split[bw, 1]
                 r = w - item0[bw]
                 j0 = (r % Sw) * Lw
-                kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, n_ctx[bw], KT, VT, k_half, v_half,
+                kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, cap[bw], KT, VT, k_half, v_half,
                                                   k_blocks, v_blocks)
                 decode_item(qr[bw, :H], kdw, ksw, vdw, vsw, tbl, r // Sw, j0, min(pos[bw] + 1, j0 + Lw), Lw, 0, False,
                             no_need, dummy, no_nzi, dummy, no_nnz, scale, m_part[w], l_part[w], o_part[w])

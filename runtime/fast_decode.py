@@ -31,8 +31,8 @@ def _addr(a: np.ndarray) -> int:
 
 
 def cache_addresses(c: KVCache) -> np.ndarray:
-    """The data addresses of one cache's per-layer arrays: its rows (B of them) of the step's `addr`. A cache
-    allocates its arrays once and never replaces them, so the table holds as long as the cache lives."""
+    """The data addresses of one cache's per-layer arrays: its rows (B of them) of the step's `addr`. They hold
+    until the cache reallocates its arrays (it grows: `c.version` changes)."""
     L = c.n_layer
     t = np.empty((ds.N_ADDR, L), dtype=np.int64)
     for j, arr in ((ds.K_DATA, c.k), (ds.K_SCALES, c.k_scales), (ds.V_DATA, c.v), (ds.V_SCALES, c.v_scales),
@@ -117,7 +117,7 @@ class FastDecode:
         self.max_in = int(max(c.n_embd, H * hd, F))
         self.dims = (int(H), int(Hkv), hd)
         self._state: dict = {}
-        self._addrs = weakref.WeakKeyDictionary()  # cache -> its address table (not keeping the cache alive)
+        self._addrs = weakref.WeakKeyDictionary()  # cache -> (its version, address table); not keeping it alive
         self._lock = threading.Lock()  # the run-state buffers are shared: one step at a time
 
     # ------------------------------------------------------------------ per call
@@ -148,10 +148,11 @@ class FastDecode:
         return st
 
     def _table(self, c: KVCache) -> np.ndarray:
-        t = self._addrs.get(c)
-        if t is None:
-            t = self._addrs[c] = cache_addresses(c)
-        return t
+        c.reserve(c.n + 1)  # (the step writes position n: it must be allocated)
+        vt = self._addrs.get(c)
+        if vt is None or vt[0] != c.version:
+            vt = self._addrs[c] = (c.version, cache_addresses(c))
+        return vt[1]
 
     def run(self, tokens: np.ndarray, caches: list) -> np.ndarray:
         """tokens (B,) int64, one per cache (checked by the engine) -> logits (B, n_vocab); each cache advances."""
@@ -164,7 +165,7 @@ class FastDecode:
         pos = np.array([x.n for x in caches], dtype=np.int64)
         m.ensure_rope(int(pos.max()) + 1)
         addr = np.stack([self._table(x) for x in caches])
-        n_ctx = np.array([x.n_ctx for x in caches], dtype=np.int64)
+        cap = np.array([x.cap for x in caches], dtype=np.int64)
         c0 = caches[0]
         flags = np.array([c0.rot_k, c0.rot_v, c0.center_k, c0.center_v], dtype=np.bool_)
         st = self._buffers(B)
@@ -172,7 +173,7 @@ class FastDecode:
         self.step(np.ascontiguousarray(tokens, dtype=np.int64), pos, m.tok_embd.W, self.attn_norm, self.ffn_norm,
                   self.wtab, self.widths, self.attn_sub, self.ffn_sub, m.output_norm, m.output.W,
                   m.rope_cos, m.rope_sin, c.rope_dim, c.head_dim, c.norm_eps, m.scale,
-                  addr, n_ctx, flags, kv_store.F16_TABLE, st["x"], st["h"], st["big"], st["att"], st["q"], st["k"],
+                  addr, cap, flags, kv_store.F16_TABLE, st["x"], st["h"], st["big"], st["att"], st["q"], st["k"],
                   st["v"], st["qbuf"], st["dbuf"], st["sbuf"], st["tokscale"], logits, 4 * numba.get_num_threads())
         for x in caches:
             x.n += 1

@@ -7,7 +7,7 @@ when `Cache.can_truncate(n)`: a recurrent state can only be reused whole), so th
 next request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed
 out itself, without a copy: the request's own cache will hold all of it and more, and replace it when it ends.
 The entries are bounded in number and in bytes, each charged for its whole context
-(`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache allocates its context up front (lazily), and how its rows lie in
+(`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache may allocate up to its whole context, and how its rows lie in
 memory is its own business, so the pages a short entry keeps resident can be many more than its tokens' bytes; the
 whole context is the bound that holds. Only the scheduler thread uses it (no locking). The scheduler reuses the
 memory of the caches it lets go (`on_drop`) for its next ones, and makes lookup's copies into them (`copy`).

@@ -87,6 +87,31 @@ def test_batched_step_over_caches_at_different_positions(tmp_path):
     assert [c.n for c in caches] == [c.n for c in refs]
 
 
+
+def test_caches_growing_under_the_step(tmp_path, monkeypatch):
+    """Caches allocate 8 positions and grow as they fill (kv_cache.INITIAL_CAP): batched steps across the growth
+    of each cache equal the forward on caches allocated whole."""
+    from edgellm.runtime import kv_cache
+    e = Engine(write_tiny(tmp_path / "l.gguf", "llama", **TINY), n_ctx=64, threads=2)
+    refs = [e.new_cache(64) for _ in range(3)]
+    monkeypatch.setattr(kv_cache, "INITIAL_CAP", 8)
+    caches = [e.new_cache(64) for _ in range(3)]
+    assert [c.cap for c in caches] == [8] * 3 and refs[0].cap == 64
+    for i, (c, r) in enumerate(zip(caches, refs)):
+        e.prefill(np.arange(1, 4 + 2 * i), c)
+        e.prefill(np.arange(1, 4 + 2 * i), r)
+    toks = [3, 4, 5]
+    for _ in range(12):  # positions 3 .. 19 cross 8 and 16
+        a = e.fast.run(np.array(toks, dtype=np.int64), caches)
+        b = reference_step(e, toks, refs)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+        toks = [int(t) for t in b.argmax(1)]
+    assert [c.cap for c in caches] == [16, 32, 32] and [c.n for c in caches] == [r.n for r in refs]
+    for c, r in zip(caches, refs):
+        for li in range(e.cfg.n_layer):
+            np.testing.assert_array_equal(c.keys(li), r.keys(li))
+            np.testing.assert_array_equal(c.values(li), r.values(li))
+
 @pytest.mark.slow  # a step of its own to compile (another KV storage)
 def test_quantized_kv_cache(tmp_path):
     e = Engine(write_tiny(tmp_path / "l.gguf", "llama", n_embd=128, **TINY), n_ctx=64, threads=2, kv="q8_0")

@@ -42,6 +42,41 @@ def test_compressed_kv_follows_f32(tiny, kv, tol):
     assert eng.cache.nbytes_per_token == eng.kv_bytes_per_token < 2 * 2 * 2 * 32 * 4  # below f32's
 
 
+
+@pytest.mark.parametrize("kv,attn", [("f32", "dense"), ("f16", "dense"), ("q8_0", "dense"), ("q8_0,q4_0", "dense"),
+                                     ("f32", "delta")])
+def test_caches_grow_as_the_sequence_does(tiny, kv, attn, monkeypatch):
+    """A cache allocates INITIAL_CAP positions and grows (at least doubling, at most n_ctx) as prefill, decode, fork
+    and restore need: the same logits and contents as a cache allocated whole."""
+    from edgellm.runtime import kv_cache
+    kw = dict(n_ctx=128, threads=2, kv=kv, attn=attn) | (dict(delta_threshold=0.2, delta_window=8) if attn == "delta"
+                                                          else {})
+    toks = np.random.default_rng(7).integers(0, 260, 90)
+    ref_full, ref_inc = run(Engine(tiny, **kw), toks)
+    monkeypatch.setattr(kv_cache, "INITIAL_CAP", 16)
+    eng = Engine(tiny, **kw)
+    full, inc = run(eng, toks)  # prefill of 90 at once: 16 -> 128; 20 then decodes: 16 -> 32 -> 64 -> 128
+    np.testing.assert_allclose(full, ref_full, rtol=1e-5, atol=1e-5 * np.abs(ref_full).max())
+    np.testing.assert_allclose(inc, ref_inc, rtol=1e-5, atol=1e-5 * np.abs(ref_inc).max())
+    c = eng.new_cache()
+    assert c.cap == 16
+    eng.prefill(toks[:40], c)
+    assert c.cap == 64 and c.version == 2
+    f = c.fork()  # a fork allocates what it copies
+    assert f.cap == 64 and f.n == 40
+    r = eng.new_cache()
+    r.restore([c.snapshot(0, 40)])
+    assert r.cap >= 40
+    for x in (f, r):
+        for li in range(eng.cfg.n_layer):
+            np.testing.assert_array_equal(x.keys(li), c.keys(li))
+            np.testing.assert_array_equal(x.values(li), c.values(li))
+    np.testing.assert_array_equal(eng.decode(5, f), eng.decode(5, r))
+    c.truncate(0)  # emptied, it keeps its allocation
+    assert c.cap == 64
+    with pytest.raises(ValueError):
+        c.reserve(129)
+
 def test_delta_theta_zero_is_dense_and_counts_nothing_skipped(tiny):
     toks = np.random.default_rng(2).integers(0, 260, 70)
     ref_full, ref_inc = run(Engine(tiny, n_ctx=128, threads=2), toks)
