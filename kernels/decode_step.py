@@ -196,7 +196,7 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
             # store each sequence's k, v; then attention for all B sequences in one parallel loop whose work items
             # are (sequence, kv head, token range), as attention_decode splits one sequence (same items, same sums)
             G = H // Hkv
-            if B > 1:  # (the stores of B sequences are B x Hkv x hd scattered writes per K and V: spread on the threads)
+            if B > 1:  # (B sequences' stores are B x Hkv x hd scattered writes per K and V: spread on the threads)
                 for b in prange(B):
                     _store_one(addr, b, li, Hkv, hd, cap, KT, VT, k_half, v_half, k_blocks, v_blocks, kh, vh, qh, qr,
                                pos, H, center_k, center_v, rot_k, rot_v)
