@@ -87,7 +87,6 @@ def test_batched_step_over_caches_at_different_positions(tmp_path):
     assert [c.n for c in caches] == [c.n for c in refs]
 
 
-
 def test_caches_growing_under_the_step(tmp_path, monkeypatch):
     """Caches allocate 8 positions and grow as they fill (kv_cache.INITIAL_CAP): batched steps across the growth
     of each cache equal the forward on caches allocated whole."""
@@ -111,6 +110,7 @@ def test_caches_growing_under_the_step(tmp_path, monkeypatch):
         for li in range(e.cfg.n_layer):
             np.testing.assert_array_equal(c.keys(li), r.keys(li))
             np.testing.assert_array_equal(c.values(li), r.values(li))
+
 
 @pytest.mark.slow  # a step of its own to compile (another KV storage)
 def test_quantized_kv_cache(tmp_path):

@@ -42,7 +42,6 @@ def test_compressed_kv_follows_f32(tiny, kv, tol):
     assert eng.cache.nbytes_per_token == eng.kv_bytes_per_token < 2 * 2 * 2 * 32 * 4  # below f32's
 
 
-
 @pytest.mark.parametrize("kv,attn", [("f32", "dense"), ("f16", "dense"), ("q8_0", "dense"), ("q8_0,q4_0", "dense"),
                                      ("f32", "delta")])
 def test_caches_grow_as_the_sequence_does(tiny, kv, attn, monkeypatch):
@@ -76,6 +75,7 @@ def test_caches_grow_as_the_sequence_does(tiny, kv, attn, monkeypatch):
     assert c.cap == 64
     with pytest.raises(ValueError):
         c.reserve(129)
+
 
 def test_delta_theta_zero_is_dense_and_counts_nothing_skipped(tiny):
     toks = np.random.default_rng(2).integers(0, 260, 70)

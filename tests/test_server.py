@@ -454,7 +454,6 @@ def test_prefix_cache_on_every_cache_type(arch, tmp_path, monkeypatch):
         numba.set_num_threads(before)
 
 
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scheduler_reuses_the_memory_of_caches_it_lets_go(arch, tmp_path, monkeypatch):
     """Caches of ended requests (and dropped prefix entries) are emptied and kept as spares, at most `parallel`
@@ -500,6 +499,7 @@ def test_scheduler_reuses_the_memory_of_caches_it_lets_go(arch, tmp_path, monkey
     assert len(sched._spares) == 1
     sched._recycle(new_cache())
     assert len(sched._spares) == 1
+
 
 # --------------------------------------------------------------------------- bad requests
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
