@@ -57,7 +57,7 @@ class RowCache(Cache):
     `_state_rows()`: [(array, position axis)] of state kept per position but rewritten as the sequence grows
     (delta attention's score rows: copied whole up to the last position);
     `_empty()`: an empty cache of the same configuration;
-    `_reserve(n)` (optional): room for n positions, for a cache whose arrays grow with the sequence."""
+    `reserve(n)` (optional): room for n positions, for a cache whose arrays grow with the sequence."""
 
     def _rows(self) -> list[tuple[np.ndarray, int]]:
         raise NotImplementedError
@@ -71,7 +71,7 @@ class RowCache(Cache):
     def _empty(self) -> "RowCache":
         raise NotImplementedError
 
-    def _reserve(self, n: int) -> None:
+    def reserve(self, n: int) -> None:
         """Room for positions 0 .. n - 1 in the arrays of `_rows()` (a cache that allocates as it grows)."""
 
     def can_truncate(self, n: int) -> bool:
@@ -86,7 +86,7 @@ class RowCache(Cache):
         """An empty cache of the same configuration with the filled part copied (statistics are shared)."""
         c = self._empty()
         n = self.n
-        c._reserve(n)
+        c.reserve(n)
         for (src, ax), (dst, _) in zip(self._rows() + self._state_rows(), c._rows() + c._state_rows()):
             dst[_along(ax, 0, n)] = src[_along(ax, 0, n)]
         for src, dst in zip(self._state(), c._state()):
@@ -105,7 +105,7 @@ class RowCache(Cache):
 
     def restore(self, snapshots: Sequence[Snapshot]) -> int:
         stop = check_consecutive(snapshots, self.n, self.n_ctx)
-        self._reserve(stop)
+        self.reserve(stop)
         rows = self._rows()
         for s in snapshots:
             if len(s.rows) != len(rows):

@@ -148,7 +148,6 @@ class FastDecode:
         return st
 
     def _table(self, c: KVCache) -> np.ndarray:
-        c.reserve(c.n + 1)  # (the step writes position n: it must be allocated)
         vt = self._addrs.get(c)
         if vt is None or vt[0] != c.version:
             vt = self._addrs[c] = (c.version, cache_addresses(c))
@@ -164,6 +163,8 @@ class FastDecode:
         B = len(caches)
         pos = np.array([x.n for x in caches], dtype=np.int64)
         m.ensure_rope(int(pos.max()) + 1)
+        for x in caches:  # the step writes position n of each cache: allocated before its addresses are taken
+            x.reserve(x.n + 1)
         addr = np.stack([self._table(x) for x in caches])
         cap = np.array([x.cap for x in caches], dtype=np.int64)
         c0 = caches[0]

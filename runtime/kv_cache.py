@@ -186,8 +186,7 @@ class KVCache(RowCache):
         if old is not None and self.n:
             for src, dst in zip(old, (self.k, self.k_scales, self.v, self.v_scales)):
                 for li in range(n_layer):
-                    if dst[li].shape[-2]:  # (no scales: nothing to copy)
-                        dst[li][..., :self.n] = src[li][..., :self.n]
+                    dst[li][..., :self.n] = src[li][..., :self.n]
         self.cap = cap
         self.version += 1
         self._kv_args = None  # (built on first use: _storage)
@@ -200,7 +199,8 @@ class KVCache(RowCache):
         return self._kv_args[layer]
 
     def reserve(self, n: int) -> None:
-        """Room for positions 0 .. n - 1 (n <= n_ctx): the arrays grow, at least doubling, when they hold fewer."""
+        """Room for positions 0 .. n - 1 (n <= n_ctx): the arrays grow, at least doubling, when they hold fewer
+        (RowCache's hook too: fork and restore reserve the positions they copy in)."""
         if n > self.cap:
             if n > self.n_ctx:
                 raise ValueError(f"{n} positions do not fit in a cache of {self.n_ctx}")
@@ -208,9 +208,6 @@ class KVCache(RowCache):
             while cap < n:
                 cap *= 2
             self._allocate(min(cap, self.n_ctx))
-
-    def _reserve(self, n: int) -> None:  # (RowCache's hook: before fork / restore copy n positions in)
-        self.reserve(n)
 
     # ------------------------------------------------------------------ the Cache interface
     @property
