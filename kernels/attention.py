@@ -103,7 +103,7 @@ def split_tokens(n, Hkv):
 
 
 @njit(**_JIT)
-def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow, nzi, nzc, nnz, scale, m_part,
+def decode_item(q, kd, ks, vd, vs, kh, j0, j1, L, n_old, delta, need, srow, nzi, nzc, nnz, scale, m_part,
                 l_part, o_part):
     # one work item of a decode: the keys j0 .. j1 - 1 (j1 - j0 <= L) of kv head kh for its G = m_part.shape[0]
     # query heads -> the running max m_part (G,), the sum of exponentials l_part (G,) and the unnormalised output
@@ -119,7 +119,7 @@ def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow,
         t1 = min(j1, t0 + TJ)
         a = min(t1, n_old)
         if a > t0:  # keys outside the window: s += d . k over the non-zero d_i only
-            src, off = tile(kd, ks, kh, need[kh], False, t0, a, tbl, buf)
+            src, off = tile(kd, ks, kh, need[kh], False, t0, a, buf)
             axpy_rows_gi(srow, kh * G, G, t0, src, off, a - t0, nzi, nzc, nnz[kh * G])
             for g in range(G):
                 h = kh * G + g
@@ -127,7 +127,7 @@ def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow,
                     sc[g, j - j0] = srow[h, j]
         b = max(t0, n_old)
         if t1 > b:  # the window (dense: everything): exact scores
-            src, off = tile(kd, ks, kh, need[kh], True, b, t1, tbl, buf)
+            src, off = tile(kd, ks, kh, need[kh], True, b, t1, buf)
             axpy_rows_g(sc, b - j0, src, off, t1 - b, q, kh * G, G)
             if delta:
                 for g in range(G):
@@ -144,7 +144,7 @@ def decode_item(q, kd, ks, vd, vs, tbl, kh, j0, j1, L, n_old, delta, need, srow,
         l_part[g] = exp_sum(sc[g], nj, scale, m, kbuf)
     for t0 in range(j0, j1, TJ):
         t1 = min(j1, t0 + TJ)
-        src, off = tile(vd, vs, kh, need[kh], True, t0, t1, tbl, buf)
+        src, off = tile(vd, vs, kh, need[kh], True, t0, t1, buf)
         dot_rows_g(sc, t0 - j0, src, off, t1 - t0, o_part, G)
 
 
@@ -176,14 +176,14 @@ def combine(m_part, l_part, o_part, S, out):
 @njit(parallel=True, **_JIT)
 def attention_decode(q, kv, n, scale, dstate, out):
     # q (H, hd) of the token at position n - 1 (already stored) -> out (H, hd), over one layer's cache
-    # kv = (kd, ks, vd, vs, tbl, rot_k, rot_v): K and V data / block scales in a kv_store.py format, the f16 table, and
+    # kv = (kd, ks, vd, vs, rot_k, rot_v): K and V data / block scales in a kv_store.py format, and
     # whether the cache holds Hadamard-rotated keys / values (q is rotated alike, the output rotated back).
     # dstate = (delta, window, qhat, srow, theta, skipped, total): delta attention (kernels/delta.py) when delta is
     # True: update q̂ (H, hd) and the score rows srow (H, n_ctx) with the threshold of each head and dimension
     # theta (H, hd) f32 and a window of exact keys; add the outside-window multiply-adds skipped / possible per head to
     # skipped, total (H,) f64. Dense: delta False (the rest unused).
     # Work is split over (kv head, token range) pairs (decode_item), combined flash-decoding style (combine).
-    kd, ks, vd, vs, tbl, rot_k, rot_v = kv
+    kd, ks, vd, vs, rot_k, rot_v = kv
     delta, window, qhat, srow, theta, skipped, total = dstate
     H, D = q.shape
     if rot_k:
@@ -206,7 +206,7 @@ def attention_decode(q, kv, n, scale, dstate, out):
     o_part = np.zeros((Hkv * S, G, D), dtype=np.float32)
     for w in prange(Hkv * S):
         j0 = (w % S) * L
-        decode_item(q, kd, ks, vd, vs, tbl, w // S, j0, min(n, j0 + L), L, n_old, delta, need, srow, nzi, nzc, nnz,
+        decode_item(q, kd, ks, vd, vs, w // S, j0, min(n, j0 + L), L, n_old, delta, need, srow, nzi, nzc, nnz,
                     scale, m_part[w], l_part[w], o_part[w])
     combine(m_part, l_part, o_part, S, out)
     if rot_v:

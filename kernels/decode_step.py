@@ -143,7 +143,7 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
 
     @njit(**_STEP_JIT)
     def step(tokens, pos, emb_W, attn_norm, ffn_norm, wtab, widths, attn_sub, ffn_sub, out_norm, head_W, cos, sin,
-             rope_dim, head_dim, eps, scale, addr, cap, flags, tbl, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
+             rope_dim, head_dim, eps, scale, addr, cap, flags, x, h, big, att, q, k, v, qbuf, dbuf, sbuf,
              tokscale, logits, nchunk):
         # tokens, pos (B,) int64; wtab (L, 4, 6) int64 the layers' matrices (see QKV above); widths (L, 3) =
         # (H, Hkv, n_ff) per layer; flags = (rot_k, rot_v, center_k, center_v); addr (B, 6, L) int64 cache
@@ -220,7 +220,7 @@ def make_step(isa: str, fmt: str, head_fmt: str, emb: tuple, bitnet: bool, relu2
                 j0 = (r % Sw) * Lw
                 kdw, ksw, vdw, vsw = _layer_cache(addr, bw, li, Hkv, hd, cap[bw], KT, VT, k_half, v_half,
                                                   k_blocks, v_blocks)
-                decode_item(qr[bw, :H], kdw, ksw, vdw, vsw, tbl, r // Sw, j0, min(pos[bw] + 1, j0 + Lw), Lw, 0, False,
+                decode_item(qr[bw, :H], kdw, ksw, vdw, vsw, r // Sw, j0, min(pos[bw] + 1, j0 + Lw), Lw, 0, False,
                             no_need, dummy, no_nzi, dummy, no_nnz, scale, m_part[w], l_part[w], o_part[w])
             for b in range(B):
                 ob = a[b].reshape(H, hd)

@@ -20,18 +20,14 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .simd import float_to_half, half_to_float
+
 _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
 
 QK = 32  # values per quantization block
 TJ = 1024  # tokens per tile in decode: rows of 4 KB (f32), which the prefetchers stream at full speed (1 KB: ~0.6x)
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
-
-# f16 bits -> f32 value, for every one of the 65536 patterns (256 KB; passed to the kernels as `tbl`). The signalling
-# NaN patterns raise the invalid flag when converted on aarch64 (a warning at every start): they become NaN all the same
-with np.errstate(invalid="ignore"):
-    F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
 
 def layout(kv: str, n_head_kv: int, head_dim: int, n_ctx: int):
     """-> (data shape, data dtype, scales shape) of one layer's K (or V) cache in format `kv`."""
@@ -55,31 +51,10 @@ def bytes_per_token(kv: str, n_head_kv: int, head_dim: int) -> int:
 # ================================================================ f16 conversion (bits)
 @njit(**_JIT_EXACT)
 def f32_to_f16_bits(x, out):
-    # x (n,) f32 -> out (n,) uint16: IEEE half, round to nearest even (as numpy's astype(float16))
-    bits = x.view(np.uint32)
+    # x (n,) f32 -> out (n,) uint16: IEEE half, round to nearest even (as numpy's astype(float16); the machine's
+    # conversion instruction: vcvtps2ph with F16C, fcvtn on aarch64)
     for i in range(x.shape[0]):
-        b = np.int64(bits[i])
-        sign = (b >> 16) & 0x8000
-        a = b & 0x7FFFFFFF
-        if a >= 0x7F800000:  # inf / nan
-            h = 0x7C00 if a == 0x7F800000 else 0x7E00
-        elif a >= 0x477FF000:  # rounds to >= 65536: overflow
-            h = 0x7C00
-        elif a >= 0x38800000:  # normal half
-            h = (a + 0xFFF + ((a >> 13) & 1)) >> 13
-            h -= (127 - 15) << 10
-        elif a < 0x33000000:  # below half the smallest subnormal: 0
-            h = 0
-        else:  # subnormal half: value / 2^-24, rounded to nearest even
-            e = a >> 23
-            m = (a & 0x7FFFFF) | 0x800000
-            shift = 126 - e  # m * 2^(e - 150) / 2^-24 = m >> (126 - e)
-            h = m >> shift
-            rem = m & ((1 << shift) - 1)
-            half = 1 << (shift - 1)
-            if rem > half or (rem == half and (h & 1)):
-                h += 1
-        out[i] = np.uint16(sign | h)
+        out[i] = float_to_half(x[i])
     return out
 
 
@@ -181,7 +156,7 @@ def _store_ov(data, scales, x, p0):
                     f32_to_f16_bits(d, dbits)
                     for b in range(nb):
                         scales[h, b, p0 + t] = dbits[b]
-                        df = F16_TABLE[dbits[b]]
+                        df = half_to_float(dbits[b])
                         idb = np.float32(1.0) / df if df != 0 else np.float32(0.0)
                         for k in range(32):
                             y = np.float32(np.round(x[t, h, 32 * b + k] * idb))
@@ -234,7 +209,7 @@ def store_kv(kd, ks, vd, vs, k, v, p0, rot_k, rot_v):
 
 # ================================================================ reading tiles (dequantizing)
 @njit(**_JIT)
-def block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, out):
+def block_scales(scales, kh, b, need, all_rows, t0, t1, out):
     # scales (Hkv, hd/32, n_ctx) f16 bits -> out (t1 - t0,) f32: the scales of block b (dims 32 b .. 32 b + 31) of kv
     # head kh at tokens t0 .. t1 - 1, when all_rows or a dimension of the block is needed; -> whether it was
     use = all_rows
@@ -244,26 +219,26 @@ def block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, out):
     if use:
         ssrc = scales[kh, b, t0:t1]
         for u in range(t1 - t0):
-            out[u] = tbl[ssrc[u]]
+            out[u] = half_to_float(ssrc[u])
     return use
 
 
-def tile(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+def tile(data, scales, kh, need, all_rows, t0, t1, buf):
     """-> (src, off): src[i, off + j - t0] = dim i of kv head kh at token j, for t0 <= j < t1 and the rows i with
     need[i] or all_rows (f32: the cache itself, no copy; other formats: decoded into buf (hd + hd/32, >= t1 - t0))."""
     raise NotImplementedError("only callable from jitted code")
 
 
 @overload(tile, jit_options=_JIT)
-def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+def _tile_ov(data, scales, kh, need, all_rows, t0, t1, buf):
     # (loops run over 0-based slices so that LLVM vectorizes them along tokens)
     dt = data.dtype
     if dt == types.float32:
-        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+        def impl(data, scales, kh, need, all_rows, t0, t1, buf):
             return data[kh], t0
         return impl
     if dt == types.uint16:
-        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+        def impl(data, scales, kh, need, all_rows, t0, t1, buf):
             D = data.shape[1]
             m = t1 - t0
             for i in range(D):
@@ -271,17 +246,17 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
                     src = data[kh, i, t0:t1]
                     dst = buf[i, :m]
                     for u in range(m):
-                        dst[u] = tbl[src[u]]
+                        dst[u] = half_to_float(src[u])  # (vcvtph2ps / fcvtl: 8-16 at a time)
             return buf, 0
         return impl
     if dt == types.int8:
-        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+        def impl(data, scales, kh, need, all_rows, t0, t1, buf):
             D = data.shape[1]
             nb = D // 32
             m = t1 - t0
             for b in range(nb):
                 sc = buf[D + b, :m]
-                if not block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, sc):
+                if not block_scales(scales, kh, b, need, all_rows, t0, t1, sc):
                     continue
                 for i in range(32 * b, 32 * b + 32):
                     if all_rows or need[i]:
@@ -292,13 +267,13 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
             return buf, 0
         return impl
     if dt == types.uint8:
-        def impl(data, scales, kh, need, all_rows, t0, t1, tbl, buf):
+        def impl(data, scales, kh, need, all_rows, t0, t1, buf):
             D = data.shape[1] * 2
             nb = D // 32
             m = t1 - t0
             for b in range(nb):
                 sc = buf[D + b, :m]
-                if not block_scales(scales, kh, b, need, all_rows, t0, t1, tbl, sc):
+                if not block_scales(scales, kh, b, need, all_rows, t0, t1, sc):
                     continue
                 for k in range(16):
                     i0 = 32 * b + k
@@ -332,7 +307,7 @@ def _tile_buf_ov(kd, vd, D, m):
 
 
 @njit(parallel=True, **_JIT)
-def dequantize_cache(data, scales, n, tbl, out):
+def dequantize_cache(data, scales, n, out):
     # one layer's cache in any format -> out (Hkv, hd, >= n) f32, tokens 0 .. n - 1
     Hkv, D = out.shape[0], out.shape[1]
     nt = (n + TJ - 1) // TJ
@@ -342,7 +317,7 @@ def dequantize_cache(data, scales, n, tbl, out):
         t1 = min(n, t0 + TJ)
         buf = tile_buf(data, data, D, TJ)
         need = np.ones(D, dtype=np.bool_)
-        src, off = tile(data, scales, kh, need, True, t0, t1, tbl, buf)
+        src, off = tile(data, scales, kh, need, True, t0, t1, buf)
         for i in range(D):
             for j in range(t0, t1):
                 out[kh, i, j] = src[i, off + j - t0]
@@ -401,6 +376,6 @@ def dequantize_ref(codes, scales, kv: str) -> np.ndarray:
     return (b * scales.astype(np.float32)[..., None]).reshape(codes.shape)
 
 
-__all__ = ["QK", "TJ", "KV_TYPES", "F16_TABLE", "layout", "bytes_per_token", "f32_to_f16_bits", "q4_0_scale",
+__all__ = ["QK", "TJ", "KV_TYPES", "layout", "bytes_per_token", "f32_to_f16_bits", "q4_0_scale",
            "store_kv", "fwht_rows", "can_rotate", "tile", "tile_buf", "dequantize_cache", "quantize_ref",
            "dequantize_ref"]

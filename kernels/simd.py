@@ -217,6 +217,19 @@ def half_to_float(typingctx, bits):
 
 
 @intrinsic
+def float_to_half(typingctx, x):
+    """The IEEE half-precision bits (a uint16) of x (float32), rounded to nearest even as the hardware converts it."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+    sig = types.uint16(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], F16), ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
 def round_to_half(typingctx, x):
     """x (float32) rounded to the nearest IEEE half-precision value, as float32 (as ggml stores a block's scale)."""
     if not isinstance(x, types.Float) or x.bitwidth != 32:

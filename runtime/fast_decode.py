@@ -17,7 +17,6 @@ import numba
 import numpy as np
 
 from ..kernels import decode_step as ds
-from ..kernels import kv_store
 from ..kernels import q8act
 from ..kernels.ternary_i2 import TernaryI2Matrix
 from ..models.bitnet import BitNet
@@ -174,7 +173,7 @@ class FastDecode:
         self.step(np.ascontiguousarray(tokens, dtype=np.int64), pos, m.tok_embd.W, self.attn_norm, self.ffn_norm,
                   self.wtab, self.widths, self.attn_sub, self.ffn_sub, m.output_norm, m.output.W,
                   m.rope_cos, m.rope_sin, c.rope_dim, c.head_dim, c.norm_eps, m.scale,
-                  addr, cap, flags, kv_store.F16_TABLE, st["x"], st["h"], st["big"], st["att"], st["q"], st["k"],
+                  addr, cap, flags, st["x"], st["h"], st["big"], st["att"], st["q"], st["k"],
                   st["v"], st["qbuf"], st["dbuf"], st["sbuf"], st["tokscale"], logits, 4 * numba.get_num_threads())
         for x in caches:
             x.n += 1

@@ -194,7 +194,7 @@ class KVCache(RowCache):
     def _storage(self, layer: int) -> tuple:
         # what attention_decode takes for a layer's storage (views of the arrays, until they are reallocated)
         if self._kv_args is None:
-            self._kv_args = [(self.k[li], self.k_scales[li], self.v[li], self.v_scales[li], S.F16_TABLE, self.rot_k,
+            self._kv_args = [(self.k[li], self.k_scales[li], self.v[li], self.v_scales[li], self.rot_k,
                               self.rot_v) for li in range(self.n_layer)]
         return self._kv_args[layer]
 
@@ -310,7 +310,7 @@ class KVCache(RowCache):
         if data[layer].dtype == np.float32:
             return data[layer]
         out = np.empty((self.layer_heads[layer][1], self.head_dim, n), dtype=np.float32)
-        return S.dequantize_cache(data[layer], scales[layer], n, S.F16_TABLE, out)
+        return S.dequantize_cache(data[layer], scales[layer], n, out)
 
     def keys(self, layer: int) -> np.ndarray:
         """(n_head_kv, n, head_dim) f32 keys of the tokens held (a copy, token-major, rotated back)."""

@@ -38,7 +38,7 @@ def decode(q, kd, ks, vd, vs, n, delta=None, rot=(False, False)):
     H, hd = q.shape
     z = np.zeros((1, 1), np.float32)
     state = (False, 1, z, z, z, np.zeros(H), np.zeros(H)) if delta is None else (True,) + tuple(delta)
-    return A.attention_decode(q, (kd, ks, vd, vs, S.F16_TABLE) + tuple(rot), n, np.float32(hd ** -0.5), state,
+    return A.attention_decode(q, (kd, ks, vd, vs) + tuple(rot), n, np.float32(hd ** -0.5), state,
                               np.empty((H, hd), np.float32))
 
 
@@ -73,7 +73,7 @@ def test_store_is_bit_exact_with_gguf_py(kv):
     # the NumPy reference quantizer agrees, and the kernels' tiles decode what gguf-py decodes
     deq = S.dequantize_ref(*S.quantize_ref(x, kv), kv)
     np.testing.assert_array_equal(deq.reshape(-1, D), gguf.quants.dequantize(ref, GGML[kv]).reshape(-1, D))
-    out = S.dequantize_cache(kd, ks, T + 4, S.F16_TABLE, np.zeros((Hkv, D, T + 4), np.float32))
+    out = S.dequantize_cache(kd, ks, T + 4, np.zeros((Hkv, D, T + 4), np.float32))
     np.testing.assert_array_equal(out[:, :, 4:4 + T].transpose(2, 0, 1), deq)
 
 
@@ -87,7 +87,7 @@ def test_store_q4_0_searched_scale(seed):
     codes, sc = S.quantize_ref(x, "q4_0")
     deq = S.dequantize_ref(codes, sc, "q4_0")
     np.testing.assert_array_equal(gguf.quants.dequantize(rows, QT.Q4_0).reshape(T, Hkv, D), deq)
-    out = S.dequantize_cache(kd, ks, T + 4, S.F16_TABLE, np.zeros((Hkv, D, T + 4), np.float32))
+    out = S.dequantize_cache(kd, ks, T + 4, np.zeros((Hkv, D, T + 4), np.float32))
     np.testing.assert_array_equal(out[:, :, 4:4 + T].transpose(2, 0, 1), deq)
     ggml = gguf.quants.dequantize(gguf.quants.quantize(x.reshape(-1, D), QT.Q4_0), QT.Q4_0).reshape(x.shape)
     err = ((deq - x).astype(np.float64) ** 2).reshape(-1, 32).sum(-1)
