@@ -52,13 +52,14 @@ DeltaSparsityOpt = typer.Option(None, "--delta-sparsity", help="Delta: calibrate
                                                                "no --delta-threshold is given).")
 DeltaWindowOpt = typer.Option(64, "--delta-window", help="Delta: recent keys always scored exactly.")
 DeltaCalibOpt = typer.Option(None, "--delta-calib", help="Delta: text file to calibrate --delta-sparsity on.")
-KvOpt = typer.Option("f32", "--kv", help="KV cache type: f32, f16, q8_0, q4_0, or K,V types (as -ctk/-ctv).")
+KvOpt = typer.Option(None, "--kv", help="KV cache type: f32, f16, q8_0, q4_0, or K,V types (as -ctk/-ctv); default "
+                                         "f16, as llama.cpp's (MLA and linear-attention models: f32).")
 
 
 def _engine_kw(attn, delta_threshold, delta_sparsity, delta_window, delta_calib, kv, calib_text=None) -> dict:
     """Engine keyword arguments of the attention/KV options (only those that differ from the defaults)."""
     kw = {}
-    if kv != "f32":
+    if kv is not None:
         kw["kv"] = kv
     if attn != "dense" or delta_threshold is not None or delta_sparsity is not None:
         kw.update(attn=attn, delta_threshold=delta_threshold, delta_sparsity=delta_sparsity, delta_window=delta_window)
@@ -116,7 +117,7 @@ def run(model: Optional[str] = ModelArg,
         threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt,
         attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
         delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
-        delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
+        delta_calib: Optional[str] = DeltaCalibOpt, kv: Optional[str] = KvOpt,
         json_schema: Optional[str] = typer.Option(None, "--json-schema", "-j", help="Constrain the output to this "
                                                   "JSON Schema: a file, or the schema's JSON text itself."),
         json_object: bool = typer.Option(False, "--json", help="Constrain the output to a JSON object (any)."),
@@ -253,7 +254,7 @@ def serve(model: Optional[str] = ModelArg,
           parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: sequences decoded together (a request "
                                                                     "with n choices takes n)."),
           queue: int = typer.Option(16, "--queue", help="Requests that may wait for a slot; beyond, 503."),
-          threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt, kv: str = KvOpt,
+          threads: Optional[int] = ThreadsOpt, ctx: Optional[int] = CtxOpt, kv: Optional[str] = KvOpt,
           cache_ram: int = typer.Option(1024, "--cache-ram", help="MiB of KV caches kept across requests for prefix "
                                                                   "reuse (0: off, -1: no limit)."),
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGELLM_API_KEY",
@@ -278,7 +279,7 @@ def serve(model: Optional[str] = ModelArg,
     from .runtime.fetch import resolve_model
     sock = bind(host, port)  # a taken port is an error before the model loads
     path = resolve_model(model)
-    eng = _load(str(path), threads, ctx, **({"kv": kv} if kv != "f32" else {}))
+    eng = _load(str(path), threads, ctx, **({"kv": kv} if kv is not None else {}))
     model_id, aliases = model_names(model, path)
     server = build(eng, model_id, aliases, parallel=parallel, max_queue=queue,
                    cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key, path=str(path))
@@ -363,7 +364,7 @@ def perplexity(model: Optional[str] = ModelArg,
                threads: Optional[int] = ThreadsOpt,
                attn: str = AttnOpt, delta_threshold: Optional[float] = DeltaThresholdOpt,
                delta_sparsity: Optional[float] = DeltaSparsityOpt, delta_window: int = DeltaWindowOpt,
-               delta_calib: Optional[str] = DeltaCalibOpt, kv: str = KvOpt,
+               delta_calib: Optional[str] = DeltaCalibOpt, kv: Optional[str] = KvOpt,
                as_json: bool = typer.Option(False, "--json", help='Print one line {"ppl", "tokens_scored", "ctx", '
                                                                   '"windows", "sparsity", "kv_bytes_per_token", ...}.')):
     """Perplexity computed as llama.cpp's llama-perplexity does (windows of ctx tokens, second half scored).
@@ -385,7 +386,7 @@ def perplexity(model: Optional[str] = ModelArg,
         d = res.as_dict()
         st = eng.attention_stats()
         d.update(sparsity=st.get("sparsity", 0.0), kv_bytes_per_token=st.get("kv_bytes_per_token"),
-                 attn=st.get("attn", "dense"), kv=st.get("kv", "f32"))
+                 attn=st.get("attn", "dense"), kv=st.get("kv"))
         if st.get("attn") == "delta":
             d.update(window=st["window"], theta=st["theta"], sparsity_per_layer=st["prefill"]["per_layer"])
         print(json.dumps(d))

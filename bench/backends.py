@@ -70,12 +70,13 @@ class _EngineBackend:
 
 class EdgeBackend(_EngineBackend, _GGUFBackend):
     name = "edgellm"
-    type_k = type_v = "f32"
 
     def __init__(self, path, threads: int, n_ctx: int, n_batch: int = 512):
         from ..runtime.engine import Engine
+        from ..runtime.kv_cache import parse_kv
         self._model(path)
         self._attach(Engine(path, n_ctx=n_ctx, threads=threads), n_ctx, n_batch)
+        self.type_k, self.type_v = parse_kv(self.engine.kv)  # (the default: f16, as llama.cpp's)
 
 
 class LlamaCppBackend(_GGUFBackend):

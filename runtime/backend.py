@@ -75,7 +75,9 @@ class EngineOptions:
     cache and takes only n_ctx and threads.
 
     n_ctx: context size of new caches (default min(the model's, 4096)); threads: default the physical cores.
-    kv: the storage of new KV caches (f32, f16, q8_0, q4_0, or "K,V" types as llama.cpp's -ctk / -ctv).
+    kv: the storage of new KV caches (f32, f16, q8_0, q4_0, or "K,V" types as llama.cpp's -ctk / -ctv); None: the
+    model's default (runtime/caches.py default_kv: f16 for a KV cache, as llama.cpp's; f32 for an MLA latent cache or
+    a linear-attention state, their only type).
     attn: "dense" or "delta"; delta takes a threshold θ (one float, or one per layer) or a target sparsity, for which
     θ is calibrated per layer on `calib` (text or token ids; default runtime/calibration.py's text), and a window
     of exact keys; attn="delta" alone calibrates to DEFAULT_SPARSITY.
@@ -84,7 +86,7 @@ class EngineOptions:
     the model's per-operation forward (the reference)."""
     n_ctx: int | None = None
     threads: int | None = None
-    kv: str = "f32"
+    kv: str | None = None
     attn: str = "dense"
     delta_threshold: float | Sequence[float] | None = None
     delta_sparsity: float | None = None
@@ -97,7 +99,8 @@ class EngineOptions:
         if self.n_ctx is not None and (isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, (int, np.integer))
                                        or self.n_ctx < MIN_CTX):
             raise ArgumentError(f"n_ctx must be an integer >= {MIN_CTX} (got {self.n_ctx!r})", "n_ctx")
-        parse_kv(self.kv)
+        if self.kv is not None:
+            parse_kv(self.kv)
         if self.attn not in ATTN_KINDS:
             raise ArgumentError(f"attn {self.attn!r} is not one of {', '.join(ATTN_KINDS)}", "attn")
         if self.attn == "dense" and (self.delta_threshold is not None or self.delta_sparsity is not None):

@@ -11,6 +11,13 @@ from .latent_cache import LatentCache
 from .linear_state import LinearStateCache
 
 
+def default_kv(spec: CacheSpec) -> str:
+    """The storage a cache of this spec gets when none is asked for: f16 for K and V, as llama.cpp's default (half
+    the memory and the bytes attention reads of f32; the kernels convert with the machine's instructions); an MLA
+    latent cache and a linear-attention state are f32, their only type."""
+    return "f16" if spec.kind == KV else "f32"
+
+
 def check_options(spec: CacheSpec, kv: str, attn: str) -> None:
     """Raise UnsupportedError for a storage (kv) or attention kind (attn) this kind of cache does not have."""
     if spec.kind == KV:

@@ -11,7 +11,7 @@ from ..models import ARCHITECTURES
 from ..models.config import ConfigError, ModelConfig
 from .backend import (DEFAULT_SPARSITY, DEFAULT_WINDOW, EngineBase, EngineOptions, blas_threads,  # noqa: F401
                       physical_cores, set_threads, use_threads)
-from .caches import build_cache, bytes_per_token, check_options
+from .caches import build_cache, bytes_per_token, check_options, default_kv
 from .contracts import Backend, Cache
 from .errors import ArgumentError, GGUFError, UnsupportedError
 from .fetch import resolve_model
@@ -33,7 +33,7 @@ class Engine(EngineBase):
         t0 = time.perf_counter()
         super().__init__(path, options, **kwargs)
         o = self.options
-        self.kv, self.kv_transform = o.kv, o.kv_transform
+        self.kv_transform = o.kv_transform
         self.file = GGUFFile(path)
         try:
             self.cfg = ModelConfig.from_gguf(self.file.metadata)
@@ -52,7 +52,8 @@ class Engine(EngineBase):
         from .tokenizer import Tokenizer
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.spec = self.model.cache_spec()
-        check_options(self.spec, o.kv, o.attn)
+        self.kv = o.kv if o.kv is not None else default_kv(self.spec)
+        check_options(self.spec, self.kv, o.attn)
         self.n_ctx = self._context(self.cfg.n_ctx_train)
         check_engine(self)  # runtime/memory.py: the context's cache must fit before it is made
         self.attn = AttentionConfig()

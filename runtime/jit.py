@@ -66,7 +66,7 @@ def step_kernel():
     isa = kernel_isa()
     if isa is None:
         return None
-    return decode_step.make_step(isa, "q4_1", "q8_0", (True, 0, True, 256), False, False, ("f32", "f32"))
+    return decode_step.make_step(isa, "q4_1", "q8_0", (True, 0, True, 256), False, False, ("f16", "f16"))
 
 
 def is_cached_any_configuration(kernel) -> bool:

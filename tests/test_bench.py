@@ -215,7 +215,8 @@ def test_cli_json_both_backends_with_depth(model_path, llama_cpp):
         assert x["n_threads"] == 2 and x["n_batch"] == 512 and x["model_n_params"] > 100e6
         assert x["n_depth"] in (0, 8) and len(x["samples_ts"]) == 1 and x["peak_rss_bytes"] > 0
         assert x["ratio_vs_llama_cpp"] is not None
-    assert {x["type_k"] for x in rows} == {"f32", "f16"}
+    assert {(x["backend"], x["type_k"], x["type_v"]) for x in rows} == {("edgellm", "f16", "f16"),  # (the defaults)
+                                                                       ("llama.cpp", "f16", "f16")}
 
 
 def test_cli_csv_and_table(model_path, tmp_path):

@@ -37,7 +37,7 @@ def hf_logits(src, ids, embed=None):
 
 
 def ours(path, ids):
-    eng = Engine(path, n_ctx=256, threads=2)
+    eng = Engine(path, n_ctx=256, threads=2, kv="f32")  # (f32 K/V: computed in f32, as the references)
     full = eng.prefill(np.asarray(ids), eng.new_cache(256), logits="all")
     cache = eng.new_cache(256)
     eng.prefill(np.asarray(ids[:-1]), cache)
@@ -181,7 +181,7 @@ def smollm2_hf(tmp_path_factory, model_path):
 @pytest.mark.slow
 def test_smollm2_real_weights_f16_matches_transformers(smollm2_hf, tmp_path, llama_cpp, text):
     out = convert_to_gguf(smollm2_hf, tmp_path / "smol-f16.gguf", "f16")
-    eng = Engine(out, n_ctx=256, threads=2)
+    eng = Engine(out, n_ctx=256, threads=2, kv="f32")  # (f32 K/V: the check is the conversion's)
     ids = eng.tokenizer.encode(text[:2000], add_bos=False)[:128]
     # transformers' fp32 forward on the weights the f16 file holds (rounding weights to f16 alone moves these
     # logits by ~0.08, more than the tolerance: the check is that conversion adds nothing to it)

@@ -57,7 +57,7 @@ def logits(m, ids):
 
 
 def ours(path, ids):
-    eng = Engine(path, n_ctx=128, threads=2)
+    eng = Engine(path, n_ctx=128, threads=2, kv="f32")  # (f32 K/V: computed in f32, as the references)
     full = eng.prefill(np.asarray(ids), eng.new_cache(128), logits="all")
     cache = eng.new_cache(128)
     eng.prefill(np.asarray(ids[:-1]), cache)
