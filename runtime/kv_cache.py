@@ -30,8 +30,10 @@ PHASES = ("prefill", "decode")
 # positions a new cache allocates (it grows, doubling, as the sequence does, up to n_ctx): the rows of a dim-major
 # cache lie `cap` positions apart, and a short sequence in an allocation for 4,096 touches a page per row (SmolLM2:
 # 11,520) that the kernel zero-fills on first write, and reads rows scattered 16 KB apart. At 256: a new cache and a
-# 40-token prefill 84 -> 48 ms, a fork 38 -> 10 ms; the server at 8 clients 347 -> 444 tok/s, peak RSS 997 -> 558 MiB
-INITIAL_CAP = 256
+# 40-token prefill 84 -> 48 ms, a fork 38 -> 10 ms; the server at 8 clients 347 -> 444 tok/s, peak RSS 997 -> 558 MiB.
+# At 64 rather than 256, rows are at least half full: SmolLM2's batched step over 8 sequences of 100 tokens spends
+# 2.4-2.8 ms in attention instead of 3.4-3.9 (f16; an attention work item on rows 128 apart 6.0 us, 256 apart 8.3)
+INITIAL_CAP = 64
 
 
 def parse_kv(kv: str) -> tuple[str, str]:
