@@ -15,6 +15,7 @@ import asyncio
 import json
 import secrets
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -130,6 +131,7 @@ class Server:
         self.n_ctx = engine.n_ctx
         self.n_vocab = engine.cfg.n_vocab
         self.created = int(time.time())
+        self._outbox: _Outbox | None = None  # (made in the event loop: _submit)
         self.app = self._build_app()
 
     # ------------------------------------------------------------------ app
@@ -360,13 +362,13 @@ class Server:
     def _submit(self, prompts: list[list[int]], params: GenParams):
         """Hand the prompts to the scheduler; events of all of them go to one asyncio queue."""
         loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
         queue: asyncio.Queue = asyncio.Queue()
+        outbox = self._outbox
 
         def emit(ev):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-            except RuntimeError:  # the event loop is closed (shutting down): nobody listens any more
-                pass
+            outbox.put(queue, ev)
 
         reqs = [Request(ids, params, emit, index0=i * params.n) for i, ids in enumerate(prompts)]
         try:
@@ -470,6 +472,32 @@ class Server:
 
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Outbox:
+    """Events from the scheduler thread to the event loop's queues, handed over in batches: a decode step emits one
+    per sequence, and each hand-over wakes the loop through its self-pipe (a syscall that also lets go of the GIL
+    on the scheduler's thread), so events that come while a wake-up is pending ride along with it."""
+
+    def __init__(self, loop):
+        self.loop, self.items, self.lock = loop, [], threading.Lock()
+
+    def put(self, queue, ev) -> None:
+        with self.lock:
+            self.items.append((queue, ev))
+            if len(self.items) > 1:  # the loop has been woken and has not taken them yet
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody listens any more
+            with self.lock:
+                self.items.clear()
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
 
 
 async def _in_thread(fn, *args):
