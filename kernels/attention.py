@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .delta import axpy_rows_gi, delta_scores_prefill, delta_step
-from .kv_store import TJ, fwht_rows, tile, tile_buf
+from .kv_store import TJ, as_f32, fwht_rows, tile, tile_buf
 from .ops import exp_inplace
 
 _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
@@ -42,7 +42,7 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
             c0, c1, c2, c3 = coef[h0 + g, i], coef[h0 + g, i + 1], coef[h0 + g, i + 2], coef[h0 + g, i + 3]
             out = dst[g, d0:d0 + m]
             for u in range(m):
-                out[u] += c0 * a0[u] + c1 * a1[u] + c2 * a2[u] + c3 * a3[u]
+                out[u] += c0 * as_f32(a0[u]) + c1 * as_f32(a1[u]) + c2 * as_f32(a2[u]) + c3 * as_f32(a3[u])
         i += 4
     while i < D:
         a0 = src[i, s0:s0 + m]
@@ -50,7 +50,7 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
             c0 = coef[h0 + g, i]
             out = dst[g, d0:d0 + m]
             for u in range(m):
-                out[u] += c0 * a0[u]
+                out[u] += c0 * as_f32(a0[u])
         i += 1
 
 
@@ -72,10 +72,10 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
             x3 = np.float32(0.0)
             for u in range(m):
                 w = pp[u]
-                x0 += w * a0[u]
-                x1 += w * a1[u]
-                x2 += w * a2[u]
-                x3 += w * a3[u]
+                x0 += w * as_f32(a0[u])
+                x1 += w * as_f32(a1[u])
+                x2 += w * as_f32(a2[u])
+                x3 += w * as_f32(a3[u])
             out[g, i] += x0
             out[g, i + 1] += x1
             out[g, i + 2] += x2
@@ -87,7 +87,7 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
             pp = p[g, p0:p0 + m]
             x0 = np.float32(0.0)
             for u in range(m):
-                x0 += pp[u] * a0[u]
+                x0 += pp[u] * as_f32(a0[u])
             out[g, i] += x0
         i += 1
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .kv_store import as_f32
+
 _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 
 
@@ -61,7 +63,7 @@ def axpy_rows_gi(dst, h0, G, d0, src, s0, m, idx, coef, cnt):
             c0, c1, c2, c3 = coef[h0 + g, k], coef[h0 + g, k + 1], coef[h0 + g, k + 2], coef[h0 + g, k + 3]
             out = dst[h0 + g, d0:d0 + m]
             for u in range(m):
-                out[u] += c0 * a0[u] + c1 * a1[u] + c2 * a2[u] + c3 * a3[u]
+                out[u] += c0 * as_f32(a0[u]) + c1 * as_f32(a1[u]) + c2 * as_f32(a2[u]) + c3 * as_f32(a3[u])
         k += 4
     while k < cnt:
         a0 = src[idx[h0, k], s0:s0 + m]
@@ -69,7 +71,7 @@ def axpy_rows_gi(dst, h0, G, d0, src, s0, m, idx, coef, cnt):
             c0 = coef[h0 + g, k]
             out = dst[h0 + g, d0:d0 + m]
             for u in range(m):
-                out[u] += c0 * a0[u]
+                out[u] += c0 * as_f32(a0[u])
         k += 1
 
 

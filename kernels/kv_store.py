@@ -223,9 +223,22 @@ def block_scales(scales, kh, b, need, all_rows, t0, t1, out):
     return use
 
 
+def as_f32(x):
+    """A cache element as f32: f16 bits converted (vcvtph2ps / fcvtl where a loop vectorizes), f32 as it is."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(as_f32, jit_options=_JIT, inline="always")
+def _as_f32_ov(x):
+    if x == types.uint16:
+        return lambda x: half_to_float(x)
+    return lambda x: np.float32(x)
+
+
 def tile(data, scales, kh, need, all_rows, t0, t1, buf):
-    """-> (src, off): src[i, off + j - t0] = dim i of kv head kh at token j, for t0 <= j < t1 and the rows i with
-    need[i] or all_rows (f32: the cache itself, no copy; other formats: decoded into buf (hd + hd/32, >= t1 - t0))."""
+    """-> (src, off): as_f32(src[i, off + j - t0]) = dim i of kv head kh at token j, for t0 <= j < t1 and the rows i
+    with need[i] or all_rows (f32, f16: the cache itself, no copy, each element converted where it is read; q8_0,
+    q4_0: decoded into buf (hd + hd/32, >= t1 - t0) f32)."""
     raise NotImplementedError("only callable from jitted code")
 
 
@@ -233,21 +246,9 @@ def tile(data, scales, kh, need, all_rows, t0, t1, buf):
 def _tile_ov(data, scales, kh, need, all_rows, t0, t1, buf):
     # (loops run over 0-based slices so that LLVM vectorizes them along tokens)
     dt = data.dtype
-    if dt == types.float32:
+    if dt == types.float32 or dt == types.uint16:
         def impl(data, scales, kh, need, all_rows, t0, t1, buf):
             return data[kh], t0
-        return impl
-    if dt == types.uint16:
-        def impl(data, scales, kh, need, all_rows, t0, t1, buf):
-            D = data.shape[1]
-            m = t1 - t0
-            for i in range(D):
-                if all_rows or need[i]:
-                    src = data[kh, i, t0:t1]
-                    dst = buf[i, :m]
-                    for u in range(m):
-                        dst[u] = half_to_float(src[u])  # (vcvtph2ps / fcvtl: 8-16 at a time)
-            return buf, 0
         return impl
     if dt == types.int8:
         def impl(data, scales, kh, need, all_rows, t0, t1, buf):
@@ -295,13 +296,13 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, buf):
 
 def tile_buf(kd, vd, D, m):
     """-> the buffer (D + D/32 + 1 rows, m) that `tile` decodes m tokens of the caches kd and vd into (an empty one when
-    both are f32, which are read in place)."""
+    both are f32 or f16, which are read in place)."""
     raise NotImplementedError("only callable from jitted code")
 
 
 @overload(tile_buf, jit_options=_JIT)
 def _tile_buf_ov(kd, vd, D, m):
-    if kd.dtype == types.float32 and vd.dtype == types.float32:
+    if kd.dtype in (types.float32, types.uint16) and vd.dtype in (types.float32, types.uint16):
         return lambda kd, vd, D, m: np.empty((0, 0), dtype=np.float32)
     return lambda kd, vd, D, m: np.empty((D + D // 32 + 1, m), dtype=np.float32)
 
@@ -320,7 +321,7 @@ def dequantize_cache(data, scales, n, out):
         src, off = tile(data, scales, kh, need, True, t0, t1, buf)
         for i in range(D):
             for j in range(t0, t1):
-                out[kh, i, j] = src[i, off + j - t0]
+                out[kh, i, j] = as_f32(src[i, off + j - t0])
     return out
 
 
@@ -376,6 +377,6 @@ def dequantize_ref(codes, scales, kv: str) -> np.ndarray:
     return (b * scales.astype(np.float32)[..., None]).reshape(codes.shape)
 
 
-__all__ = ["QK", "TJ", "KV_TYPES", "layout", "bytes_per_token", "f32_to_f16_bits", "q4_0_scale",
+__all__ = ["QK", "TJ", "KV_TYPES", "as_f32", "layout", "bytes_per_token", "f32_to_f16_bits", "q4_0_scale",
            "store_kv", "fwht_rows", "can_rotate", "tile", "tile_buf", "dequantize_cache", "quantize_ref",
            "dequantize_ref"]
