@@ -4,10 +4,12 @@ Each turn of the loop, at a step boundary:
 1. cancelled requests are dropped and their slots freed (a client that went away costs at most one more step);
 2. waiting requests are admitted, first come first served, while `parallel` slots are free (a request takes one
    slot per choice, `n`); beyond the slots a bounded queue waits, and `submit` refuses past it (`QueueFullError`);
-3. prompts are prefilled in turn: whole while nothing is decoding, else up to `prefill_chunk` tokens in all (the
-   last one cut into a chunk), so that running streams keep flowing while long prompts go in and short prompts
-   arriving together start together. The prompt starts from the longest prefix the prefix cache
-   holds (`prefix_cache.py`); `n > 1` choices fork the prefilled cache, so the prompt runs once;
+3. prompts are prefilled in turn, in pieces of `prefill_chunk` tokens counted from where each prompt's prefill
+   starts: all of them while nothing is decoding, else whole pieces up to `prefill_chunk` tokens in all, so that
+   running streams keep flowing while long prompts go in and short prompts arriving together start together. The
+   pieces are the same under load as alone, so a request's answer does not depend on what else runs (the
+   prefill's attention sums in an order that follows its shape). The prompt starts from the longest prefix the
+   prefix cache holds (`prefix_cache.py`); `n > 1` choices fork the prefilled cache, so the prompt runs once;
 4. every running sequence advances by one token in one `engine.decode_batch` call (one read of the weights).
 
 A sequence's next token is chosen in one place, `Scheduler.select_token` (logits -> token, given the sequence's
@@ -242,8 +244,13 @@ class Scheduler:
             try:
                 self._reap_cancelled()
                 budget = self.prefill_chunk
-                while self._prefilling and (budget > 0 or not self._running):
-                    budget -= self._prefill_step(budget)
+                while self._prefilling:
+                    limit = budget if self._running else None
+                    took = self._prefill_step(limit)
+                    if took is None:  # the next piece waits for the next step
+                        break
+                    if limit is not None:
+                        budget -= took
                 if self._running:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - a fault must not take the server down: fail those involved
@@ -274,11 +281,10 @@ class Scheduler:
             self._busy -= n
 
     # ------------------------------------------------------------------ prefill
-    def _prefill_step(self, budget: int) -> int:
-        """Prefill the first prompt waiting: whole when nothing is decoding, else at most `budget` tokens; -> the
-        tokens it took from the budget (none when nothing was decoding)."""
+    def _prefill_step(self, budget: int | None) -> int | None:
+        """Prefill the next piece (`prefill_chunk` tokens or the rest) of the first prompt waiting, if it fits in
+        `budget` (None: no limit); -> the tokens it took, or None when it did not fit."""
         req = self._prefilling[0]
-        budgeted = bool(self._running)
         eng = self.engine
         try:
             if req.cache is None:
@@ -286,8 +292,9 @@ class Scheduler:
                 req.cache = cache if cache is not None else self._new_cache()
                 req.pos = req.cached_tokens = k
                 self._trim_spares()
-            left = len(req.prompt) - req.pos
-            step = min(left, budget) if budgeted else left
+            step = min(len(req.prompt) - req.pos, self.prefill_chunk)
+            if budget is not None and step > budget:
+                return None
             logits = eng.prefill(req.prompt[req.pos:req.pos + step], req.cache)
         except Exception as e:  # noqa: BLE001 - this request's fault (e.g. context), not the server's
             self._prefilling.popleft()
@@ -298,7 +305,7 @@ class Scheduler:
         req.prefill_tokens += step
         self.counters["prefill_tokens"] += step
         if req.pos < len(req.prompt):
-            return step if budgeted else 0
+            return step
         self._prefilling.popleft()
         self.counters["prompt_tokens"] += len(req.prompt)
         n = req.params.n
@@ -310,7 +317,7 @@ class Scheduler:
                            self.tokenizer.stream_decoder())
             self._running.append(seq)
             self._advance(seq, logits)
-        return step if budgeted else 0
+        return step
 
     # ------------------------------------------------------------------ cache memory
     # A new cache's memory is zeroed by the kernel page by page as it is first written, and a dim-major cache touches
