@@ -109,15 +109,10 @@ def _store_ov(data, scales, x, p0):
     if dt == types.uint16:
         def impl(data, scales, x, p0):
             T, Hkv, D = x.shape
-            tmp = np.empty(D, dtype=np.float32)
-            bits = np.empty(D, dtype=np.uint16)
             for t in range(T):
                 for h in range(Hkv):
                     for i in range(D):
-                        tmp[i] = x[t, h, i]
-                    f32_to_f16_bits(tmp, bits)
-                    for i in range(D):
-                        data[h, i, p0 + t] = bits[i]
+                        data[h, i, p0 + t] = float_to_half(x[t, h, i])
         return impl
     if dt == types.int8:  # q8_0: d = amax / 127, q = round-half-away(x * (1 / d))
         def impl(data, scales, x, p0):

@@ -18,7 +18,7 @@ import platform
 
 import llvmlite.binding as llb
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -229,14 +229,7 @@ def float_to_half(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def round_to_half(typingctx, x):
+@njit(inline="always", nogil=True)
+def round_to_half(x):
     """x (float32) rounded to the nearest IEEE half-precision value, as float32 (as ggml stores a block's scale)."""
-    if not isinstance(x, types.Float) or x.bitwidth != 32:
-        return None
-    sig = types.float32(x)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], F16), F32)
-
-    return sig, codegen
+    return half_to_float(float_to_half(x))
