@@ -1,5 +1,6 @@
 """Attention over one layer's K/V cache, dense or delta (kernels/delta.py), on any storage format
-(kernels/kv_store.py): decode on the cache directly (flash-decoding over token tiles), prefill with BLAS.
+(kernels/kv_store.py): decode and dense prefill on the cache directly (flash-decoding over token tiles), delta prefill
+with BLAS.
 Each kernel has a NumPy float64 reference beside it (`attention_ref`; delta: `delta.delta_attention_ref`)."""
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def exp_sum(x, n, a, b, kbuf):
 
 @njit(**_JIT)
 def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
-    # dst[g, d0 + u] += sum_i coef[h0 + g, i] * src[i, s0 + u] for g < G, u < m, every row i: rows four at a time with
-    # the G heads inside, so that each group of rows is read once (from L1) for all the heads that share it
+    # dst[g, d0 + u] += sum_i coef[h0 + g, i] * src[i, s0 + u] for g < G, u < m, every row i: rows four at a time,
+    # heads four (or two) at a time inside, so that each group of rows is read once (from L1) for all the heads
+    # that share it and each load of a row feeds four heads' multiply-adds
     D = coef.shape[1]
     i = 0
     while i + 4 <= D:
@@ -38,11 +40,30 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
         a1 = src[i + 1, s0:s0 + m]
         a2 = src[i + 2, s0:s0 + m]
         a3 = src[i + 3, s0:s0 + m]
-        for g in range(G):
+        g = 0
+        while g + 4 <= G:
+            c = coef[h0 + g:h0 + g + 4, i:i + 4]
+            o0 = dst[g, d0:d0 + m]
+            o1 = dst[g + 1, d0:d0 + m]
+            o2 = dst[g + 2, d0:d0 + m]
+            o3 = dst[g + 3, d0:d0 + m]
+            c00, c01, c02, c03 = c[0, 0], c[0, 1], c[0, 2], c[0, 3]
+            c10, c11, c12, c13 = c[1, 0], c[1, 1], c[1, 2], c[1, 3]
+            c20, c21, c22, c23 = c[2, 0], c[2, 1], c[2, 2], c[2, 3]
+            c30, c31, c32, c33 = c[3, 0], c[3, 1], c[3, 2], c[3, 3]
+            for u in range(m):
+                k0, k1, k2, k3 = as_f32(a0[u]), as_f32(a1[u]), as_f32(a2[u]), as_f32(a3[u])
+                o0[u] += c00 * k0 + c01 * k1 + c02 * k2 + c03 * k3
+                o1[u] += c10 * k0 + c11 * k1 + c12 * k2 + c13 * k3
+                o2[u] += c20 * k0 + c21 * k1 + c22 * k2 + c23 * k3
+                o3[u] += c30 * k0 + c31 * k1 + c32 * k2 + c33 * k3
+            g += 4
+        while g < G:
             c0, c1, c2, c3 = coef[h0 + g, i], coef[h0 + g, i + 1], coef[h0 + g, i + 2], coef[h0 + g, i + 3]
             out = dst[g, d0:d0 + m]
             for u in range(m):
                 out[u] += c0 * as_f32(a0[u]) + c1 * as_f32(a1[u]) + c2 * as_f32(a2[u]) + c3 * as_f32(a3[u])
+            g += 1
         i += 4
     while i < D:
         a0 = src[i, s0:s0 + m]
@@ -56,7 +77,8 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
 
 @njit(**_JIT)
 def dot_rows_g(p, p0, src, s0, m, out, G):
-    # out[g, i] += sum_u p[g, p0 + u] * src[i, s0 + u] for g < G, every row i of src (rows four at a time, heads inside)
+    # out[g, i] += sum_u p[g, p0 + u] * src[i, s0 + u] for g < G, every row i of src (rows four at a time, heads two
+    # at a time inside: eight sums per pass over the rows)
     D = out.shape[1]
     i = 0
     while i + 4 <= D:
@@ -64,7 +86,40 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
         a1 = src[i + 1, s0:s0 + m]
         a2 = src[i + 2, s0:s0 + m]
         a3 = src[i + 3, s0:s0 + m]
-        for g in range(G):
+        g = 0
+        while g + 2 <= G:
+            pp = p[g, p0:p0 + m]
+            pq = p[g + 1, p0:p0 + m]
+            x0 = np.float32(0.0)
+            x1 = np.float32(0.0)
+            x2 = np.float32(0.0)
+            x3 = np.float32(0.0)
+            y0 = np.float32(0.0)
+            y1 = np.float32(0.0)
+            y2 = np.float32(0.0)
+            y3 = np.float32(0.0)
+            for u in range(m):
+                k0, k1, k2, k3 = as_f32(a0[u]), as_f32(a1[u]), as_f32(a2[u]), as_f32(a3[u])
+                w = pp[u]
+                x0 += w * k0
+                x1 += w * k1
+                x2 += w * k2
+                x3 += w * k3
+                v = pq[u]
+                y0 += v * k0
+                y1 += v * k1
+                y2 += v * k2
+                y3 += v * k3
+            out[g, i] += x0
+            out[g, i + 1] += x1
+            out[g, i + 2] += x2
+            out[g, i + 3] += x3
+            out[g + 1, i] += y0
+            out[g + 1, i + 1] += y1
+            out[g + 1, i + 2] += y2
+            out[g + 1, i + 3] += y3
+            g += 2
+        while g < G:
             pp = p[g, p0:p0 + m]
             x0 = np.float32(0.0)
             x1 = np.float32(0.0)
@@ -80,6 +135,7 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
             out[g, i + 1] += x1
             out[g, i + 2] += x2
             out[g, i + 3] += x3
+            g += 1
         i += 4
     while i < D:
         a0 = src[i, s0:s0 + m]
@@ -215,6 +271,121 @@ def attention_decode(q, kv, n, scale, dstate, out):
 
 
 # ================================================================ prefill
+# Dense prefill on the cache directly, in its own format: decode's work items over (kv head, token range), with a
+# block of the chunk's query rows (T * G per kv head) inside each, combined per query as a decode's. It replaced
+# BLAS over the context dequantized to f32 (one call per kv head, between parallel kernels: the two thread pools
+# took turns on the cores): SmolLM2, 16 tokens after 620: attention 23 -> ~8 ms of the prefill; 512 tokens from
+# empty 608 -> 519 ms, after 3,496: 2.46 -> 2.08 s. Delta prefill (below) still dequantizes for BLAS.
+SUB, RB = 128, 16  # a block of the scores: RB query rows x SUB keys (8 KB: stays in L1 while key rows stream past)
+RI = 48  # query rows per work item at most (more items than kv heads x token ranges when a chunk is long)
+
+
+@njit(**_JIT)
+def prefill_item(qk, r0, kd, ks, vd, vs, kh, j0, j1, L, start, G, need, scale, m_part, l_part, o_part):
+    # one work item of a short prefill: keys j0 .. j1 - 1 (j1 - j0 <= L) of kv head kh for the query rows qk (nr, hd)
+    # (row r0 + r: query head kh * G + (r0 + r) % G of the token at start + (r0 + r) // G), each over the keys it
+    # sees -> running max m_part (nr,), sum of exponentials l_part (nr,), unnormalised output o_part (nr, hd)
+    # (zeroed by the caller); a row that sees none of these keys gets m -inf, l 0
+    nr, D = qk.shape
+    buf = tile_buf(kd, vd, D, min(TJ, L))
+    sc = np.zeros((nr, L), dtype=np.float32)
+    kbuf = np.empty(L, dtype=np.int32)
+    for t0 in range(j0, j1, TJ):
+        t1 = min(j1, t0 + TJ)
+        src, off = tile(kd, ks, kh, need[kh], True, t0, t1, buf)
+        for u0 in range(t0, t1, SUB):
+            u1 = min(t1, u0 + SUB)
+            for b0 in range(0, nr, RB):
+                axpy_rows_g(sc[b0:], u0 - j0, src, off + u0 - t0, u1 - u0, qk, b0, min(RB, nr - b0))
+    nj_all = j1 - j0
+    for r in range(nr):
+        nj = min(j1, start + (r0 + r) // G + 1) - j0
+        row = sc[r]
+        if nj <= 0:
+            m_part[r] = -np.inf
+            l_part[r] = 0
+            for j in range(nj_all):
+                row[j] = 0
+            continue
+        m = np.float32(-np.inf)
+        for j in range(nj):
+            m = max(m, row[j])
+        m *= scale
+        m_part[r] = m
+        l_part[r] = exp_sum(row, nj, scale, m, kbuf)
+        for j in range(nj, nj_all):
+            row[j] = 0
+    for t0 in range(j0, j1, TJ):
+        t1 = min(j1, t0 + TJ)
+        src, off = tile(vd, vs, kh, need[kh], True, t0, t1, buf)
+        for u0 in range(t0, t1, SUB):
+            u1 = min(t1, u0 + SUB)
+            for b0 in range(0, nr, RB):
+                dot_rows_g(sc[b0:], u0 - j0, src, off + u0 - t0, u1 - u0, o_part[b0:], min(RB, nr - b0))
+
+
+@njit(parallel=True, **_JIT)
+def attention_prefill_cache(q, kv, start, scale, out):
+    # q (T, H, hd) of the tokens at positions start .. start + T - 1 (already stored) -> out (T, H, hd), causal, over
+    # one layer's cache in its own format (kv as attention_decode's: kd, ks, vd, vs, rot_k, rot_v); work items over
+    # (kv head, token range, block of query rows), combined per query as a decode's
+    kd, ks, vd, vs, rot_k, rot_v = kv
+    T, H, D = q.shape
+    Hkv = kd.shape[0]
+    G = H // Hkv
+    R = T * G
+    n = start + T
+    qk = np.empty((Hkv, R, D), dtype=np.float32)
+    for t in range(T):
+        for h in range(H):
+            for i in range(D):
+                qk[h // G, t * G + h % G, i] = q[t, h, i]
+    if rot_k:
+        fwht_rows(qk.reshape(Hkv * R, D))
+    S, L = split_tokens(n, Hkv)
+    NB = (R + RI - 1) // RI
+    m_part = np.empty((Hkv * S, R), dtype=np.float32)
+    l_part = np.empty((Hkv * S, R), dtype=np.float32)
+    o_part = np.zeros((Hkv * S, R, D), dtype=np.float32)
+    need = np.ones((Hkv, D), dtype=np.bool_)
+    for w in prange(Hkv * S * NB):
+        p = w // NB
+        kh = p // S
+        j0 = (p % S) * L
+        r0 = (w % NB) * RI
+        r1 = min(R, r0 + RI)
+        if start + (r1 - 1) // G < j0:  # these queries see none of these keys (causal): nothing to compute
+            m_part[p, r0:r1] = -np.inf
+            l_part[p, r0:r1] = 0
+        else:
+            prefill_item(qk[kh, r0:r1], r0, kd, ks, vd, vs, kh, j0, min(n, j0 + L), L, start, G, need, scale,
+                         m_part[p, r0:r1], l_part[p, r0:r1], o_part[p, r0:r1])
+    for t in range(T):
+        for h in range(H):
+            kh = h // G
+            r = t * G + h % G
+            m = np.float32(-np.inf)
+            for s in range(S):
+                m = max(m, m_part[kh * S + s, r])
+            tot = np.float32(0.0)
+            o = out[t, h]
+            for i in range(D):
+                o[i] = 0
+            for s in range(S):
+                if l_part[kh * S + s, r] == 0:  # (no keys seen: m -inf)
+                    continue
+                f = np.exp(m_part[kh * S + s, r] - m)
+                tot += f * l_part[kh * S + s, r]
+                for i in range(D):
+                    o[i] += f * o_part[kh * S + s, r, i]
+            inv = np.float32(1.0) / tot
+            for i in range(D):
+                o[i] *= inv
+    if rot_v:
+        fwht_rows(out.reshape(T * H, D))
+    return out
+
+
 @njit(parallel=True, **_JIT)
 def causal_softmax(s, start, scale, G):
     # s (T * G, N) raw scores, row r = query t = r // G at position start + t -> in place softmax(s * scale) over the
@@ -241,24 +412,11 @@ def softmax_values(s, V, start, scale, G):
     return (s @ V.T).reshape(-1, G, V.shape[0])  # one BLAS call per kv head (stacked calls thread badly)
 
 
-def attention_prefill(q, K, V, start, scale):
-    # q (T, H, hd) at positions start..start+T-1; K, V (Hkv, hd, >= start+T) f32 dim-major -> (T, H, hd), causal (BLAS)
-    T, H, D = q.shape
-    Hkv = K.shape[0]
-    G = H // Hkv
-    N = start + T
-    out = np.empty((T, H, D), dtype=np.float32)
-    for kh in range(Hkv):
-        qk = np.ascontiguousarray(q[:, kh * G:(kh + 1) * G, :]).reshape(T * G, D)
-        out[:, kh * G:(kh + 1) * G, :] = softmax_values(qk @ K[kh, :, :N], V[kh, :, :N], start, scale, G)
-    return out
-
-
 SCORE_BLOCK = 1 << 25  # bytes of the score block (H, T, N) a delta prefill chunk may materialise
 
 
 def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, skipped, total):
-    # as attention_prefill, with delta scores (thresholds theta: a number or (H, hd); state qhat, srow updated;
+    # causal attention with delta scores (BLAS: the context dequantized to K, V (Hkv, hd, >= N) f32 dim-major) (thresholds theta: a number or (H, hd); state qhat, srow updated;
     # skipped, total (H,) accumulated)
     T, H, D = q.shape
     N = start + T
@@ -299,5 +457,5 @@ def rel_error(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-__all__ = ["attention_decode", "attention_prefill", "delta_attention_prefill", "causal_softmax", "attention_ref",
+__all__ = ["attention_decode", "attention_prefill_cache", "delta_attention_prefill", "causal_softmax", "attention_ref",
            "rel_error"]

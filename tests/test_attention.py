@@ -168,12 +168,41 @@ def test_per_dimension_thresholds_match_the_reference():
     assert abs(dl.simulate_sparsity(q, theta, W, Hkv) - sk.sum() / tot.sum()) < 1e-12
 
 
-@pytest.mark.parametrize("start,T", [(0, 12), (20, 7)])
-def test_attention_prefill_is_causal_and_matches_reference(start, T):
-    H, Hkv, D = 6, 2, 16
-    q, k, v = r(T, H, D, seed=23), r(Hkv, start + T, D, seed=24), r(Hkv, start + T, D, seed=25)
-    out = A.attention_prefill(q, k.transpose(0, 2, 1).copy(), v.transpose(0, 2, 1).copy(), start, D ** -0.5)
-    np.testing.assert_allclose(out, A.attention_ref(q, k, v, start, D ** -0.5), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("kv", list(S.KV_TYPES) + ["q8_0,f16"])
+@pytest.mark.parametrize("H,Hkv,start,T", [(9, 3, 0, 12), (9, 3, 620, 16), (8, 1, 2100, 5), (4, 4, 3, 1),
+                                           (6, 2, 1500, 32), (4, 2, 0, 1300)])
+def test_prefill_on_the_cache_matches_reference(kv, H, Hkv, start, T):
+    # attention_prefill_cache (on the cache in its own format) == the float64 reference over what the cache holds:
+    # causal within the chunk, several token ranges (> 1024 keys) combined, blocks of queries that see none of a
+    # range's keys skipped (1,300 tokens from empty)
+    D, n = 64, start + T
+    kk, vv = (kv.split(",") * 2)[:2]
+    k, v, q = r(n, Hkv, D, seed=31), r(n, Hkv, D, seed=32), r(T, H, D, seed=33)
+    kd, ks = make_cache(kk, Hkv, D, n + 5)
+    vd, vs = make_cache(vv, Hkv, D, n + 5)
+    S.store_kv(kd, ks, vd, vs, k, v, 0, False, False)
+    kq = S.dequantize_ref(*S.quantize_ref(k, kk), kk).transpose(1, 0, 2)
+    vq = S.dequantize_ref(*S.quantize_ref(v, vv), vv).transpose(1, 0, 2)
+    out = A.attention_prefill_cache(q, (kd, ks, vd, vs, False, False), start, np.float32(D ** -0.5),
+                                    np.empty((T, H, D), np.float32))
+    np.testing.assert_allclose(out, A.attention_ref(q, kq, vq, start, D ** -0.5), rtol=1e-4, atol=1e-5)
+    if T > 1:  # each token's row equals a decode at its position
+        t = T // 2
+        np.testing.assert_allclose(out[t], decode(q[t], kd, ks, vd, vs, start + t + 1), rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_on_a_rotated_cache():
+    # a Hadamard-rotated q8_0 cache (keys and values): the queries are rotated alike and the output back
+    D, H, Hkv, start, T = 64, 6, 2, 300, 9
+    n = start + T
+    k, v, q = r(n, Hkv, D, seed=41), r(n, Hkv, D, seed=42), r(T, H, D, seed=43)
+    kd, ks = make_cache("q8_0", Hkv, D, n)
+    vd, vs = make_cache("q8_0", Hkv, D, n)
+    S.store_kv(kd, ks, vd, vs, k, v, 0, True, True)
+    out = A.attention_prefill_cache(q, (kd, ks, vd, vs, True, True), start, np.float32(D ** -0.5),
+                                    np.empty((T, H, D), np.float32))
+    ref = A.attention_ref(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), start, D ** -0.5)
+    assert A.rel_error(out, ref) < 0.02
 
 
 def test_delta_with_theta_zero_is_dense():
@@ -181,7 +210,8 @@ def test_delta_with_theta_zero_is_dense():
     q, k, v = r(N, H, D, seed=8), r(N, Hkv, D, seed=9), r(N, Hkv, D, seed=10)
     Kc, Vc = k.transpose(1, 2, 0).copy(), v.transpose(1, 2, 0).copy()
     scale = D ** -0.5
-    dense = A.attention_prefill(q, Kc, Vc, 0, scale)
+    dense = A.attention_prefill_cache(q, (Kc, np.zeros((Hkv, 0, 1), np.uint16), Vc, np.zeros((Hkv, 0, 1), np.uint16),
+                                          False, False), 0, np.float32(scale), np.empty((N, H, D), np.float32))
     np.testing.assert_allclose(dense, A.attention_ref(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), 0, scale),
                                rtol=1e-4, atol=1e-5)
     qhat, srow, sk, tot = np.zeros((H, D), np.float32), np.zeros((H, N), np.float32), np.zeros(H), np.zeros(H)

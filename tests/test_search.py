@@ -149,8 +149,11 @@ def test_shared_prefixes_are_never_recomputed(engine, monkeypatch):
 
 
 def test_restored_cache_gives_the_same_logits_as_recomputing(engine):
-    s, res, _ = _run(engine, "astar", 30, 2, seed=3, prm="self", max_step_tokens=5)
-    deep = [n for n in res.nodes if n.logits is not None and n.depth >= 2]
+    for seed in range(3, 11):  # (where the search goes depends on the sampled steps: the first seed that goes deep)
+        s, res, _ = _run(engine, "astar", 30, 2, seed=seed, prm="self", max_step_tokens=5)
+        deep = [n for n in res.nodes if n.logits is not None and n.depth >= 2]
+        if deep:
+            break
     assert deep, "no state two steps deep was expanded"
     n = deep[0]
     toks = [t for m in n.path() for t in m.tokens]
