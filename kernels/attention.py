@@ -282,7 +282,7 @@ RI = 48  # query rows per work item at most (more items than kv heads x token ra
 
 @njit(**_JIT)
 def prefill_item(qk, r0, kd, ks, vd, vs, kh, j0, j1, L, start, G, need, scale, m_part, l_part, o_part):
-    # one work item of a short prefill: keys j0 .. j1 - 1 (j1 - j0 <= L) of kv head kh for the query rows qk (nr, hd)
+    # one work item of a prefill: keys j0 .. j1 - 1 (j1 - j0 <= L) of kv head kh for the query rows qk (nr, hd)
     # (row r0 + r: query head kh * G + (r0 + r) % G of the token at start + (r0 + r) // G), each over the keys it
     # sees -> running max m_part (nr,), sum of exponentials l_part (nr,), unnormalised output o_part (nr, hd)
     # (zeroed by the caller); a row that sees none of these keys gets m -inf, l 0
@@ -416,8 +416,9 @@ SCORE_BLOCK = 1 << 25  # bytes of the score block (H, T, N) a delta prefill chun
 
 
 def delta_attention_prefill(q, K, V, start, scale, qhat, srow, theta, window, skipped, total):
-    # causal attention with delta scores (BLAS: the context dequantized to K, V (Hkv, hd, >= N) f32 dim-major) (thresholds theta: a number or (H, hd); state qhat, srow updated;
-    # skipped, total (H,) accumulated)
+    # q (T, H, hd) at positions start..start+T-1; K, V (Hkv, hd, >= start+T) f32 dim-major (the context
+    # dequantized) -> (T, H, hd): causal attention with delta scores, with BLAS (thresholds theta: a number or
+    # (H, hd); state qhat, srow updated; skipped, total (H,) accumulated)
     T, H, D = q.shape
     N = start + T
     Hkv = K.shape[0]
