@@ -82,17 +82,35 @@ class RowCache(Cache):
             raise CacheError(f"cannot truncate a cache of {self.n} tokens to {n}")
         self.n = n
 
-    def fork(self) -> "RowCache":
-        """An empty cache of the same configuration with the filled part copied (statistics are shared)."""
-        c = self._empty()
-        n = self.n
+    def fork(self, n: int | None = None, into: "RowCache | None" = None) -> "RowCache":
+        """A cache of the same configuration (statistics are shared) holding a copy of the first n positions (default:
+        all) and of the state, then truncated to n (see Cache.fork); `into`: an empty one to copy into."""
+        n = self.n if n is None else n
+        if not self.can_truncate(n):
+            raise CacheError(f"cannot fork {n} of the {self.n} tokens of this cache")
+        c = self._empty() if into is None else self._check_into(into, n)
         c.reserve(n)
-        for (src, ax), (dst, _) in zip(self._rows() + self._state_rows(), c._rows() + c._state_rows()):
+        for (src, ax), (dst, _) in zip(self._rows(), c._rows()):
             dst[_along(ax, 0, n)] = src[_along(ax, 0, n)]
+        for (src, ax), (dst, _) in zip(self._state_rows(), c._state_rows()):  # (allocated for n_ctx positions)
+            dst[_along(ax, 0, self.n)] = src[_along(ax, 0, self.n)]
         for src, dst in zip(self._state(), c._state()):
             dst[...] = src
-        c.n = n
+        c.n = self.n  # (the rows past n are not copied: truncate only forgets them)
+        c.truncate(n)
         return c
+
+    def _check_into(self, into: "RowCache", n: int) -> "RowCache":
+        """`into` is an empty cache laid out like this one, with room for n positions."""
+        def layout(c):
+            rows = [(a.dtype, a.shape[:ax] + a.shape[ax + 1:], ax) for a, ax in c._rows() + c._state_rows()]
+            return rows + [(a.dtype, a.shape) for a in c._state()]
+        if type(into) is not type(self) or into.spec != self.spec or layout(into) != layout(self):
+            raise CacheError("fork(into=...) needs a cache made like this one (the same backend's new_cache())")
+        if into.n != 0 or n > into.n_ctx:
+            raise CacheError(f"fork(into=...) needs an empty cache with room for {n} tokens "
+                             f"(it holds {into.n} of {into.n_ctx})")
+        return into
 
     def snapshot(self, start: int, stop: int) -> Snapshot:
         if not 0 <= start <= stop <= self.n:
@@ -158,11 +176,24 @@ class RecurrentState(Cache):
         for a in self._state():
             a[...] = 0
 
-    def fork(self) -> "RecurrentState":
-        c = self._empty()
+    def fork(self, n: int | None = None, into: "RecurrentState | None" = None) -> "RecurrentState":
+        """A copy of the state (n = self.n, the default) or an empty one (n = 0); `into`: an empty state to use."""
+        n = self.n if n is None else n
+        if not self.can_truncate(n):
+            raise CacheError(f"a recurrent state cannot go back to token {n} of {self.n} (only to 0)")
+        if into is None:
+            c = self._empty()
+        elif type(into) is not type(self) or into.spec != self.spec or into.n != 0 or into.n_ctx < n \
+                or [(a.dtype, a.shape) for a in into._state()] != [(a.dtype, a.shape) for a in self._state()]:
+            raise CacheError("fork(into=...) needs an empty state made like this one (the same backend's new_cache())")
+        else:
+            c = into
         for src, dst in zip(self._state(), c._state()):
-            dst[...] = src
-        c.n = self.n
+            if n:
+                dst[...] = src
+            else:
+                dst[...] = 0
+        c.n = n
         return c
 
     def snapshot(self, start: int, stop: int) -> Snapshot:

@@ -59,8 +59,11 @@ class Cache(abc.ABC):
         """Keep the first n tokens (0 <= n <= self.n), forget the rest; raises when `can_truncate(n)` is False."""
 
     @abc.abstractmethod
-    def fork(self) -> "Cache":
-        """An independent copy holding the same tokens: writing to either never changes the other."""
+    def fork(self, n: int | None = None, into: "Cache | None" = None) -> "Cache":
+        """An independent copy holding the same tokens, or only the first n (as a copy then `truncate(n)`; raises
+        when `can_truncate(n)` is False): writing to either never changes the other. Only what is kept is copied.
+        `into`: an empty cache made like this one (the same backend's `new_cache()`), whose memory the copy reuses;
+        by default a new cache."""
 
     @abc.abstractmethod
     def snapshot(self, start: int, stop: int) -> Snapshot:

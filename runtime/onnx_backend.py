@@ -72,9 +72,15 @@ class OnnxKVCache(Cache):
             self.kv = [np.ascontiguousarray(a[:, :, :n]) for a in self.kv]
         self.n = n
 
-    def fork(self) -> "OnnxKVCache":
-        c = OnnxKVCache(self.spec, self.n_ctx)
-        c.n, c.kv = self.n, [a.copy() for a in self.kv]
+    def fork(self, n: int | None = None, into: "OnnxKVCache | None" = None) -> "OnnxKVCache":
+        n = self.n if n is None else n
+        if not self.can_truncate(n):
+            raise CacheError(f"cannot fork {n} of the {self.n} tokens of this cache")
+        if into is not None and (type(into) is not OnnxKVCache or into.spec != self.spec or into.n != 0
+                                 or into.n_ctx < n):
+            raise CacheError("fork(into=...) needs an empty cache made like this one (the same backend's new_cache())")
+        c = OnnxKVCache(self.spec, self.n_ctx) if into is None else into
+        c.n, c.kv = n, [a[:, :, :n].copy() for a in self.kv]  # (arrays of exactly n positions: nothing to reuse)
         return c
 
     def snapshot(self, start: int, stop: int) -> Snapshot:

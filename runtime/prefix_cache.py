@@ -2,9 +2,8 @@
 that a request whose prompt starts with those tokens (a conversation re-sent with one more turn, the same system
 prompt) pays only for the tokens after the common prefix.
 
-`lookup` forks the entry it reuses (`Cache.fork()`) and truncates the fork to the common prefix (`Cache.truncate(n)`,
-when `Cache.can_truncate(n)`: a recurrent state can only be reused whole), so that the entry stays valid for the
-next request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed
+`lookup` copies the common prefix of the entry it reuses (`Cache.fork(n)`, when `Cache.can_truncate(n)`: a recurrent
+state can only be reused whole; only the n positions are copied), so that the entry stays valid for the next request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed
 out itself, without a copy: the request's own cache will hold all of it and more, and replace it when it ends.
 The entries are bounded in number and in bytes, each charged for its whole context
 (`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache may allocate up to its whole context, and how its rows lie in
@@ -62,8 +61,8 @@ class PrefixCache:
     def lookup(self, tokens, copy=None) -> tuple[object | None, int]:
         """A cache holding the longest prefix of `tokens` found (at most len(tokens) - 1 tokens, so that at least
         one token is left to run for the next logits) and that prefix's length; (None, 0) when nothing is reusable.
-        The cache returned is the caller's (a copy of the entry, made by `copy(cache)`, by default `cache.fork()`;
-        or the entry itself, then no longer kept)."""
+        The cache returned is the caller's (a copy of the prefix of the entry, made by `copy(cache, n)`, by default
+        `cache.fork(n)`; or the entry itself, then no longer kept)."""
         tokens = np.asarray(tokens, dtype=np.int64)
         limit = len(tokens) - 1
         best, best_k = None, 0
@@ -82,8 +81,7 @@ class PrefixCache:
             cache = e.cache
         else:
             self._entries.move_to_end(best)
-            cache = copy(e.cache) if copy is not None else e.cache.fork()
-            cache.truncate(best_k)
+            cache = copy(e.cache, best_k) if copy is not None else e.cache.fork(best_k)
         self.hits += 1
         self.tokens_reused += best_k
         return cache, best_k

@@ -323,7 +323,7 @@ class Scheduler:
     # A new cache's memory is zeroed by the kernel page by page as it is first written, and a dim-major cache touches
     # a page per row on its first token (SmolLM2: 11,520 rows, 2,880 pages at 256 positions). So the
     # caches the scheduler lets go (ended sequences not kept, prefix entries dropped) are emptied (`truncate(0)`) and
-    # kept as spares for the next new cache or copy (`restore(snapshot)`: the cache contract, nothing more), as long
+    # kept as spares for the next new cache or copy (`fork(n, into=spare)`: the cache contract, nothing more), as long
     # as the caches held by requests plus the spares stay within `parallel`: memory stays bounded by `parallel`
     # contexts plus the prefix cache's bytes.
     def _held(self) -> int:
@@ -340,13 +340,9 @@ class Scheduler:
     def _new_cache(self):
         return self._spares.pop() if self._spares else self.engine.new_cache()
 
-    def _copy(self, cache):
-        # an independent copy of `cache` (as fork()), into a spare when there is one
-        if not self._spares:
-            return cache.fork()
-        spare = self._spares.pop()
-        spare.restore([cache.snapshot(0, cache.n)])
-        return spare
+    def _copy(self, cache, n: int | None = None):
+        # an independent copy of `cache`'s first n tokens (default: all), into a spare when there is one
+        return cache.fork(n, into=self._spares.pop() if self._spares else None)
 
     # ------------------------------------------------------------------ decode
     def _decode_step(self) -> None:

@@ -3,7 +3,8 @@ llama, bitnet, deci, deepseek2 (MLA), edgellm-linear (GGUF on the Numba kernels)
 key values; a recurrent state) on onnxruntime.
 
 - prefill then decode == one prefill; a batched decode == single decodes
-- a fork is independent of its parent; truncate then re-run == the original
+- a fork is independent of its parent; a fork of a prefix (into a used cache) == fork then truncate; truncate then
+  re-run == the original
 - snapshot / restore rebuilds a cache by copying: the same logits, bit for bit
 """
 from __future__ import annotations
@@ -95,6 +96,34 @@ def test_fork_is_independent_of_its_parent(backend):
     fresh = backend.new_cache()
     backend.prefill(IDS[:12], fresh)
     np.testing.assert_array_equal(backend.prefill(IDS[12:14], parent), backend.prefill(IDS[12:14], fresh))
+
+
+def test_fork_of_a_prefix_into_a_used_cache(backend):
+    # fork(n) == fork() then truncate(n), copying only what is kept; fork(n, into=c) reuses an emptied cache
+    c = backend.new_cache()
+    backend.prefill(IDS[:30], c)
+    k = 20 if c.can_truncate(20) else 30  # (a recurrent state: all or nothing)
+    ref = c.fork()
+    ref.truncate(k)
+    spare = backend.new_cache()
+    backend.prefill(IDS[3:40], spare)
+    spare.truncate(0)  # its memory still holds another sequence
+    want = backend.prefill(IDS[k:k + 3], ref.fork())
+    for dst in (c.fork(k), c.fork(k, into=spare)):
+        assert dst.n == k and c.n == 30 and dst is not c
+        np.testing.assert_array_equal(backend.prefill(IDS[k:k + 3], dst), want)
+    assert dst is spare
+    empty = c.fork(0)
+    assert empty.n == 0
+    np.testing.assert_array_equal(backend.prefill(IDS[:4], empty), backend.prefill(IDS[:4], backend.new_cache()))
+    whole = c.fork(into=spare.fork(0))  # (a fork of nothing is an empty cache to copy into)
+    np.testing.assert_array_equal(backend.prefill(IDS[30:32], whole), backend.prefill(IDS[30:32], c))
+    for bad in (dict(n=c.n + 1), dict(n=k, into=spare), dict(n=k, into=backend.new_cache(16))):
+        with pytest.raises(CacheError):
+            c.fork(**bad)  # more than it holds; a cache that is not empty; one too small
+    if not c.can_truncate(5):
+        with pytest.raises(CacheError):
+            c.fork(5)
 
 
 def test_truncate_then_rerun_equals_the_original(backend):

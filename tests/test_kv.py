@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edgellm.runtime.engine import Engine
+from edgellm.runtime.errors import CacheError
 from edgellm.models.cache_spec import CacheSpec
 from edgellm.runtime.kv_cache import AttentionConfig, KVCache
 
@@ -71,6 +72,17 @@ def test_caches_grow_as_the_sequence_does(tiny, kv, attn, monkeypatch):
             np.testing.assert_array_equal(x.keys(li), c.keys(li))
             np.testing.assert_array_equal(x.values(li), c.values(li))
     np.testing.assert_array_equal(eng.decode(5, f), eng.decode(5, r))
+    # a fork of a prefix into a used, emptied cache: it grows to what it copies, and equals fork then truncate
+    g = eng.new_cache()
+    eng.prefill(toks[50:60], g)
+    g.truncate(0)
+    h, t = c.fork(24, into=g), c.fork()
+    t.truncate(24)
+    assert h is g and h.n == 24 and h.cap == 32 and c.n == 40
+    np.testing.assert_array_equal(eng.decode(5, h), eng.decode(5, t))
+    other = Engine(tiny, **(kw | dict(kv="f16" if kv == "f32" else "f32"))).new_cache()
+    with pytest.raises(CacheError):
+        c.fork(10, into=other)  # a cache of another storage type
     c.truncate(0)  # emptied, it keeps its allocation
     assert c.cap == 64
     with pytest.raises(ValueError):
