@@ -206,8 +206,8 @@ def decode_item(q, kd, ks, vd, vs, kh, j0, j1, L, n_old, delta, need, srow, nzi,
 
 @njit(**_JIT)
 def combine(m_part, l_part, o_part, S, out):
-    # the partials (Hkv * S, G[, hd]) of the S token ranges of each kv head (decode_item) -> out (H, hd),
-    # flash-decoding style
+    # the partials (Hkv * S, G[, hd]) of the S token ranges of each kv head (decode_item, prefill_item) -> out
+    # (H, hd), flash-decoding style; a partial that saw no keys (l 0, m -inf: a prefill's causal skip) is left out
     H, D = out.shape
     G = m_part.shape[1]
     for h in range(H):
@@ -215,11 +215,14 @@ def combine(m_part, l_part, o_part, S, out):
         g = h % G
         m = np.float32(-np.inf)
         for s in range(S):
-            m = max(m, m_part[kh * S + s, g])
+            if l_part[kh * S + s, g] != 0:
+                m = max(m, m_part[kh * S + s, g])
         tot = np.float32(0.0)
         for i in range(D):
             out[h, i] = 0
         for s in range(S):
+            if l_part[kh * S + s, g] == 0:
+                continue
             f = np.exp(m_part[kh * S + s, g] - m)
             tot += f * l_part[kh * S + s, g]
             for i in range(D):
@@ -360,27 +363,8 @@ def attention_prefill_cache(q, kv, start, scale, out):
         else:
             prefill_item(qk[kh, r0:r1], r0, kd, ks, vd, vs, kh, j0, min(n, j0 + L), L, start, G, need, scale,
                          m_part[p, r0:r1], l_part[p, r0:r1], o_part[p, r0:r1])
-    for t in range(T):
-        for h in range(H):
-            kh = h // G
-            r = t * G + h % G
-            m = np.float32(-np.inf)
-            for s in range(S):
-                m = max(m, m_part[kh * S + s, r])
-            tot = np.float32(0.0)
-            o = out[t, h]
-            for i in range(D):
-                o[i] = 0
-            for s in range(S):
-                if l_part[kh * S + s, r] == 0:  # (no keys seen: m -inf)
-                    continue
-                f = np.exp(m_part[kh * S + s, r] - m)
-                tot += f * l_part[kh * S + s, r]
-                for i in range(D):
-                    o[i] += f * o_part[kh * S + s, r, i]
-            inv = np.float32(1.0) / tot
-            for i in range(D):
-                o[i] *= inv
+    for t in prange(T):  # token t's partials are the columns t * G .. t * G + G - 1
+        combine(m_part[:, t * G:t * G + G], l_part[:, t * G:t * G + G], o_part[:, t * G:t * G + G], S, out[t])
     if rot_v:
         fwht_rows(out.reshape(T * H, D))
     return out
