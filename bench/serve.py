@@ -8,7 +8,7 @@ For each server (started as a subprocess on 127.0.0.1, warmed up with one discar
   tokens banned with `logit_bias`, so every answer has exactly that many): aggregate tok/s (all tokens over the
   wall time of the round), per-client decode tok/s, time to first token p50 / p95, and the server's peak RSS;
 - one 10-turn conversation (each turn re-sends the whole conversation with one more user message): the time to
-  first token of every turn.
+  first token of every turn, and how many of the prompt's tokens it ran (the rest came from the server's cache).
 The goals of issue 16 are printed at the end: aggregate decode at 8 clients >= 3x edgellm's single stream and
 >= 2x llama-cpp-python's server at 8 clients; turn 10's TTFT <= 1.5x turn 1's.
 
@@ -107,6 +107,8 @@ class StreamResult:
     t_first: float | None = None
     t_end: float = 0.0
     tokens: int = 0            # from usage when the server sends it, else content chunks
+    prompt_tokens: int | None = None   # from usage, when sent
+    cached_tokens: int | None = None   # of them, reused from the server's cache (usage.prompt_tokens_details)
     text: str = ""
     error: str | None = None
 
@@ -146,6 +148,9 @@ def stream_chat(port: int, messages: list, max_tokens: int, ban: dict | None, mo
                     res.text += piece
         conn.close()
         res.tokens = usage["completion_tokens"] if usage else chunks
+        if usage:
+            res.prompt_tokens = usage.get("prompt_tokens")
+            res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     except (OSError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}"
     res.t_end = time.perf_counter()
@@ -202,15 +207,22 @@ def concurrency_round(srv: ServerProcess, clients: int, tokens: int, ban: dict, 
                1000 * percentile(ttfts, 0.95), wall, peak_rss_mb(srv.proc.pid), errors)
 
 
-def conversation(srv: ServerProcess, turns: int, max_tokens: int, model: str) -> list[float]:
-    """TTFT (ms) of each turn of one conversation re-sent with one more user message each time."""
+@dataclass
+class Turn:
+    ttft_ms: float
+    prompt_tokens: int | None   # the whole conversation so far, as the server counted it
+    cached_tokens: int | None   # of them, reused from its cache: the turn ran prompt - cached tokens
+
+
+def conversation(srv: ServerProcess, turns: int, max_tokens: int, model: str) -> list[Turn]:
+    """Each turn of one conversation re-sent with one more user message each time: its TTFT and prompt tokens."""
     messages, out = [], []
     for i in range(turns):
         messages.append({"role": "user", "content": TURNS[i % len(TURNS)]})
         r = stream_chat(srv.port, messages, max_tokens, None, model)
         if r.error or r.t_first is None:
             raise RuntimeError(f"{srv.name}: conversation turn {i + 1} failed: {r.error or 'no text'}")
-        out.append(1000 * (r.t_first - r.t_start))
+        out.append(Turn(1000 * (r.t_first - r.t_start), r.prompt_tokens, r.cached_tokens))
         messages.append({"role": "assistant", "content": r.text})
     return out
 
@@ -256,7 +268,7 @@ def main(argv=None) -> int:
     eog = _eog_ids(path)
     ban = {str(t): -100 for t in eog}
     rows: list[Row] = []
-    convs: dict[str, list[float]] = {}
+    convs: dict[str, list[Turn]] = {}
     for name in servers:
         print(f"# {name}: starting ({threads} threads, ctx {a.ctx})", file=sys.stderr)
         with start_server(name, path, threads, a.ctx, max(levels), a.logdir) as srv:
@@ -271,7 +283,8 @@ def main(argv=None) -> int:
             if a.turns:
                 convs[name] = conversation(srv, a.turns, a.turn_tokens, model)
                 if a.json:
-                    print(json.dumps({"server": name, "conversation_ttft_ms": convs[name]}), flush=True)
+                    print(json.dumps({"server": name, "conversation_ttft_ms": [t.ttft_ms for t in convs[name]],
+                                      "conversation_turns": [asdict(t) for t in convs[name]]}), flush=True)
     if not a.json:
         print(report(rows, convs, path, threads, a.tokens))
     return 0
@@ -291,7 +304,7 @@ def _served_id(port: int) -> str:
     return data["data"][0]["id"]
 
 
-def report(rows: list[Row], convs: dict[str, list[float]], path: str, threads: int, tokens: int) -> str:
+def report(rows: list[Row], convs: dict[str, list[Turn]], path: str, threads: int, tokens: int) -> str:
     out = [f"model {os.path.basename(path)}, {threads} threads, {tokens} tokens per client", "",
            "| server | clients | aggregate tok/s | decode tok/s per client | TTFT p50 ms | TTFT p95 ms | peak RSS MiB |",
            "|---|---|---|---|---|---|---|"]
@@ -300,8 +313,11 @@ def report(rows: list[Row], convs: dict[str, list[float]], path: str, threads: i
         err = f" ({r.errors} failed)" if r.errors else ""
         out.append(f"| {r.server} | {r.clients} | {r.aggregate_tps:.1f}{err} | {r.decode_tps_per_client:.1f} | "
                    f"{r.ttft_p50_ms:.0f} | {r.ttft_p95_ms:.0f} | {rss} |")
-    for name, ttft in convs.items():
-        out += ["", f"{name} conversation TTFT per turn (ms): " + ", ".join(f"{x:.0f}" for x in ttft)]
+    for name, turns in convs.items():
+        out += ["", f"{name} conversation TTFT per turn (ms): " + ", ".join(f"{t.ttft_ms:.0f}" for t in turns)]
+        if all(t.prompt_tokens is not None and t.cached_tokens is not None for t in turns):
+            out.append(f"{name} prompt tokens run / in the prompt per turn: "
+                       + ", ".join(f"{t.prompt_tokens - t.cached_tokens}/{t.prompt_tokens}" for t in turns))
     by = {(r.server, r.clients): r for r in rows}
     top = max((r.clients for r in rows), default=0)
     e1, e8, l8 = by.get(("edgellm", 1)), by.get(("edgellm", top)), by.get(("llama.cpp", top))
@@ -314,7 +330,7 @@ def report(rows: list[Row], convs: dict[str, list[float]], path: str, threads: i
         out.append(f"goal: edgellm / llama-cpp-python server at {top} clients = {x:.2f}x (goal >= 2x)")
     if "edgellm" in convs and len(convs["edgellm"]) > 1:
         t = convs["edgellm"]
-        out.append(f"goal: edgellm turn {len(t)} TTFT / turn 1 = {t[-1] / t[0]:.2f}x (goal <= 1.5x)")
+        out.append(f"goal: edgellm turn {len(t)} TTFT / turn 1 = {t[-1].ttft_ms / t[0].ttft_ms:.2f}x (goal <= 1.5x)")
     return "\n".join(out)
 
 
