@@ -107,8 +107,9 @@ class RowCache(Cache):
             return rows + [(a.dtype, a.shape) for a in c._state()]
         if type(into) is not type(self) or into.spec != self.spec or layout(into) != layout(self):
             raise CacheError("fork(into=...) needs a cache made like this one (the same backend's new_cache())")
-        if into.n != 0 or n > into.n_ctx:
-            raise CacheError(f"fork(into=...) needs an empty cache with room for {n} tokens "
+        room = self.n if self._state_rows() else n  # (state rows are copied up to self.n)
+        if into.n != 0 or room > into.n_ctx:
+            raise CacheError(f"fork(into=...) needs an empty cache with room for {room} tokens "
                              f"(it holds {into.n} of {into.n_ctx})")
         return into
 

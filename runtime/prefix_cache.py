@@ -3,8 +3,9 @@ that a request whose prompt starts with those tokens (a conversation re-sent wit
 prompt) pays only for the tokens after the common prefix.
 
 `lookup` copies the common prefix of the entry it reuses (`Cache.fork(n)`, when `Cache.can_truncate(n)`: a recurrent
-state can only be reused whole; only the n positions are copied), so that the entry stays valid for the next request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed
-out itself, without a copy: the request's own cache will hold all of it and more, and replace it when it ends.
+state can only be reused whole; only the n positions are copied), so that the entry stays valid for the next
+request; but an entry that is wholly a prefix of the new tokens (the previous turn of a conversation) is handed out
+itself, without a copy: the request's own cache will hold all of it and more, and replace it when it ends.
 The entries are bounded in number and in bytes, each charged for its whole context
 (`Cache.n_ctx` x `Cache.nbytes_per_token`): a cache may allocate up to its whole context, and how its rows lie in
 memory is its own business, so the pages a short entry keeps resident can be many more than its tokens' bytes; the
