@@ -50,6 +50,21 @@ def check_consecutive(snapshots: Sequence[Snapshot], n: int, n_ctx: int) -> int:
     return pos
 
 
+def check_fork_target(src: Cache, into: Cache, room: int, layout=lambda c: None) -> Cache:
+    """`into` (the target of src.fork(into=...)) is an empty cache made like src (same type, spec and `layout(c)`)
+    with room for `room` positions."""
+    if type(into) is not type(src) or into.spec != src.spec or layout(into) != layout(src):
+        raise CacheError("fork(into=...) needs a cache made like this one (the same backend's new_cache())")
+    if into.n != 0 or room > into.n_ctx:
+        raise CacheError(f"fork(into=...) needs an empty cache with room for {room} tokens "
+                         f"(it holds {into.n} of {into.n_ctx})")
+    return into
+
+
+def _state_layout(c) -> list:
+    return [(a.dtype, a.shape) for a in c._state()]
+
+
 class RowCache(Cache):
     """A cache of per-position rows. Subclasses set `n`, `n_ctx` and declare their arrays:
     `_rows()`: [(array, position axis)] of per-token contents (copied by position range);
@@ -88,7 +103,8 @@ class RowCache(Cache):
         n = self.n if n is None else n
         if not self.can_truncate(n):
             raise CacheError(f"cannot fork {n} of the {self.n} tokens of this cache")
-        c = self._empty() if into is None else self._check_into(into, n)
+        c = self._empty() if into is None else check_fork_target(
+            self, into, self.n if self._state_rows() else n, RowCache._layout)  # (state rows: copied up to self.n)
         c.reserve(n)
         for (src, ax), (dst, _) in zip(self._rows(), c._rows()):
             dst[_along(ax, 0, n)] = src[_along(ax, 0, n)]
@@ -100,18 +116,10 @@ class RowCache(Cache):
         c.truncate(n)
         return c
 
-    def _check_into(self, into: "RowCache", n: int) -> "RowCache":
-        """`into` is an empty cache laid out like this one, with room for n positions."""
-        def layout(c):
-            rows = [(a.dtype, a.shape[:ax] + a.shape[ax + 1:], ax) for a, ax in c._rows() + c._state_rows()]
-            return rows + [(a.dtype, a.shape) for a in c._state()]
-        if type(into) is not type(self) or into.spec != self.spec or layout(into) != layout(self):
-            raise CacheError("fork(into=...) needs a cache made like this one (the same backend's new_cache())")
-        room = self.n if self._state_rows() else n  # (state rows are copied up to self.n)
-        if into.n != 0 or room > into.n_ctx:
-            raise CacheError(f"fork(into=...) needs an empty cache with room for {room} tokens "
-                             f"(it holds {into.n} of {into.n_ctx})")
-        return into
+    def _layout(self) -> list:
+        # dtype and shape but the position axis of every array (what a fork into another cache relies on)
+        rows = [(a.dtype, a.shape[:ax] + a.shape[ax + 1:], ax) for a, ax in self._rows() + self._state_rows()]
+        return rows + _state_layout(self)
 
     def snapshot(self, start: int, stop: int) -> Snapshot:
         if not 0 <= start <= stop <= self.n:
@@ -182,13 +190,7 @@ class RecurrentState(Cache):
         n = self.n if n is None else n
         if not self.can_truncate(n):
             raise CacheError(f"a recurrent state cannot go back to token {n} of {self.n} (only to 0)")
-        if into is None:
-            c = self._empty()
-        elif type(into) is not type(self) or into.spec != self.spec or into.n != 0 or into.n_ctx < n \
-                or [(a.dtype, a.shape) for a in into._state()] != [(a.dtype, a.shape) for a in self._state()]:
-            raise CacheError("fork(into=...) needs an empty state made like this one (the same backend's new_cache())")
-        else:
-            c = into
+        c = self._empty() if into is None else check_fork_target(self, into, n, _state_layout)
         for src, dst in zip(self._state(), c._state()):
             if n:
                 dst[...] = src

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .backend import EngineBase, EngineOptions
-from .cache_base import RecurrentState, check_consecutive
+from .cache_base import RecurrentState, check_consecutive, check_fork_target
 from .contracts import Cache, Snapshot
 from .errors import CacheError, ModelFileError, UnsupportedError
 from .memory import check, check_cache
@@ -76,10 +76,7 @@ class OnnxKVCache(Cache):
         n = self.n if n is None else n
         if not self.can_truncate(n):
             raise CacheError(f"cannot fork {n} of the {self.n} tokens of this cache")
-        if into is not None and (type(into) is not OnnxKVCache or into.spec != self.spec or into.n != 0
-                                 or into.n_ctx < n):
-            raise CacheError("fork(into=...) needs an empty cache made like this one (the same backend's new_cache())")
-        c = OnnxKVCache(self.spec, self.n_ctx) if into is None else into
+        c = OnnxKVCache(self.spec, self.n_ctx) if into is None else check_fork_target(self, into, n)
         c.n, c.kv = n, [a[:, :, :n].copy() for a in self.kv]  # (arrays of exactly n positions: nothing to reuse)
         return c
 
