@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .ftile import row_max, scores_rows, values_rows
 from .delta import axpy_rows_gi, delta_scores_prefill, delta_step
 from .kv_store import TJ, as_f32, fwht_rows, tile, tile_buf
 from .ops import exp_inplace
@@ -192,10 +193,7 @@ def decode_item(q, kd, ks, vd, vs, kh, j0, j1, L, n_old, delta, need, srow, nzi,
                         srow[h, j] = sc[g, j - j0]
     nj = j1 - j0
     for g in range(G):
-        m = np.float32(-np.inf)
-        for j in range(nj):
-            m = max(m, sc[g, j])
-        m *= scale
+        m = row_max(sc[g], nj) * scale
         m_part[g] = m
         l_part[g] = exp_sum(sc[g], nj, scale, m, kbuf)
     for t0 in range(j0, j1, TJ):
@@ -278,9 +276,10 @@ def attention_decode(q, kv, n, scale, dstate, out):
 # block of the chunk's query rows (T * G per kv head) inside each, combined per query as a decode's. It replaced
 # BLAS over the context dequantized to f32 (one call per kv head, between parallel kernels: the two thread pools
 # took turns on the cores): SmolLM2, 16 tokens after 620: attention 23 -> ~8 ms of the prefill; 512 tokens from
-# empty 608 -> 519 ms, after 3,496: 2.46 -> 2.08 s. Delta prefill (below) still dequantizes for BLAS.
-SUB, RB = 128, 16  # a block of the scores: RB query rows x SUB keys (8 KB: stays in L1 while key rows stream past)
-RI = 48  # query rows per work item at most (more items than kv heads x token ranges when a chunk is long)
+# empty 608 -> 519 ms, after 3,496: 2.46 -> 2.08 s. Delta prefill (below) still dequantizes for BLAS. Scores and
+# values go through kernels/ftile.py's register tiles (17 tokens after 760, per layer: 370 -> 279 us; with
+# the vectorized row maximum 251 us).
+RI = 64  # query rows per work item at most (more items than kv heads x token ranges when a chunk is long)
 
 
 @njit(**_JIT)
@@ -296,10 +295,7 @@ def prefill_item(qk, r0, kd, ks, vd, vs, kh, j0, j1, L, start, G, need, scale, m
     for t0 in range(j0, j1, TJ):
         t1 = min(j1, t0 + TJ)
         src, off = tile(kd, ks, kh, need[kh], True, t0, t1, buf)
-        for u0 in range(t0, t1, SUB):
-            u1 = min(t1, u0 + SUB)
-            for b0 in range(0, nr, RB):
-                axpy_rows_g(sc[b0:], u0 - j0, src, off + u0 - t0, u1 - u0, qk, b0, min(RB, nr - b0))
+        scores_rows(qk, src, off, t1 - t0, sc, t0 - j0)
     nj_all = j1 - j0
     for r in range(nr):
         nj = min(j1, start + (r0 + r) // G + 1) - j0
@@ -310,10 +306,7 @@ def prefill_item(qk, r0, kd, ks, vd, vs, kh, j0, j1, L, start, G, need, scale, m
             for j in range(nj_all):
                 row[j] = 0
             continue
-        m = np.float32(-np.inf)
-        for j in range(nj):
-            m = max(m, row[j])
-        m *= scale
+        m = row_max(row, nj) * scale
         m_part[r] = m
         l_part[r] = exp_sum(row, nj, scale, m, kbuf)
         for j in range(nj, nj_all):
@@ -321,10 +314,7 @@ def prefill_item(qk, r0, kd, ks, vd, vs, kh, j0, j1, L, start, G, need, scale, m
     for t0 in range(j0, j1, TJ):
         t1 = min(j1, t0 + TJ)
         src, off = tile(vd, vs, kh, need[kh], True, t0, t1, buf)
-        for u0 in range(t0, t1, SUB):
-            u1 = min(t1, u0 + SUB)
-            for b0 in range(0, nr, RB):
-                dot_rows_g(sc[b0:], u0 - j0, src, off + u0 - t0, u1 - u0, o_part[b0:], min(RB, nr - b0))
+        values_rows(sc, t0 - j0, src, off, t1 - t0, o_part)
 
 
 @njit(parallel=True, **_JIT)
@@ -378,9 +368,7 @@ def causal_softmax(s, start, scale, G):
     for r in prange(R):
         n = min(N, start + r // G + 1)
         row = s[r]
-        m = np.float32(-np.inf)
-        for j in range(n):
-            m = max(m, row[j])
+        m = row_max(row, n)
         kbuf = np.empty(n, dtype=np.int32)
         inv = np.float32(1.0) / exp_sum(row, n, scale, m * scale, kbuf)
         for j in range(n):

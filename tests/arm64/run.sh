@@ -2,7 +2,7 @@
 # The aarch64 check (a 64-bit Raspberry Pi OS stand-in): build a Debian bookworm arm64 userland with debootstrap,
 # run it under qemu-user-static, install edgellm there from wheels only (no compiler in the root, checked), then
 # under emulation, for each CPU setting (Pi 5: cortex-a76, Pi 4: cortex-a72):
-#   - the quant, ops and ternary kernel tests;
+#   - the quant, ops, ternary and f32 tile kernel tests;
 #   - tests/arm64/check_asm.py: the hot mat-vec loops are vectorized (NEON fmla / int16 lanes);
 # and once (cortex-a76): `edgellm pull --compile` from a cold JIT cache (must say it compiles), then
 # `edgellm run --temp 0` on the default model, whose text must equal the x86 run's, and `edgellm bench` without
@@ -221,8 +221,8 @@ in_root() {
 
 # ---------------------------------------------------------------- under emulation, per CPU setting
 for cpu in $CPUS; do
-    say "[$cpu] kernel tests (quants, ops, ternary) ..."
-    in_root "$cpu" /bin/sh -c "cd /opt/tests && python -m pytest -q -p no:cacheprovider test_quants.py test_ops.py test_ternary.py" \
+    say "[$cpu] kernel tests (quants, ops, ternary, f32 tiles) ..."
+    in_root "$cpu" /bin/sh -c "cd /opt/tests && python -m pytest -q -p no:cacheprovider test_quants.py test_ops.py test_ternary.py test_ftile.py" \
         || die "[$cpu] kernel tests"
     lap "[$cpu] kernel tests passed"
     in_root "$cpu" python /opt/tests/arm64/check_asm.py || die "[$cpu] the hot loops are not vectorized"

@@ -1,0 +1,67 @@
+"""kernels/ftile.py's register tiles (attention's scores and values over a dim-major cache) against NumPy float64."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgellm.kernels import ftile as F
+
+rng = np.random.default_rng(0)
+SHAPES = [  # (query rows, head dim, keys, offset into the cache rows)
+    (48, 64, 448, 5), (51, 64, 777, 0), (3, 64, 17, 0), (7, 80, 100, 3), (1, 64, 31, 0), (5, 6, 40, 2),
+    (2, 64, 0, 4), (4, 128, 1, 0), (9, 64, F.VL - 1, 1), (6, 64, 2 * F.QK_NV * F.VL + 1, 0)]
+
+
+def cache_rows(D, m, off, dtype):
+    # D rows of m keys at columns off .. off + m - 1, NaN everywhere else (a kernel that reads past m fails)
+    a = np.full((D + 2, off + m + 9), np.nan, np.float32)
+    a[:D, off:off + m] = rng.standard_normal((D, m))
+    return a.astype(np.float16).view(np.uint16) if dtype == "f16" else a
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("nr, D, m, off", SHAPES)
+def test_scores_rows_match_reference(dtype, nr, D, m, off):
+    q = rng.standard_normal((nr, D)).astype(np.float32)
+    src = cache_rows(D, m, off, dtype)
+    sc = np.full((nr, m + 10), 7, np.float32)
+    F.scores_rows(q, src, off, m, sc, 3)
+    np.testing.assert_allclose(sc[:, 3:3 + m], F.scores_ref(q, src[:D, off:off + m]), rtol=1e-5, atol=1e-5)
+    assert (sc[:, :3] == 7).all() and (sc[:, 3 + m:] == 7).all()  # nothing outside the block is written
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("nr, D, m, off", SHAPES)
+def test_values_rows_match_reference(dtype, nr, D, m, off):
+    p = np.full((nr, m + 6), np.nan, np.float32)
+    p[:, 2:2 + m] = rng.random((nr, m))
+    src = cache_rows(D, m, off, dtype)
+    out = rng.standard_normal((nr, D)).astype(np.float32)
+    ref = out + F.values_ref(p[:, 2:2 + m], src[:D, off:off + m])
+    F.values_rows(p, 2, src, off, m, out)  # adds to what out holds
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_row_max():
+    x = rng.standard_normal(300).astype(np.float32)
+    for n in (0, 1, F.VL - 1, F.VL, 2 * F.VL + 3, 300):
+        assert F.row_max(x, n) == (x[:n].max() if n else -np.inf)
+    x[7] = 50
+    assert F.row_max(x, 300) == 50
+    with pytest.raises(ValueError):
+        F.row_max(x, 301)
+
+
+def test_bad_sizes_raise():
+    q, sc = np.zeros((4, 64), np.float32), np.zeros((4, 100), np.float32)
+    src = np.zeros((64, 100), np.float32)
+    with pytest.raises(ValueError):
+        F.scores_rows(q, src, 50, 60, sc, 0)  # keys past the cache row
+    with pytest.raises(ValueError):
+        F.scores_rows(q, src[:32], 0, 10, sc, 0)  # fewer rows than the head dimension
+    with pytest.raises(ValueError):
+        F.scores_rows(q, src, 0, 10, sc, 95)  # scores past their row
+    with pytest.raises(ValueError):
+        F.values_rows(sc, 0, src, 0, 101, q)
+    with pytest.raises(ValueError):
+        F.values_rows(sc[:3], 0, src, 0, 10, q)  # probability rows != output rows
