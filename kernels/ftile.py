@@ -32,7 +32,14 @@ def _lanes(features: set[str]) -> int:
     return 4
 
 
-VL = _lanes(target_features())
+def _target_lanes() -> int:
+    from numba.core import config
+    if config.CPU_NAME == "generic" and config.CPU_FEATURES is None:
+        return 4  # a portable build (as simd.target_isa): the baseline's vectors
+    return _lanes(target_features())
+
+
+VL = _target_lanes()
 # tile shapes by the registers there are: 32 vector registers (AVX-512, NEON) or 16 (AVX / AVX2)
 QK_NR, QK_NV = 4, 2                              # 8 accumulators, 2 key vectors, a broadcast query value
 PV_NR, PV_ND = (4, 4) if VL != 8 else (2, 4)     # 16 (8) accumulators, 4 value rows, NR probability rows
@@ -158,8 +165,8 @@ def values_tile(typingctx, NR, ND, P, pofs, pstride, V, vofs, vstride, M, O, oof
 def _vmax(typingctx, X, n):
     """max(X[0 .. n - 1]) of an f32 array for n a multiple of VL (-inf when n is 0), with VL lanes at once (LLVM does
     not vectorize a max over a Numba loop)."""
-    if X.dtype != types.float32 or X.ndim != 1 or X.layout != "C":
-        raise errors.TypingError("_vmax(): a contiguous f32 row")
+    if X.dtype != types.float32 or X.ndim != 1:
+        raise errors.TypingError("_vmax(): an f32 row (contiguous: the caller checks)")
     sig = types.float32(X, n)
 
     def codegen(context, builder, signature, args):
@@ -180,10 +187,10 @@ def _vmax(typingctx, X, n):
 
 @njit(**_JIT)
 def row_max(x, n):
-    # max(x[:n]) of a contiguous f32 row (-inf when n is 0; NaN entries are passed over)
+    # max(x[:n]) of an f32 row (-inf when n is 0)
     if n < 0 or n > x.shape[0]:
         raise ValueError("row_max: sizes do not fit")
-    nb = n - n % VL
+    nb = n - n % VL if x.strides[0] == 4 else 0  # (a strided row: one at a time)
     m = _vmax(x, nb)
     for j in range(nb, n):
         m = max(m, x[j])
@@ -293,13 +300,16 @@ def values_rows(p, p0, src, off, m, out):
         _values_pass(pt, 0, VL, vt, 0, VL, VL, out, os)
 
 
+def as_f32_ref(a):
+    """Cache rows (f32, or f16 bits as uint16) -> their f32 values."""
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+
+
 def scores_ref(Q, K):
     """NumPy reference of a whole scores pass: Q (R, D) f32, K (D, N) f32 or f16 bits -> (R, N) float64."""
-    K = K.view(np.float16) if K.dtype == np.uint16 else K
-    return Q.astype(np.float64) @ K.astype(np.float64)
+    return Q.astype(np.float64) @ as_f32_ref(K).astype(np.float64)
 
 
 def values_ref(P, V):
     """NumPy reference of a whole values pass: P (R, M) f32, V (D, M) f32 or f16 bits -> (R, D) float64."""
-    V = V.view(np.float16) if V.dtype == np.uint16 else V
-    return P.astype(np.float64) @ V.astype(np.float64).T
+    return P.astype(np.float64) @ as_f32_ref(V).astype(np.float64).T
