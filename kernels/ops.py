@@ -165,3 +165,59 @@ def swiglu_ref(gate, up):
     g = gate.astype(np.float64)
     with np.errstate(over="ignore"):  # exp(-g) = inf for g < -709: silu(g) = 0
         return (g / (1 + np.exp(-g)) * up).astype(np.float32)
+
+
+# ================================================================ top-k (sampling)
+@njit(inline="always")
+def _worse(va, ia, vb, ib):
+    # (value, index) a ranks below b: a smaller value, or the same value at a higher index
+    return va < vb or (va == vb and ia > ib)
+
+
+@njit(inline="always")
+def _sift_down(hv, hi, r, n):
+    # the min-heap hv/hi (worst at the root) over its first n entries, restored below r
+    while True:
+        c = 2 * r + 1
+        if c >= n:
+            return
+        if c + 1 < n and _worse(hv[c + 1], hi[c + 1], hv[c], hi[c]):
+            c += 1
+        if not _worse(hv[c], hi[c], hv[r], hi[r]):
+            return
+        hv[r], hv[c] = hv[c], hv[r]
+        hi[r], hi[c] = hi[c], hi[r]
+        r = c
+
+
+@njit(cache=True, nogil=True)  # (no fastmath: NaN must compare as NaN)
+def top_k_ids(x, k):
+    # x (n,) f32 or f64, 0 < k <= n (checked by the caller) -> (k,) int64: the indices of the k largest values,
+    # largest first, ties by the lower index; NaN ranks as -inf. One pass with a heap of the k best so far (~35 us
+    # for 49,152 logits, where np.argpartition takes ~650; O(n log k) at worst: ~1.2 ms for ascending values)
+    n = x.shape[0]
+    hv = np.empty(k, dtype=x.dtype)
+    hi = np.empty(k, dtype=np.int64)
+    for j in range(k):
+        v = x[j]
+        hv[j] = v if v == v else -np.inf
+        hi[j] = j
+    for r in range(k // 2 - 1, -1, -1):
+        _sift_down(hv, hi, r, k)
+    for j in range(k, n):
+        v = x[j]
+        if v > hv[0]:  # (NaN: false; an equal value ranks below the root, whose index is lower)
+            hv[0] = v
+            hi[0] = j
+            _sift_down(hv, hi, 0, k)
+    for m in range(k - 1, 0, -1):  # heapsort: the worst to the end, so the best comes first
+        hv[0], hv[m] = hv[m], hv[0]
+        hi[0], hi[m] = hi[m], hi[0]
+        _sift_down(hv, hi, 0, m)
+    return hi
+
+
+def top_k_ids_ref(x: np.ndarray, k: int) -> np.ndarray:
+    """NumPy reference of `top_k_ids`."""
+    v = np.where(np.isnan(x), -np.inf, x)
+    return np.lexsort((np.arange(len(x)), -v))[:k]

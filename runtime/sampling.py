@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels.ops import top_k_ids
 from .errors import ArgumentError
 
 
@@ -82,11 +83,10 @@ class Sampler:
             return self._masked(logits, allowed)
         if s.temp == 0:
             return int(np.argmax(logits))
-        if 0 < s.top_k < len(logits):
-            idx = np.argpartition(-logits, s.top_k - 1)[:s.top_k]
+        if 0 < s.top_k < len(logits):  # the k largest, largest first (ties: the lower id first)
+            ids = top_k_ids(np.ascontiguousarray(logits), s.top_k)
         else:
-            idx = np.arange(len(logits))
-        ids = idx[np.argsort(-logits[idx], kind="stable")]
+            ids = np.argsort(-logits, kind="stable")
         lg = logits[ids].astype(np.float64)
         ids, lg = top_p_filter(ids, lg, s.top_p)
         ids, lg = min_p_filter(ids, lg, s.min_p)

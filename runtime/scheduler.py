@@ -30,6 +30,7 @@ from typing import Callable, Sequence as Seq
 
 import numpy as np
 
+from ..kernels.ops import top_k_ids
 from .engine import set_threads
 from .errors import ConstraintError, EdgeLLMError
 from .prefix_cache import PrefixCache
@@ -375,9 +376,7 @@ class Scheduler:
             top: list[tuple[int, float]] = []
             if p.logprobs > 0:
                 k = min(p.logprobs, len(lp))
-                idx = np.argpartition(-lp, k - 1)[:k]
-                idx = idx[np.argsort(-lp[idx], kind="stable")]
-                top = [(int(i), float(lp[i])) for i in idx]
+                top = [(int(i), float(lp[i])) for i in top_k_ids(lp, k)]
             info = TokenLogprob(tok, float(lp[tok]), top)
         return tok, info
 

@@ -59,3 +59,29 @@ def test_llama3_freq_factors_follow_the_definition():
     mid = (wl >= 2048) & (wl <= 8192)
     assert np.all((ff[mid] >= 1) & (ff[mid] <= 32))
     assert np.all(np.diff(ff) >= 0)
+
+
+@pytest.mark.parametrize("n, k", [(49152, 40), (100, 7), (10, 10), (10, 1), (3, 2)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "nan", "f64", "ascending"])
+def test_top_k_ids_match_reference(n, k, kind):
+    x = r(n) * 3
+    if kind == "ties":  # many equal values: ties go to the lower index
+        x = np.round(x).astype(np.float32)
+    elif kind == "nan":  # NaN ranks as -inf
+        x[rng.integers(0, n, max(1, n // 5))] = np.nan
+        x[0] = -np.inf
+    elif kind == "f64":
+        x = x.astype(np.float64)
+    elif kind == "ascending":  # the heap's worst case: every value replaces its root
+        x = np.sort(x)
+    got = ops.top_k_ids(x, k)
+    np.testing.assert_array_equal(got, ops.top_k_ids_ref(x, k))
+    assert got.dtype == np.int64 and len(set(got.tolist())) == k
+
+
+def test_sampler_top_k_draws_only_the_k_largest():
+    from edgellm.runtime.sampling import Sampler, SamplerSettings
+    logits = r(5000)
+    best = set(ops.top_k_ids_ref(logits, 5).tolist())
+    drawn = {Sampler(SamplerSettings(temp=50.0, top_k=5, top_p=1.0, min_p=0.0, seed=s))(logits) for s in range(200)}
+    assert drawn == best  # a flat distribution over exactly those five
