@@ -192,10 +192,12 @@ def _sift_down(hv, hi, r, n):
 
 @njit(cache=True, nogil=True)  # (no fastmath: NaN must compare as NaN)
 def top_k_ids(x, k):
-    # x (n,) f32 or f64, 0 < k <= n (checked by the caller) -> (k,) int64: the indices of the k largest values,
-    # largest first, ties by the lower index; NaN ranks as -inf. One pass with a heap of the k best so far (~35 us
-    # for 49,152 logits, where np.argpartition takes ~650; O(n log k) at worst: ~1.2 ms for ascending values)
+    # x (n,) f32 or f64, 0 < k <= n -> (k,) int64: the indices of the k largest values, largest first, ties by the
+    # lower index; NaN ranks as -inf. One pass with a heap of the k best so far (~35 us for 49,152 logits, where
+    # np.argpartition takes ~650; O(n log k) at worst: ~1.2 ms for ascending values)
     n = x.shape[0]
+    if k < 1 or k > n:
+        raise ValueError("top_k_ids: k must be within 1 .. len(x)")
     hv = np.empty(k, dtype=x.dtype)
     hi = np.empty(k, dtype=np.int64)
     for j in range(k):

@@ -77,6 +77,9 @@ def test_top_k_ids_match_reference(n, k, kind):
     got = ops.top_k_ids(x, k)
     np.testing.assert_array_equal(got, ops.top_k_ids_ref(x, k))
     assert got.dtype == np.int64 and len(set(got.tolist())) == k
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError):
+            ops.top_k_ids(x, bad)
 
 
 def test_sampler_top_k_draws_only_the_k_largest():
