@@ -199,9 +199,14 @@ def row_max(x, n):
 
 # ---------------------------------------------------------------- whole passes (every bound checked here)
 @njit(**_JIT)
-def _scores_rest(q, r, rest, src, off, ks, D, sc, s0, ss):
-    # rows r .. r + rest - 1 (rest < QK_NR) of one key block
-    qs = q.shape[1]
+def _scores_block(q, qs, src, off, ks, sc, s0, ss):
+    # one block of QK_NV * VL keys for every row of q (row stride qs): tiles of QK_NR rows, then the rest
+    nr, D = q.shape
+    r = 0
+    while r + QK_NR <= nr:
+        scores_tile(QK_NR, QK_NV, q, r * qs, qs, src, off, ks, D, sc, r * ss + s0, ss)
+        r += QK_NR
+    rest = nr - r
     if rest == 3:
         scores_tile(3, QK_NV, q, r * qs, qs, src, off, ks, D, sc, r * ss + s0, ss)
     elif rest == 2:
@@ -212,24 +217,20 @@ def _scores_rest(q, r, rest, src, off, ks, D, sc, s0, ss):
 
 @njit(**_JIT)
 def scores_rows(q, src, off, m, sc, s0):
-    # sc[r, s0 + j] = sum_i q[r, i] * src[i, off + j] for every row r of q (nr, D) f32 C-contiguous, j < m; src
-    # (>= D, >= off + m) f32 or f16 bits, rows contiguous; sc (nr, >= s0 + m) f32 C-contiguous. Key blocks of
-    # QK_NV * VL outer (a block of src stays in L1 for all the rows), the last < QK_NV * VL keys through a
-    # zero-padded copy.
+    # sc[r, s0 + j] = sum_i q[r, i] * src[i, off + j] for every row r of q (nr, D) f32, j < m; src (>= D, >= off + m)
+    # f32 or f16 bits; sc (nr, >= s0 + m) f32; rows of each contiguous. Key blocks of QK_NV * VL outer (a block of
+    # src stays in L1 for all the rows), the last < QK_NV * VL keys through a zero-padded copy.
     nr, D = q.shape
     if src.shape[0] < D or off < 0 or m < 0 or off + m > src.shape[1] or sc.shape[0] != nr or s0 < 0 \
             or s0 + m > sc.shape[1] or q.strides[1] != 4 or sc.strides[1] != 4 or src.strides[1] != src.itemsize:
         raise ValueError("scores_rows: sizes do not fit")
+    qs = q.strides[0] // 4
     ss = sc.strides[0] // 4
+    ks = src.strides[0] // src.itemsize
     bk = QK_NV * VL
     mb = m - m % bk
-    ks = src.strides[0] // src.itemsize
     for j in range(0, mb, bk):
-        r = 0
-        while r + QK_NR <= nr:
-            scores_tile(QK_NR, QK_NV, q, r * D, D, src, off + j, ks, D, sc, r * ss + s0 + j, ss)
-            r += QK_NR
-        _scores_rest(q, r, nr - r, src, off + j, ks, D, sc, s0 + j, ss)
+        _scores_block(q, qs, src, off + j, ks, sc, s0 + j, ss)
     t = m - mb
     if t:
         kt = np.zeros((D, bk), dtype=np.float32)
@@ -237,11 +238,7 @@ def scores_rows(q, src, off, m, sc, s0):
             for j in range(t):
                 kt[i, j] = as_f32(src[i, off + mb + j])
         st = np.empty((nr, bk), dtype=np.float32)
-        r = 0
-        while r + QK_NR <= nr:
-            scores_tile(QK_NR, QK_NV, q, r * D, D, kt, 0, bk, D, st, r * bk, bk)
-            r += QK_NR
-        _scores_rest(q, r, nr - r, kt, 0, bk, D, st, 0, bk)
+        _scores_block(q, qs, kt, 0, bk, st, 0, bk)
         for r in range(nr):
             for j in range(t):
                 sc[r, s0 + mb + j] = st[r, j]

@@ -35,6 +35,11 @@ def test_scores_rows_match_reference(dtype, nr, D, m, off):
     k = src[:D, off:off + m]
     assert_sums_close(sc[:, 3:3 + m], F.scores_ref(q, k), F.scores_ref(np.abs(q), np.abs(F.as_f32_ref(k))))
     assert (sc[:, :3] == 7).all() and (sc[:, 3 + m:] == 7).all()  # nothing outside the block is written
+    wide = np.zeros((nr, D + 5), np.float32)  # query rows of a wider array (row stride D + 5)
+    wide[:, :D] = q
+    sc2 = np.full_like(sc, 7)
+    F.scores_rows(wide[:, :D], src, off, m, sc2, 3)
+    np.testing.assert_array_equal(sc2, sc)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
