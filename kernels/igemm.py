@@ -28,7 +28,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from . import simd
-from .simd import F16, F32, I8, I32, I64, const_vec, load_vec, round_to_half, splat, vec
+from .simd import F16, F32, I8, I32, I64, abs_max_bits, bits_f32, const_vec, load_vec, round_to_half, splat, vec
 from .sources import sources_digest
 
 R = 16  # rows per group
@@ -245,18 +245,14 @@ def quantize_q8_row(x, xq, xd, xs, t):
     # output it touches is NaN, as in a float product, rather than a finite number made of garbage codes)
     n = x.shape[1]
     for k in range(n // QK8):
-        amax = np.float32(0.0)
-        finite = True
-        for i in range(QK8):
-            a = abs(x[t, k * QK8 + i])
-            amax = max(amax, a)
-            finite &= a < np.float32(np.inf)  # False for inf and NaN
-        if not finite:
+        mb = abs_max_bits(x, t, k * QK8, (k + 1) * QK8)
+        if mb >= np.int32(0x7F800000):  # inf or NaN
             for i in range(QK8):
                 xq[t, k * QK8 + i] = 0
             xd[t, k] = np.float32(np.nan)
             xs[t, k] = 0
             continue
+        amax = bits_f32(mb)
         iv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         s = 0
         for i in range(QK8):
@@ -276,12 +272,9 @@ def quantize_absmax_row(x, xq, xd, xs, scales, t):
     # s = 127 / max(max|x|, 1e-5), q = clamp(rint(x * s)) within [-127, 127]; a row holding NaN or inf gives
     # s = NaN, q = 0 (every output of the token is NaN)
     n = x.shape[1]
-    m = np.float32(1e-5)
-    finite = True
-    for i in range(n):
-        a = abs(x[t, i])
-        m = max(m, a)
-        finite &= a < np.float32(np.inf)
+    mb = abs_max_bits(x, t, 0, n)
+    finite = mb < np.int32(0x7F800000)  # no inf or NaN
+    m = max(np.float32(1e-5), bits_f32(mb))
     s = np.float32(127.0) / m if finite else np.float32(np.nan)
     scales[t] = s
     if not finite:

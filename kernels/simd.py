@@ -17,6 +17,7 @@ from __future__ import annotations
 import platform
 
 import llvmlite.binding as llb
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -233,3 +234,43 @@ def float_to_half(typingctx, x):
 def round_to_half(x):
     """x (float32) rounded to the nearest IEEE half-precision value, as float32 (as ggml stores a block's scale)."""
     return half_to_float(float_to_half(x))
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The IEEE bits of a float32 as an int32 (for integer max / NaN tests that LLVM vectorizes)."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+    sig = types.int32(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_f32(typingctx, i):
+    """The float32 whose IEEE bits are the low 32 bits of the integer i."""
+    if not isinstance(i, types.Integer):
+        return None
+    sig = types.float32(i)
+
+    def codegen(context, builder, signature, args):
+        v = args[0] if i.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32)) if i.bitwidth > 32 \
+            else builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(v, F32)
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True)
+def abs_max_bits(x, t, i0, i1):
+    """The largest |x[t, i]| for i0 <= i < i1 as its IEEE bits (an int32, 0 for an empty range): >= 0x7f800000 when
+    one of them is inf or NaN (NaN bits rank above inf's); for finite values, bits_f32 of it is the maximum. An
+    integer maximum, which LLVM vectorizes (a float max with NaN semantics it does not)."""
+    m = np.int32(0)
+    for i in range(i0, i1):
+        m = max(m, np.int32(f32_bits(x[t, i]) & np.int32(0x7FFFFFFF)))
+    return m
+

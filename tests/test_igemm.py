@@ -143,6 +143,11 @@ def test_q8_activations_are_llama_cpp_blocks():
     x = rng.standard_normal((11, 96)).astype(np.float32)
     x[0, :32] = 0  # an all-zero block: d = 0, q = 0
     x[1, 32:64] = np.linspace(-1, 1, 32) * 127 / 2  # halves: rint ties to even
+    # the block maximum is an integer max over |x|'s bits: the largest magnitude negative, -0.0, subnormals
+    x[2, :32] = -0.0
+    x[2, 5] = -3.5
+    x[3, 32:64] = np.float32(1e-40) * np.arange(32)
+    x[4, 64:] = -x[4, 64:] - 10
     for N in (1, 11):  # the serial and the parallel quantizer
         got, ref = q8act.quantize(x[:N]), q8act.quantize_ref(x[:N])
         for a, b in zip(got, ref):
@@ -152,7 +157,9 @@ def test_q8_activations_are_llama_cpp_blocks():
     assert np.abs(xq).max() <= 127 and (xq[0, :32] == 0).all() and xd[0, 0] == 0
     np.testing.assert_array_equal(xs, xq.reshape(11, 3, 32).sum(-1, dtype=np.int32))
     # d is ggml's f16; the blocks reconstruct x within half a step and the rounding of d (2^-11 relative, 127 steps)
-    step = xd[..., None] * (0.5 + 127 * 2.0 ** -11)
+    # (a block of subnormals has d = 0 in f16: all its codes are 0)
+    step = xd[..., None] * (0.5 + 127 * 2.0 ** -11) + (xd == 0)[..., None] * np.abs(x).reshape(11, 3, 32)
+    assert (xq[3, 32:64] == 0).all()
     assert np.all(np.abs(xq.reshape(11, 3, 32) * xd[..., None] - x.reshape(11, 3, 32)) <= step * 1.0001)
 
 
@@ -160,6 +167,9 @@ def test_absmax_activations_are_bitnets():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((10, 256)).astype(np.float32)
     x[3] = 0
+    x[4] = -0.0
+    x[4, 100] = -7.0  # the largest magnitude negative
+    x[5] *= np.float32(1e-40)  # subnormals
     for N in (2, 10):
         got, ref = ternary_i2.quantize(x[:N]), ternary_i2.quantize_ref(x[:N])
         for a, b in zip(got, ref):
@@ -216,6 +226,7 @@ def test_non_finite_or_zero_activations_give_numbers_not_exceptions(bad):
     X = rng.standard_normal((3, 512)).astype(np.float32)
     X[1] = 0.0
     X[1, 7] = bad
+    X[1, 300] = -bad  # (-NaN: the sign bit set)
     w = (rng.integers(-1, 2, (32, 512)) * 0.4).astype(np.float32)
     t = ternary_i2.TernaryI2Matrix(gguf.quants.quantize(w, QT.TQ2_0), 32, 512, ternary.TQ2_BYTES, isa)
     q = weights.QMatrix(QT.Q4_0, gguf.quants.quantize(w, QT.Q4_0), 32, 512, "w", isa)
