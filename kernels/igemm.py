@@ -25,7 +25,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils, errors
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import simd
 from .simd import F16, F32, I8, I32, I64, abs_max_bits, bits_f32, const_vec, load_vec, round_to_half, splat, vec
@@ -73,7 +73,8 @@ FORMATS = {
 }
 
 
-def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp_, sp, fofs, fstride, nt, ap, aofs):
+def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp_, sp, mp_, fofs, fstride, nt, ap,
+               aofs):
     """IR: for every row sub-vector h and part, unpack the codes once, then loop over the nt rows of X."""
     V = isa.V
     n8 = 4 * V
@@ -124,39 +125,63 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp
                 else:
                     dx = builder.load(builder.gep(dp_, [fi]))
                     av = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dp, splat(builder, dx, V)), av])
-                if m is not None:  # ggml's Q8_1 keeps s = d * sum q as f16 too
-                    s16 = builder.fpext(builder.fptrunc(builder.fmul(dx, builder.sitofp(sx, F32)), F16), F32)
-                    av = builder.call(fma, [m, splat(builder, s16, V), av])
+                if m is not None:  # ggml's Q8_1 keeps s = d * sum q as f16 too: XM, made once per call (_gemm)
+                    av = builder.call(fma, [m, splat(builder, builder.load(builder.gep(mp_, [fi])), V), av])
                 builder.store(av, aptr, align=4)
 
 
 @intrinsic
-def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride, nt, ACC, aofs):
+def block(typingctx, isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, XM, fofs, fstride, nt, ACC, aofs):
     """ACC[aofs + t*R + l] += the contribution of the record at W + wofs to rows l < R, for X rows t < nt (XQ rows
-    at xofs + t*xstride, their dx, sx at XD, XS + fofs + t*fstride + part). Offsets are in elements; the caller
-    checks every bound."""
+    at xofs + t*xstride, their dx, sx, and for formats with a minimum dx * sx rounded to f16, at XD, XS, XM + fofs +
+    t*fstride + part). Offsets are in elements; the caller checks every bound."""
     for lit in (isa, fmt):
         if not isinstance(lit, types.StringLiteral):
             raise errors.RequireLiteralValue(lit)
     if isa.literal_value not in simd.ISAS or fmt.literal_value not in FORMATS:
         raise errors.TypingError(f"unknown instruction set / format {isa.literal_value}, {fmt.literal_value}")
     if W.dtype != types.uint8 or XQ.dtype != types.int8 or XD.dtype != types.float32 or XS.dtype != types.int32 \
-            or ACC.dtype != types.float32:
-        raise errors.TypingError("block(): W u8, XQ i8, XD f32, XS i32, ACC f32 arrays")
-    sig = types.none(isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, fofs, fstride, nt, ACC, aofs)
+            or XM.dtype != types.float32 or ACC.dtype != types.float32:
+        raise errors.TypingError("block(): W u8, XQ i8, XD f32, XS i32, XM f32, ACC f32 arrays")
+    sig = types.none(isa, fmt, W, wofs, XQ, xofs, xstride, XD, XS, XM, fofs, fstride, nt, ACC, aofs)
     the_isa, the_fmt = simd.Isa(isa.literal_value), FORMATS[fmt.literal_value]
 
     def codegen(context, builder, signature, args):
-        _, _, w, wo, x, xo, xs, xd, xsum, fo, fs, n, a, ao = args
+        _, _, w, wo, x, xo, xs, xd, xsum, xm, fo, fs, n, a, ao = args
         arr = [context.make_array(signature.args[i])(context, builder, v)
-               for i, v in ((2, w), (4, x), (7, xd), (8, xsum), (12, a))]
+               for i, v in ((2, w), (4, x), (7, xd), (8, xsum), (9, xm), (13, a))]
         wp = builder.bitcast(arr[0].data, I8.as_pointer())
         xp = builder.bitcast(arr[1].data, I8.as_pointer())
-        _gen_block(the_isa, the_fmt, builder, wp, wo, xp, xo, xs, arr[2].data, arr[3].data, fo, fs, n,
-                   arr[4].data, ao)
+        _gen_block(the_isa, the_fmt, builder, wp, wo, xp, xo, xs, arr[2].data, arr[3].data, arr[4].data, fo, fs, n,
+                   arr[5].data, ao)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _has_min(fmt):
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_has_min, inline="always")
+def _has_min_ov(fmt):
+    if not isinstance(fmt, types.StringLiteral) or fmt.literal_value not in FORMATS:
+        raise errors.TypingError("_has_min(): a format name literal")
+    v = FORMATS[fmt.literal_value].has_min
+    return lambda fmt: v
+
+
+@njit(inline="always", nogil=True, error_model="numpy")
+def _min_factors(fmt, XD, XS):
+    # for a format with a minimum (q4_1): XM (N, parts) = dx * sx rounded to f16 (ggml's Q8_1 keeps s = d * sum q
+    # so), once per mat-mul rather than in every row group's block; otherwise an empty array (never read)
+    if not _has_min(fmt):
+        return np.empty((0, 0), dtype=np.float32)
+    XM = np.empty(XD.shape, dtype=np.float32)
+    for t in range(XD.shape[0]):
+        for p in range(XD.shape[1]):
+            XM[t, p] = round_to_half(XD[t, p] * np.float32(XS[t, p]))
+    return XM
 
 
 @njit(inline="always", nogil=True, error_model="numpy")
@@ -171,6 +196,7 @@ def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, rowscale, tokscale):
     vpb = cols // nb
     ppb = nparts // nb
     nchunk = max(1, min(G, nchunk))
+    XM = _min_factors(fmt, XD, XS)
     for c in prange(nchunk):
         acc = np.empty(TT * R, dtype=np.float32)
         for g in range(c * G // nchunk, (c + 1) * G // nchunk):
@@ -179,7 +205,7 @@ def _gemm(isa, fmt, W, XQ, XD, XS, out, nchunk, rowscale, tokscale):
                 acc[:nt * R] = 0.0
                 for k in range(nb):
                     block(isa, fmt, W, (g * nb + k) * rec, XQ, t0 * cols + k * vpb, cols,
-                          XD, XS, t0 * nparts + k * ppb, nparts, nt, acc, 0)
+                          XD, XS, XM, t0 * nparts + k * ppb, nparts, nt, acc, 0)
                 for t in range(nt):
                     for l in range(min(R, rows - g * R)):
                         if rowscale.shape[0] > 0:

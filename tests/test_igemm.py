@@ -296,11 +296,12 @@ def block_asm(isa: str, fmt: str, triple: str, cpu: str) -> str:
     m = ir.Module(name="blk")
     m.triple = triple
     i8p, fp, i64 = simd.I8.as_pointer(), simd.F32.as_pointer(), simd.I64
-    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p, i8p, fp, simd.I32.as_pointer(), fp, i64]), name="blk")
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i8p, i8p, fp, simd.I32.as_pointer(), fp, fp, i64]),
+                     name="blk")
     b = ir.IRBuilder(fn.append_basic_block())
-    w, x, xd, xs, a, n = fn.args
+    w, x, xd, xs, xm, a, n = fn.args
     z = ir.Constant(i64, 0)
-    igemm._gen_block(simd.Isa(isa), igemm.FORMATS[fmt], b, w, z, x, z, ir.Constant(i64, 256), xd, xs, z,
+    igemm._gen_block(simd.Isa(isa), igemm.FORMATS[fmt], b, w, z, x, z, ir.Constant(i64, 256), xd, xs, xm, z,
                      ir.Constant(i64, 4), n, a, z)
     b.ret_void()
     mod = llb.parse_assembly(str(m))
@@ -309,7 +310,7 @@ def block_asm(isa: str, fmt: str, triple: str, cpu: str) -> str:
 
 
 @pytest.mark.parametrize("isa,triple,cpu,pattern", TARGETS, ids=[t[0] for t in TARGETS])
-@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "tq2"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "tq2"])
 def test_each_instruction_set_emits_its_dot_product(isa, triple, cpu, pattern, fmt):
     asm = block_asm(isa, fmt, triple, cpu)
     assert re.search(pattern, asm), f"{isa} on {cpu}: no {pattern} in the {fmt} block"
