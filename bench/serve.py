@@ -1,14 +1,17 @@
 """Serving benchmark: `edgellm serve` beside llama-cpp-python's server (`python -m llama_cpp.server`) on the same
 model and threads, in the same run.
 
-    python -m edgellm.bench.serve [MODEL] [--threads N] [--clients 1,2,4,8] [--tokens 128] [--turns 10] [--json]
+    python -m edgellm.bench.serve [MODEL] [--threads N] [--clients 1,2,4,8] [--tokens 128] [--turns 10]
+                                  [--conversations 3] [--json]
 
 For each server (started as a subprocess on 127.0.0.1, warmed up with one discarded request):
 - 1, 2, 4 and 8 concurrent clients, each streaming one chat completion of `--tokens` tokens (end-of-generation
   tokens banned with `logit_bias`, so every answer has exactly that many): aggregate tok/s (all tokens over the
   wall time of the round), per-client decode tok/s, time to first token p50 / p95, and the server's peak RSS;
-- one 10-turn conversation (each turn re-sends the whole conversation with one more user message): the time to
-  first token of every turn, and how many of the prompt's tokens it ran (the rest came from the server's cache).
+- 10-turn conversations (each turn re-sends the whole conversation with one more user message; three of them, each
+  opening with its own first message, so none reuses another's turns): the time to first token of every turn, the
+  median over the conversations (one TTFT of ~20 ms moves by 10 ms on a shared 2-core machine), and how many of the
+  prompt's tokens it ran (the rest came from the server's cache).
 The goals of issue 16 are printed at the end: aggregate decode at 8 clients >= 3x edgellm's single stream and
 >= 2x llama-cpp-python's server at 8 clients; turn 10's TTFT <= 1.5x turn 1's.
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +39,7 @@ QUESTIONS = ["Write a short story about a lighthouse keeper.", "Explain how a bi
 TURNS = ["Hi! Can you tell me about cats?", "What do they eat?", "How long do they sleep?", "Are they good pets?",
          "What about dogs?", "Which is easier to care for?", "How about fish?", "What do fish need?",
          "Thanks. Which pet would you pick?", "Why?"]
+OPENINGS = ["", "Good morning!", "Hello there."]  # conversation k's first message starts with OPENINGS[k]
 
 
 def free_port() -> int:
@@ -212,19 +217,31 @@ class Turn:
     ttft_ms: float
     prompt_tokens: int | None   # the whole conversation so far, as the server counted it
     cached_tokens: int | None   # of them, reused from its cache: the turn ran prompt - cached tokens
+    all_ms: list | None = None  # the turn's TTFT in each conversation (ttft_ms: their median)
 
 
-def conversation(srv: ServerProcess, turns: int, max_tokens: int, model: str) -> list[Turn]:
-    """Each turn of one conversation re-sent with one more user message each time: its TTFT and prompt tokens."""
+def conversation(srv: ServerProcess, turns: int, max_tokens: int, model: str, k: int = 0) -> list[Turn]:
+    """Each turn of conversation k (its first message is its own) re-sent with one more user message each time: its
+    TTFT and prompt tokens."""
     messages, out = [], []
     for i in range(turns):
-        messages.append({"role": "user", "content": TURNS[i % len(TURNS)]})
+        text = TURNS[i % len(TURNS)]
+        opening = OPENINGS[k % len(OPENINGS)] if i == 0 else ""
+        messages.append({"role": "user", "content": f"{opening} {text}" if opening else text})
         r = stream_chat(srv.port, messages, max_tokens, None, model)
         if r.error or r.t_first is None:
             raise RuntimeError(f"{srv.name}: conversation turn {i + 1} failed: {r.error or 'no text'}")
         out.append(Turn(1000 * (r.t_first - r.t_start), r.prompt_tokens, r.cached_tokens))
         messages.append({"role": "assistant", "content": r.text})
     return out
+
+
+def conversations(srv: ServerProcess, n: int, turns: int, max_tokens: int, model: str) -> list[Turn]:
+    """n conversations; per turn the median TTFT (prompt and cached tokens of the first conversation) and
+    every conversation's TTFT in `all_ms`."""
+    runs = [conversation(srv, turns, max_tokens, model, k) for k in range(n)]
+    return [Turn(statistics.median(r[i].ttft_ms for r in runs), runs[0][i].prompt_tokens, runs[0][i].cached_tokens,
+                 [r[i].ttft_ms for r in runs]) for i in range(turns)]
 
 
 def start_server(name: str, model_path: str, threads: int, ctx: int, parallel: int, logdir: str) -> ServerProcess:
@@ -251,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", "-r", type=int, default=1, help="rounds per concurrency level")
     ap.add_argument("--turns", type=int, default=10, help="turns of the conversation (0: skip)")
     ap.add_argument("--turn-tokens", type=int, default=48, help="max tokens of each conversation answer")
+    ap.add_argument("--conversations", type=int, default=3,
+                    help="conversations run (each turn's TTFT is their median)")
     ap.add_argument("--ctx", type=int, default=4096, help="context of both servers")
     ap.add_argument("--servers", default="edgellm,llama.cpp", help="comma-separated: edgellm, llama.cpp")
     ap.add_argument("--logdir", default=".", help="where the servers' logs go")
@@ -281,7 +300,7 @@ def main(argv=None) -> int:
                 print(json.dumps(asdict(row)) if a.json else f"# {name} x{c}: {row.aggregate_tps:.1f} tok/s",
                       file=sys.stdout if a.json else sys.stderr, flush=True)
             if a.turns:
-                convs[name] = conversation(srv, a.turns, a.turn_tokens, model)
+                convs[name] = conversations(srv, max(1, a.conversations), a.turns, a.turn_tokens, model)
                 if a.json:
                     print(json.dumps({"server": name, "conversation_ttft_ms": [t.ttft_ms for t in convs[name]],
                                       "conversation_turns": [asdict(t) for t in convs[name]]}), flush=True)
@@ -314,7 +333,12 @@ def report(rows: list[Row], convs: dict[str, list[Turn]], path: str, threads: in
         out.append(f"| {r.server} | {r.clients} | {r.aggregate_tps:.1f}{err} | {r.decode_tps_per_client:.1f} | "
                    f"{r.ttft_p50_ms:.0f} | {r.ttft_p95_ms:.0f} | {rss} |")
     for name, turns in convs.items():
-        out += ["", f"{name} conversation TTFT per turn (ms): " + ", ".join(f"{t.ttft_ms:.0f}" for t in turns)]
+        n = len(turns[0].all_ms or [0])
+        out += ["", f"{name} conversation TTFT per turn (ms{f', median of {n}' if n > 1 else ''}): "
+                + ", ".join(f"{t.ttft_ms:.0f}" for t in turns)]
+        if n > 1:
+            out.append(f"{name} conversation TTFT per turn, each conversation (ms): "
+                       + "; ".join(", ".join(f"{t.all_ms[j]:.0f}" for t in turns) for j in range(n)))
         if all(t.prompt_tokens is not None and t.cached_tokens is not None for t in turns):
             out.append(f"{name} prompt tokens run / in the prompt per turn: "
                        + ", ".join(f"{t.prompt_tokens - t.cached_tokens}/{t.prompt_tokens}" for t in turns))
