@@ -273,4 +273,3 @@ def abs_max_bits(x, t, i0, i1):
     for i in range(i0, i1):
         m = max(m, np.int32(f32_bits(x[t, i]) & np.int32(0x7FFFFFFF)))
     return m
-
