@@ -251,15 +251,13 @@ def f32_bits(typingctx, x):
 
 @intrinsic
 def bits_f32(typingctx, i):
-    """The float32 whose IEEE bits are the low 32 bits of the integer i."""
-    if not isinstance(i, types.Integer):
+    """The float32 whose IEEE bits are the int32 i."""
+    if not isinstance(i, types.Integer) or i.bitwidth != 32:
         return None
     sig = types.float32(i)
 
     def codegen(context, builder, signature, args):
-        v = args[0] if i.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32)) if i.bitwidth > 32 \
-            else builder.zext(args[0], ir.IntType(32))
-        return builder.bitcast(v, F32)
+        return builder.bitcast(args[0], F32)
 
     return sig, codegen
 
