@@ -59,6 +59,20 @@ def axpy_rows_g(dst, d0, src, s0, m, coef, h0, G):
                 o2[u] += c20 * k0 + c21 * k1 + c22 * k2 + c23 * k3
                 o3[u] += c30 * k0 + c31 * k1 + c32 * k2 + c33 * k3
             g += 4
+        if g + 3 == G:  # three heads left (SmolLM2: G = 3): one pass, each row read and converted once
+            c = coef[h0 + g:h0 + g + 3, i:i + 4]
+            o0 = dst[g, d0:d0 + m]
+            o1 = dst[g + 1, d0:d0 + m]
+            o2 = dst[g + 2, d0:d0 + m]
+            c00, c01, c02, c03 = c[0, 0], c[0, 1], c[0, 2], c[0, 3]
+            c10, c11, c12, c13 = c[1, 0], c[1, 1], c[1, 2], c[1, 3]
+            c20, c21, c22, c23 = c[2, 0], c[2, 1], c[2, 2], c[2, 3]
+            for u in range(m):
+                k0, k1, k2, k3 = as_f32(a0[u]), as_f32(a1[u]), as_f32(a2[u]), as_f32(a3[u])
+                o0[u] += c00 * k0 + c01 * k1 + c02 * k2 + c03 * k3
+                o1[u] += c10 * k0 + c11 * k1 + c12 * k2 + c13 * k3
+                o2[u] += c20 * k0 + c21 * k1 + c22 * k2 + c23 * k3
+            g += 3
         while g < G:
             c0, c1, c2, c3 = coef[h0 + g, i], coef[h0 + g, i + 1], coef[h0 + g, i + 2], coef[h0 + g, i + 3]
             out = dst[g, d0:d0 + m]
@@ -88,6 +102,52 @@ def dot_rows_g(p, p0, src, s0, m, out, G):
         a2 = src[i + 2, s0:s0 + m]
         a3 = src[i + 3, s0:s0 + m]
         g = 0
+        if G == 3:  # (SmolLM2) three heads in one pass: each row read and converted once
+            pp = p[0, p0:p0 + m]
+            pq = p[1, p0:p0 + m]
+            pr = p[2, p0:p0 + m]
+            x0 = np.float32(0.0)
+            x1 = np.float32(0.0)
+            x2 = np.float32(0.0)
+            x3 = np.float32(0.0)
+            y0 = np.float32(0.0)
+            y1 = np.float32(0.0)
+            y2 = np.float32(0.0)
+            y3 = np.float32(0.0)
+            z0 = np.float32(0.0)
+            z1 = np.float32(0.0)
+            z2 = np.float32(0.0)
+            z3 = np.float32(0.0)
+            for u in range(m):
+                k0, k1, k2, k3 = as_f32(a0[u]), as_f32(a1[u]), as_f32(a2[u]), as_f32(a3[u])
+                w = pp[u]
+                x0 += w * k0
+                x1 += w * k1
+                x2 += w * k2
+                x3 += w * k3
+                v = pq[u]
+                y0 += v * k0
+                y1 += v * k1
+                y2 += v * k2
+                y3 += v * k3
+                r = pr[u]
+                z0 += r * k0
+                z1 += r * k1
+                z2 += r * k2
+                z3 += r * k3
+            out[0, i] += x0
+            out[0, i + 1] += x1
+            out[0, i + 2] += x2
+            out[0, i + 3] += x3
+            out[1, i] += y0
+            out[1, i + 1] += y1
+            out[1, i + 2] += y2
+            out[1, i + 3] += y3
+            out[2, i] += z0
+            out[2, i + 1] += z1
+            out[2, i + 2] += z2
+            out[2, i + 3] += z3
+            g = 3
         while g + 2 <= G:
             pp = p[g, p0:p0 + m]
             pq = p[g + 1, p0:p0 + m]

@@ -99,7 +99,7 @@ def test_store_q4_0_searched_scale(seed):
 
 
 @pytest.mark.parametrize("kv", list(S.KV_TYPES) + ["f32,q8_0", "q8_0,f32", "q4_0,q8_0"])
-@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 700), (6, 2, 2500), (40, 1, 300)])
+@pytest.mark.parametrize("H,Hkv,n", [(9, 3, 37), (4, 4, 1), (8, 1, 700), (6, 2, 2500), (40, 1, 300), (7, 1, 130)])
 def test_decode_on_compressed_cache_matches_reference(kv, H, Hkv, n):
     # K and V formats ("K,V" or one for both); n > 1024: several tiles; 40 query heads per KV head: more than hd / 2
     D, n_ctx = 64, max(1024, n + 3)
