@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .simd import float_to_half, half_to_float
+from .simd import float_to_half, half_to_float, touch
 
 _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # 0 or NaN divisor: inf/NaN, no exception
 _JIT_EXACT = dict(cache=True, fastmath=False, nogil=True)  # quantizers: bit-exact with ggml needs IEEE order
@@ -287,6 +287,33 @@ def _tile_ov(data, scales, kh, need, all_rows, t0, t1, buf):
             return buf, 0
         return impl
     return None
+
+
+def touch_rows(data, kh, t0, t1):
+    """Read one byte of every cache line of tokens t0 .. t1 - 1 of kv head kh, row after row (f32 and f16 caches, which
+    the decode kernels read in place, four rows side by side: a walk the hardware prefetchers follow poorly. Cold
+    (the usual case in decode: a layer's K / V was last read a token ago, before every other layer's weights), an
+    item of SmolLM2 at 200 tokens 9.3 -> 5.7-6.7 us with this pass first; hot, +0.6 us). Quantized caches: nothing
+    (`tile` decodes them row after row). Software prefetch hints for the same lines, all at once or a few rows ahead
+    of the kernels, measured no better than none."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(touch_rows, jit_options=_JIT)
+def _touch_rows_ov(data, kh, t0, t1):
+    if data.dtype in (types.float32, types.uint16):
+        def impl(data, kh, t0, t1):
+            if t1 <= t0:
+                return
+            base = data.ctypes.data + kh * data.strides[0] + t0 * data.itemsize
+            nbytes = (t1 - t0) * data.itemsize
+            for i in range(data.shape[1]):
+                r = base + i * data.strides[1]
+                for b in range(0, nbytes, 64):
+                    touch(r + b)
+                touch(r + nbytes - 1)
+        return impl
+    return lambda data, kh, t0, t1: None
 
 
 def tile_buf(kd, vd, D, m):

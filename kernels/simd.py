@@ -271,3 +271,20 @@ def abs_max_bits(x, t, i0, i1):
     for i in range(i0, i1):
         m = max(m, np.int32(f32_bits(x[t, i]) & np.int32(0x7FFFFFFF)))
     return m
+
+
+@intrinsic
+def touch(typingctx, addr):
+    """Load the byte at `addr` (int64) and drop it (an atomic monotonic load, which LLVM does not remove; a plain
+    load on x86 and aarch64): brings its cache line in as a demand load, which the hardware prefetchers follow
+    (software prefetch hints did not help where this does: kernels/kv_store.touch_rows)."""
+    if not isinstance(addr, types.Integer):
+        return None
+    sig = types.none(addr)
+
+    def codegen(context, builder, signature, args):
+        p = builder.inttoptr(context.cast(builder, args[0], signature.args[0], types.int64), I8.as_pointer())
+        builder.load_atomic(p, "monotonic", 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
