@@ -324,3 +324,21 @@ def test_cli_three_backends_on_a_tiny_exported_model(tmp_path):
     rows = json.loads(r.stdout)
     assert {(x["backend"], x["test"]) for x in rows} == {
         (b, t) for b in ("edgellm", "llama.cpp", "onnxruntime") for t in ("pp8", "tg2", "pp8 @ d8", "tg2 @ d8")}
+
+
+def test_serve_bench_reports_medians_and_paired_ratios():
+    # bench/serve.py: each level's rounds merge to the median round; the 8 / 1 goal is the median of the rounds' own
+    # ratios (a drifting machine moves both levels of a round alike), not the ratio of the medians
+    from edgellm.bench import serve as sb
+
+    def rnd(clients, tps, ttft):
+        return sb.Row("edgellm", clients, 128 * clients, tps, tps / clients, ttft, ttft, 1.0, 400.0, 0, [tps], [ttft])
+
+    one = sb.merge_rounds([rnd(1, 100.0, 20.0), rnd(1, 200.0, 30.0), rnd(1, 150.0, 10.0)])
+    eight = sb.merge_rounds([rnd(8, 320.0, 60.0), rnd(8, 700.0, 80.0), rnd(8, 420.0, 70.0)])
+    assert (one.aggregate_tps, eight.aggregate_tps) == (150.0, 420.0)
+    assert one.tokens == 384 and one.ttft_p50_ms == 20.0 and one.rounds_tps == [100.0, 200.0, 150.0]
+    text = sb.report([one, eight], {}, "m.gguf", 2, 128)
+    # rounds: 3.2x, 3.5x, 2.8x -> median 3.2x (the medians' ratio would be 2.8x)
+    assert "single stream = 3.20x (rounds: 3.20x, 3.50x, 2.80x)" in text
+    assert "| edgellm | 8 | 420.0 |" in text
