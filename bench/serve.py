@@ -192,12 +192,13 @@ class Row:
 
 def merge_rounds(rows: list[Row]) -> Row:
     """One level's rounds -> one row: the median round's aggregate and per-client decode, TTFT percentiles over all
-    the rounds' clients."""
+    the rounds' clients, the peak RSS after its first round (the process's peak so far: later rounds come after
+    the higher levels)."""
     ttfts = [t for r in rows for t in r.ttfts_ms]
     tps = [r.aggregate_tps for r in rows]
     return Row(rows[0].server, rows[0].clients, sum(r.tokens for r in rows), statistics.median(tps),
                statistics.median(r.decode_tps_per_client for r in rows), percentile(ttfts, 0.5),
-               percentile(ttfts, 0.95), sum(r.wall_s for r in rows), rows[-1].peak_rss_mb, sum(r.errors for r in rows),
+               percentile(ttfts, 0.95), sum(r.wall_s for r in rows), rows[0].peak_rss_mb, sum(r.errors for r in rows),
                tps, ttfts)
 
 
