@@ -202,29 +202,29 @@ def merge_rounds(rows: list[Row]) -> Row:
                tps, ttfts)
 
 
-def concurrency_round(srv: ServerProcess, clients: int, tokens: int, ban: dict, model: str, reps: int = 1,
-                      rep0: int = 0) -> Row:
-    ttfts, decode, total_tokens, wall, errors = [], [], 0, 0.0, 0
-    for rep in range(rep0, rep0 + reps):
-        results: list[StreamResult | None] = [None] * clients
-        def one(i):
-            q = QUESTIONS[(i + rep) % len(QUESTIONS)]
-            results[i] = stream_chat(srv.port, [{"role": "user", "content": q}], tokens, ban, model)
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall += time.perf_counter() - t0
-        for r in results:
-            if r.error or r.t_first is None:
-                errors += 1
-                continue
-            total_tokens += r.tokens
-            ttfts.append(r.t_first - r.t_start)
-            if r.tokens > 1 and r.t_end > r.t_first:
-                decode.append((r.tokens - 1) / (r.t_end - r.t_first))
+def concurrency_round(srv: ServerProcess, clients: int, tokens: int, ban: dict, model: str, rep: int = 0) -> Row:
+    """One round: `clients` concurrent streams (questions rotated by `rep`) -> its row."""
+    ttfts, decode, total_tokens, errors = [], [], 0, 0
+    results: list[StreamResult | None] = [None] * clients
+
+    def one(i):
+        q = QUESTIONS[(i + rep) % len(QUESTIONS)]
+        results[i] = stream_chat(srv.port, [{"role": "user", "content": q}], tokens, ban, model)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    for r in results:
+        if r.error or r.t_first is None:
+            errors += 1
+            continue
+        total_tokens += r.tokens
+        ttfts.append(r.t_first - r.t_start)
+        if r.tokens > 1 and r.t_end > r.t_first:
+            decode.append((r.tokens - 1) / (r.t_end - r.t_first))
     agg = total_tokens / wall if wall else 0.0
     return Row(srv.name, clients, total_tokens, agg, sum(decode) / len(decode) if decode else 0.0,
                1000 * percentile(ttfts, 0.5), 1000 * percentile(ttfts, 0.95), wall, peak_rss_mb(srv.proc.pid), errors,
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
             by_level: dict[int, list[Row]] = {c: [] for c in levels}
             for rnd in range(a.rounds):
                 for c in levels:
-                    r = concurrency_round(srv, c, a.tokens, ban, model, 1, rnd)
+                    r = concurrency_round(srv, c, a.tokens, ban, model, rnd)
                     by_level[c].append(r)
                     if not a.json:
                         print(f"# {name} x{c} (round {rnd + 1}): {r.aggregate_tps:.1f} tok/s", file=sys.stderr,
