@@ -75,6 +75,23 @@ def test_scaled_products_match_float64(isa, fmt):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_one_row_body_equals_the_tile_body(isa, fmt):
+    # one row of X (decode) has its own code path in the kernel; with scales it must give the very floats the
+    # rows of a tile give (the same operations in the same order)
+    rng = np.random.default_rng(5)
+    G, nb, rows, N = 2, 3, 2 * igemm.R, 5
+    W = random_records(fmt, G, nb, rng)
+    XQ, XD, XS = random_acts(fmt, N, nb, rng)
+    tile = np.empty((N, rows), np.float32)
+    igemm.matmul(isa, fmt, W, XQ, XD, XS, tile)
+    for t in range(N):
+        one = np.empty((1, rows), np.float32)
+        igemm.matmul(isa, fmt, W, XQ[t:t + 1], XD[t:t + 1], XS[t:t + 1], one)
+        np.testing.assert_array_equal(one[0], tile[t])
+
+
 @pytest.mark.parametrize("N", [1, 40])  # 40: the activations quantized by rows over threads
 def test_fused_quantization_is_the_same_product(N):
     rng = np.random.default_rng(11)
