@@ -81,7 +81,7 @@ def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp
     accumulator was loaded and stored once per part; in one basic block each vector is loaded once and masked
     where it is used. Hot, one thread, 1,024 x 2,560: q4_0 33-46 -> 28 us, q8_0 44-54 -> 38-49; tq2, 13,824 x
     2,560 on two threads: 315 -> 131-215 us hot, 450-486 -> 267-324 us cold (30 GB/s). The same operations in the
-    same order: both bodies give bit-identical sums (tests/test_igemm.py)."""""
+    same order: both bodies give bit-identical sums (tests/test_igemm.py)."""
     V = isa.V
     vf = vec(F32, V)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{V}f32")
