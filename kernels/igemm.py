@@ -76,12 +76,13 @@ FORMATS = {
 def _gen_block(isa: simd.Isa, fmt: Fmt, builder, wp, wofs, xp, xofs, xstride, dp_, sp, mp_, fofs, fstride, nt, ap,
                aofs):
     """IR: for every row sub-vector h and part, unpack the codes once, then loop over the nt rows of X; nt == 1
-    (decode) has its own body without that loop. Across the loop LLVM loaded each code vector again for every
-    part (tq2: 64 vector loads per record rather than 16, beside the 64 activation broadcasts), and the
-    accumulator was loaded and stored once per part; in one basic block each vector is loaded once and masked
-    where it is used. Hot, one thread, 1,024 x 2,560: q4_0 33-46 -> 28 us, q8_0 44-54 -> 38-49; tq2, 13,824 x
-    2,560 on two threads: 315 -> 131-215 us hot, 450-486 -> 267-324 us cold (30 GB/s). The same operations in the
-    same order: both bodies give bit-identical sums (tests/test_igemm.py)."""
+    (decode) has its own body without that loop. With the loop each part loads the record's code vectors again
+    (tq2: 64 vector loads per record rather than 16, beside the 64 activation broadcasts; the loop's stores to
+    the accumulator keep LLVM from merging them) and loads and stores the accumulator once per part; in one
+    basic block each vector is loaded once and masked where it is used. Hot, one thread, 1,024 x 2,560: q4_0
+    33-46 -> 28 us, q8_0 44-54 -> 38-49; tq2, 13,824 x 2,560 on two threads: 315 -> 131-215 us hot, 450-486 ->
+    267-324 us cold (30 GB/s). The same operations in the same order: both bodies give bit-identical sums
+    (tests/test_igemm.py)."""
     V = isa.V
     vf = vec(F32, V)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{V}f32")
