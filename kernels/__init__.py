@@ -1,0 +1,3 @@
+from . import sources
+
+sources.install_locators()  # before any kernel module is decorated: see kernels/sources.py

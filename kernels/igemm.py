@@ -28,7 +28,8 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
 from . import simd
-from .simd import F16, F32, I8, I32, I64, abs_max_bits, bits_f32, const_vec, load_vec, round_to_half, splat, vec
+from .simd import (F16, F32, I8, I32, I64, abs_max_bits, abs_max_bits_32, bits_f32, const_vec, load_vec, rint_small,
+                   round_to_half, splat, vec)
 from .sources import sources_digest
 
 R = 16  # rows per group
@@ -314,7 +315,7 @@ def quantize_q8_row(x, xq, xd, xs, t):
     # output it touches is NaN, as in a float product, rather than a finite number made of garbage codes)
     n = x.shape[1]
     for k in range(n // QK8):
-        mb = abs_max_bits(x, t, k * QK8, (k + 1) * QK8)
+        mb = abs_max_bits_32(x, t, k * QK8)
         if mb >= np.int32(0x7F800000):  # inf or NaN
             for i in range(QK8):
                 xq[t, k * QK8 + i] = 0
@@ -325,7 +326,7 @@ def quantize_q8_row(x, xq, xd, xs, t):
         iv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
         s = 0
         for i in range(QK8):
-            q = np.int32(np.rint(x[t, k * QK8 + i] * iv))
+            q = np.int32(rint_small(x[t, k * QK8 + i] * iv))
             xq[t, k * QK8 + i] = q
             s += q
         xd[t, k] = round_to_half(amax / np.float32(127.0))  # ggml keeps d as f16
@@ -356,7 +357,7 @@ def quantize_absmax_row(x, xq, xd, xs, scales, t):
     for p in range(n // PART_T):
         acc = 0
         for i in range(p * PART_T, (p + 1) * PART_T):
-            q = np.int32(min(max(np.rint(x[t, i] * s), np.float32(-127.0)), np.float32(127.0)))
+            q = np.int32(min(max(rint_small(x[t, i] * s), np.float32(-127.0)), np.float32(127.0)))
             xq[t, i] = q
             acc += q
         xd[t, p] = 1.0

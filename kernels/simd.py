@@ -274,6 +274,48 @@ def abs_max_bits(x, t, i0, i1):
 
 
 @intrinsic
+def _abs_max_bits_32(typingctx, x, t, i0):
+    # x[t, i0:i0 + 32] of a 2-D float32 array whose rows are contiguous -> abs_max_bits of it: one <32 x i32> load,
+    # an AND and LLVM's unsigned max reduction (the 32-value loop of abs_max_bits is fully unrolled first, and its
+    # scalar maxima are not vectorized again)
+    if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float32
+            and isinstance(t, types.Integer) and isinstance(i0, types.Integer)):
+        return None
+    sig = types.int32(x, t, i0)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        stride0 = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
+        tt = context.cast(builder, args[1], signature.args[1], types.int64)
+        ii = context.cast(builder, args[2], signature.args[2], types.int64)
+        off = builder.add(builder.mul(tt, stride0), builder.mul(ii, ir.Constant(I64, 4)))
+        v = load_vec(builder, builder.bitcast(arr.data, I8.as_pointer()), off, vec(I32, 32))
+        v = builder.and_(v, const_vec(I32, 32, 0x7FFFFFFF))
+        return _call(builder, "llvm.vector.reduce.umax.v32i32", I32, [v])
+
+    return sig, codegen
+
+
+@njit(inline="always", nogil=True)
+def abs_max_bits_32(x, t, i0):
+    """abs_max_bits(x, t, i0, i0 + 32) (the quantizers' block of 32); vectorized when x's rows are contiguous."""
+    if x.strides[1] == 4:
+        return _abs_max_bits_32(x, t, i0)
+    return abs_max_bits(x, t, i0, i0 + 32)
+
+
+_RINT_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
+@njit(inline="always", nogil=True)
+def rint_small(v):
+    """np.rint(v) for a float32 |v| < 2**22 (round half to even; the activation quantizers' |v| <= 127): adding
+    1.5 * 2**23 leaves no fraction bits, so the float add itself rounds. LLVM vectorizes it (np.rint is a libm call
+    per value that it does not); without fast-math it keeps both operations."""
+    return (v + _RINT_MAGIC) - _RINT_MAGIC
+
+
+@intrinsic
 def touch(typingctx, addr):
     """Load the byte at `addr` (int64) and drop it (an atomic monotonic load, which LLVM does not remove; a plain
     load on x86 and aarch64): brings its cache line in as a demand load, which the hardware prefetchers follow

@@ -180,6 +180,22 @@ def test_q8_activations_are_llama_cpp_blocks():
     assert np.all(np.abs(xq.reshape(11, 3, 32) * xd[..., None] - x.reshape(11, 3, 32)) <= step * 1.0001)
 
 
+def test_q8_activations_of_views_are_the_same_blocks():
+    # the decode step quantizes column slices of wider scratch rows (its block maximum loads 32 values at the row's
+    # address; a view whose columns are not contiguous takes the scalar maximum): the same blocks as a copy
+    rng = np.random.default_rng(5)
+    wide = rng.standard_normal((5, 160)).astype(np.float32)
+    wide[2, 40:72] = np.float32(2.5)  # ties of rint and a constant block
+    ref = q8act.quantize_ref(np.ascontiguousarray(wide[:, 32:128]))
+    for view in (wide[:, 32:128], np.asfortranarray(wide)[:, 32:128]):
+        xq = np.empty((5, 96), np.int8)
+        xd = np.empty((5, 3), np.float32)
+        xs = np.empty((5, 3), np.int32)
+        q8act.quantize_q8(view, xq, xd, xs)
+        for a, b in zip((xq, xd, xs), ref):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_absmax_activations_are_bitnets():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((10, 256)).astype(np.float32)
@@ -346,3 +362,20 @@ def test_host_kernel_uses_the_chosen_instructions():
     asm = k.inspect_asm(k.signatures[0])
     pattern = dict((t[0], t[3]) for t in TARGETS)[isa]
     assert re.search(pattern, asm)
+
+
+def test_kernel_caches_are_stamped_with_every_kernel_module(tmp_path):
+    # Numba's cache checks only the defining file's source; q8act's quantizer inlines igemm's row quantizer, which
+    # inlines simd's helpers: the kernels' cache stamp covers every kernel module (kernels/sources.py)
+    from edgellm.kernels import sources
+    for kernel in (q8act.quantize_q8, ternary_i2.quantize_absmax_parallel):
+        loc = kernel._cache._impl.locator
+        assert type(loc).__name__.startswith("Kernels")
+        assert loc.get_source_stamp()[1] == sources.package_digest()
+    for f in sources.KERNELS_DIR.glob("*.py"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    before = sources.package_digest(tmp_path)
+    assert before == sources.package_digest()
+    with open(tmp_path / "simd.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert sources.package_digest(tmp_path) != before
