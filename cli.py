@@ -282,7 +282,8 @@ def serve(model: Optional[str] = ModelArg,
     eng = _load(str(path), threads, ctx, **({"kv": kv} if kv is not None else {}))
     model_id, aliases = model_names(model, path)
     server = build(eng, model_id, aliases, parallel=parallel, max_queue=queue,
-                   cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key, path=str(path))
+                   cache_bytes=None if cache_ram == -1 else cache_ram << 20, api_key=api_key, path=str(path),
+                   start=False)  # (serve_forever runs the scheduler on this thread)
     print(f"edgellm: serving {model_id} on http://{host}:{port}/v1 ({parallel} slots, context {eng.n_ctx}, "
           f"{eng.threads} threads{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr)
     serve_forever(server, sock, log_level=log_level)

@@ -184,15 +184,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the other threads' side
     def start(self) -> "Scheduler":
+        """Run the scheduler on a thread of its own (see `run` for running it on the calling thread)."""
         self._thread = threading.Thread(target=self._run, name="edgellm-scheduler", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the scheduler on the calling thread until `stop` (from another thread). `edgellm serve` runs it on
+        the thread that loaded the model, which then runs all its kernels: GNU OpenMP gives each thread that starts
+        parallel regions a team of its own, and with more threads in teams than cores its idle workers stop
+        spinning between regions, so that every region waits for a woken thread (measured on 2 cores, SmolLM2: a
+        decode step on a second thread 3.9 -> 10-13 ms once the main thread had run one)."""
+        self._thread = threading.current_thread()
+        self._run()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread() \
+                and self._thread is not threading.main_thread():  # (`run` on the main thread: it returns by itself)
             self._thread.join(timeout)
 
     def submit(self, req: Request) -> None:

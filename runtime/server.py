@@ -704,10 +704,13 @@ class ServerHandle:
 
 def build(engine, model_id: str, aliases=(), parallel: int = 4, max_queue: int = 16,
           cache_bytes: int | None = 1 << 30, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
-          prefill_chunk: int = PREFILL_CHUNK, path: str = "") -> Server:
-    """A Server (and its started Scheduler) over a loaded engine."""
+          prefill_chunk: int = PREFILL_CHUNK, path: str = "", start: bool = True) -> Server:
+    """A Server over a loaded engine, its Scheduler started on a thread of its own (start=False: not started,
+    for `serve_forever`, which runs it on the calling thread)."""
     sched = Scheduler(engine, parallel=parallel, max_queue=max_queue, cache_bytes=cache_bytes,
-                      prefill_chunk=prefill_chunk).start()
+                      prefill_chunk=prefill_chunk)
+    if start:
+        sched.start()
     return Server(engine, sched, ServerConfig(model_id, tuple(aliases), api_key, max_body, str(path)))
 
 
@@ -755,9 +758,44 @@ def start_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0, log_
 
 
 def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve on a bound socket (see `bind`) on the calling thread until Ctrl-C / SIGTERM."""
+    """Serve on a bound socket (see `bind`) until Ctrl-C / SIGTERM: HTTP on a thread, the scheduler (a server from
+    `build(start=False)`) on the calling thread, the main thread, which loaded the model: one thread runs all the
+    kernels (see Scheduler.run). Ctrl-C or SIGTERM shuts the HTTP server down gracefully (the scheduler serves the
+    streams still open, up to 3 s), a second Ctrl-C at once; the signal is raised again afterwards, as uvicorn
+    does."""
+    import signal
+    import threading
+    uv = _uvicorn(server.app, log_level)
+    caught: list[int] = []
+    failed: list[BaseException] = []
+
+    def on_signal(sig, frame):  # (runs between the scheduler's bytecodes: it only flags, the loop goes on)
+        caught.append(sig)
+        if uv.should_exit and sig == signal.SIGINT:
+            uv.force_exit = True
+        uv.should_exit = True
+
+    def http():
+        try:
+            uv.run(sockets=[sock])
+        except BaseException as e:  # noqa: BLE001 - raised again on the calling thread
+            failed.append(e)
+        finally:
+            server.scheduler.stop()  # the scheduler's loop on the calling thread returns
+
+    prev = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    th = threading.Thread(target=http, name="edgellm-http", daemon=True)
+    th.start()
     try:
-        _uvicorn(server.app, log_level).run(sockets=[sock])
+        server.scheduler.run()
     finally:
+        uv.should_exit = True
+        th.join(10)
         server.scheduler.stop()
         sock.close()
+        for s, h in prev.items():
+            signal.signal(s, h)
+    if failed:
+        raise failed[0]
+    if caught:
+        signal.raise_signal(caught[0])

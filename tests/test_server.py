@@ -629,6 +629,41 @@ def test_serve_cli_refuses_bad_options_in_one_line():
     assert "cannot listen" in r.stderr
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_cli_answers_then_stops_on_a_signal(model_path, sig):
+    # `edgellm serve` runs its scheduler on the main thread and HTTP on another (Scheduler.run): it answers, a
+    # signal shuts it down gracefully (Ctrl-C: exit status 130; SIGTERM: the signal's own status, as uvicorn's)
+    import signal
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(model_path), "--port", str(port),
+                          "--threads", "1", "--ctx", "256", "--log-level", "warning"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if http(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert p.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        st, resp = http(url, "POST", "/v1/completions", {"prompt": "The sea is", "max_tokens": 4, "temperature": 0})
+        assert st == 200 and resp["usage"]["completion_tokens"] == 4
+        p.send_signal(getattr(signal, sig))
+        err = p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == (130 if sig == "SIGINT" else -signal.SIGTERM), err
+    assert "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- chat-first `edgellm run`
 @pytest.mark.slow
 def test_run_is_chat_first_like_llama_cpp(model_path, llama_cpp, engine):
