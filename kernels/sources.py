@@ -20,26 +20,28 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parent
 
 
+def _digest(files) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @lru_cache(maxsize=None)
 def sources_digest(own_file: str) -> str:
     """A digest (16 hex digits) of every kernel module's source but `own_file`'s (whose stamp Numba checks)."""
-    h = hashlib.sha256()
     here = Path(own_file).resolve()
-    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        if f != here:
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
+    return _digest(f for f in KERNELS_DIR.glob("*.py") if f != here)
 
 
 def package_digest(directory: Path = KERNELS_DIR) -> str:
     """A digest (16 hex digits) of the sources of every module in `directory` (the kernels package)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(directory).glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return _digest(Path(directory).glob("*.py"))
 
 
-_DIGEST: list = []  # the package's digest, computed once per process (the sources do not change under a run)
+@lru_cache(maxsize=None)
+def _kernels_digest() -> str:
+    return package_digest()  # once per process: the sources do not change under a run
 
 
 def _kernels_locator(base):
@@ -47,9 +49,7 @@ def _kernels_locator(base):
     # digest to the source stamp
     class KernelsLocator(base):
         def get_source_stamp(self):
-            if not _DIGEST:
-                _DIGEST.append(package_digest())
-            return (super().get_source_stamp(), _DIGEST[0])
+            return (super().get_source_stamp(), _kernels_digest())
 
         @classmethod
         def from_function(cls, py_func, py_file):

@@ -771,9 +771,7 @@ def serve_forever(server: Server, sock: socket.socket, log_level: str = "info") 
 
     def on_signal(sig, frame):  # (runs between the scheduler's bytecodes: it only flags, the loop goes on)
         caught.append(sig)
-        if uv.should_exit and sig == signal.SIGINT:
-            uv.force_exit = True
-        uv.should_exit = True
+        uv.handle_exit(sig, frame)  # uvicorn's own: graceful, a second Ctrl-C at once
 
     def http():
         try:
